@@ -1,0 +1,18 @@
+"""Measure, train and audit the rotational symmetry of machine-learning
+interatomic potentials in the metatensor ecosystem."""
+
+from .diagnostics import AnalysisResult, analyze, equivariance_rmse
+from .grid import O3Grid
+from .models import LoadedModel, load_model
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisResult",
+    "LoadedModel",
+    "O3Grid",
+    "analyze",
+    "equivariance_rmse",
+    "load_model",
+]

@@ -1,0 +1,475 @@
+"""Load any metatomic model and describe what it can be asked for.
+
+:py:func:`load_model` accepts exported models, metatrain checkpoints and in-memory
+modules, and returns a :py:class:`LoadedModel`: the raw module to evaluate, its
+declared outputs, the internal features it can expose, and the checks that keep
+bad input (unknown atomic types, NaN positions, unknown names) from reaching it.
+"""
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from metatensor.torch import Labels, TensorMap
+from metatomic.torch import (
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+    load_atomistic_model,
+)
+
+
+FEATURE_PREFIX = "mtt::feature::"
+# raw PET featurizer inputs worth analysing: they are geometric quantities with a
+# known symmetry (edge vectors are pure (1, +1), distances pure (0, +1))
+_PET_GEOMETRIC_INPUTS = ("edge_vectors", "edge_distances")
+
+# quantities that only make sense per atom, and per-structure ones that models
+# still declare per atom
+_PER_ATOM_QUANTITIES = (
+    "non_conservative_force",
+    "non_conservative_forces",
+    "position",
+    "positions",
+    "velocity",
+    "velocities",
+    "momentum",
+    "momenta",
+    "mass",
+    "masses",
+)
+
+
+def _is_per_structure(name: str) -> bool:
+    base = name.split("/", 1)[0]
+    return base.startswith("energy") or base in (
+        "non_conservative_stress",
+        "heat_flux",
+        "charge",
+        "spin_multiplicity",
+    )
+
+
+ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]
+
+
+class LoadedModel:
+    """A model ready for rotational analysis.
+
+    Use :py:func:`load_model` to create one. Calling it evaluates the underlying
+    module directly (without the unit conversions and consistency checks of
+    :py:class:`metatomic.torch.AtomisticModel`), after the checks of
+    :py:meth:`check_systems`.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        capabilities: ModelCapabilities | None,
+        metadata: ModelMetadata | None = None,
+        source: str | None = None,
+    ):
+        self.module = module.eval()
+        self.capabilities = capabilities
+        self.metadata = metadata
+        self.source = source
+        self._features: list[str] | None = None
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def outputs(self) -> dict[str, ModelOutput]:
+        """Outputs the model declares, by name (empty when unknown)."""
+        if self.capabilities is not None:
+            return dict(self.capabilities.outputs)
+        if hasattr(self.module, "supported_outputs"):
+            return dict(self.module.supported_outputs())
+        return {}
+
+    @property
+    def features(self) -> list[str]:
+        """Internal features the model can expose, in the order the forward pass
+        computes them (``mtt::feature::<module path>`` for metatrain's PET).
+
+        Only available for models loaded from a checkpoint or from an in-memory
+        PET instance: exported (TorchScript) models cannot capture them.
+        """
+        if self._features is None:
+            self._features = _discover_pet_features(self)
+        return list(self._features)
+
+    def natural_sample_kind(self, name: str) -> str:
+        """Whether ``name`` is naturally a per-structure (``"system"``) or a per-atom
+        (``"atom"``) quantity.
+
+        Models usually declare every output per atom (they *can* give per-atom
+        energies), so the declaration alone does not tell: metatrain models know
+        from their training targets, other models from metatomic's quantity
+        names.
+        """
+        if name.startswith(FEATURE_PREFIX):
+            return "atom"
+        targets = getattr(getattr(self.module, "dataset_info", None), "targets", {})
+        if name in targets:
+            return targets[name].sample_kind
+        declared = self.outputs.get(name)
+        if declared is not None and declared.sample_kind != "atom":
+            return declared.sample_kind
+        if name.split("/", 1)[0] in _PER_ATOM_QUANTITIES:
+            return "atom"
+        return "system" if declared is None or _is_per_structure(name) else "atom"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for tensor in self.module.parameters():
+            return tensor.dtype
+        for tensor in self.module.buffers():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        if self.capabilities is not None:
+            return getattr(torch, self.capabilities.dtype)
+        return torch.float64
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def atomic_types(self) -> list[int] | None:
+        """Atomic types the model knows, or ``None`` when it does not say."""
+        if self.capabilities is None:
+            return None
+        return [int(t) for t in self.capabilities.atomic_types]
+
+    @property
+    def length_unit(self) -> str:
+        if self.capabilities is None:
+            return "angstrom"
+        return self.capabilities.length_unit or "angstrom"
+
+    def requested_neighbor_lists(self) -> list[NeighborListOptions]:
+        """Neighbour lists the model needs, gathered from all its sub-modules."""
+        if isinstance(self.module, AtomisticModel):
+            return self.module.requested_neighbor_lists()
+        options: list[NeighborListOptions] = []
+        for submodule in self.module.modules():
+            if hasattr(submodule, "requested_neighbor_lists"):
+                for option in submodule.requested_neighbor_lists():
+                    if not any(option == known for known in options):
+                        options.append(option)
+        return options
+
+    def to(
+        self,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "LoadedModel":
+        """Move the model to a ``dtype`` and/or ``device`` (in place)."""
+        self.module.to(dtype=dtype, device=device)
+        return self
+
+    # --------------------------------------------------------------- validation
+    def check_names(self, names: Sequence[str]) -> None:
+        """Raise a clear error for names that are neither declared outputs nor
+        available features."""
+        declared = self.outputs
+        for name in names:
+            if name.startswith(FEATURE_PREFIX):
+                if name not in self.features:
+                    raise ValueError(_unknown_feature_message(self, name))
+            elif len(declared) != 0 and name not in declared:
+                raise ValueError(
+                    f"unknown output '{name}': the model declares "
+                    f"{sorted(declared)}"
+                    + (
+                        f" and {len(self.features)} internal features (see "
+                        "model.features)"
+                        if self._features
+                        else ""
+                    )
+                )
+
+    def check_systems(self, systems: Sequence[System]) -> None:
+        """Raise a clear error for systems the model cannot evaluate."""
+        if len(systems) == 0:
+            raise ValueError("no structures given: pass at least one structure")
+        known = self.atomic_types
+        for index, system in enumerate(systems):
+            if not bool(torch.all(torch.isfinite(system.positions))):
+                raise ValueError(
+                    f"structure {index} has non-finite (NaN or infinite) positions; "
+                    "remove or fix it"
+                )
+            if not bool(torch.all(torch.isfinite(system.cell))):
+                raise ValueError(f"structure {index} has a non-finite cell")
+            if known is not None:
+                unknown = sorted(set(system.types.tolist()) - set(known))
+                if unknown:
+                    raise ValueError(
+                        f"structure {index} contains atomic types {unknown}, which "
+                        f"the model does not know (it was trained on {known})"
+                    )
+
+    def warn_if_single_precision(self) -> None:
+        if self.dtype == torch.float32:
+            warnings.warn(
+                "the model runs in float32: equivariance errors below about 1e-6 of "
+                "the output's magnitude are float32 round-off, not symmetry "
+                "breaking; load it with load_model(..., dtype=torch.float64) to "
+                "resolve smaller errors",
+                stacklevel=3,
+            )
+
+    # --------------------------------------------------------------- evaluation
+    def __call__(
+        self,
+        systems: list[System],
+        outputs: dict[str, ModelOutput],
+        selected_atoms: Labels | None = None,
+    ) -> dict[str, TensorMap]:
+        """Evaluate the module, never leaving forward hooks behind on failure."""
+        wants_features = any(name.startswith(FEATURE_PREFIX) for name in outputs)
+        if not wants_features or isinstance(self.module, torch.jit.ScriptModule):
+            return self.module(systems, outputs, selected_atoms)
+        hooks_before = _forward_hook_ids(self.module)
+        try:
+            return self.module(systems, outputs, selected_atoms)
+        except Exception:
+            # PET registers capture hooks before its forward pass and only removes
+            # them on success: drop them so later calls keep working
+            _remove_new_forward_hooks(self.module, hooks_before)
+            raise
+
+    def __repr__(self) -> str:
+        name = type(self.module).__name__
+        return (
+            f"LoadedModel({name}, outputs={sorted(self.outputs)}, dtype={self.dtype})"
+        )
+
+
+def load_model(
+    model: ModelLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    capabilities: ModelCapabilities | None = None,
+) -> LoadedModel:
+    """Load a model for analysis.
+
+    :param model: path to an exported model (``.pt``) or a metatrain checkpoint
+        (``.ckpt``); an :py:class:`~metatomic.torch.AtomisticModel`; a metatrain model
+        instance; or any module following metatomic's ``ModelInterface``
+    :param dtype: convert the model to this dtype (for example ``torch.float64`` to
+        resolve tiny equivariance errors of a float32 model)
+    :param device: move the model to this device
+    :param capabilities: declared outputs and atomic types of a bare
+        ``ModelInterface`` module (optional; ignored for other inputs)
+    :return: the loaded model
+    """
+    source = None
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        if isinstance(model, (str, os.PathLike)):
+            source = str(model)
+            model = _load_file(Path(model))
+        loaded = _wrap_module(model, capabilities)
+        loaded.source = source
+    if dtype is not None or device is not None:
+        loaded.to(dtype=dtype, device=device)
+    return loaded
+
+
+def _load_file(path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a directory, not a model file")
+    if path.suffix in (".yaml", ".yml"):
+        raise ValueError(f"'{path}' is an options file, not a model")
+    from metatrain.utils.io import is_exported_file
+
+    try:
+        if is_exported_file(str(path)):
+            return load_atomistic_model(str(path))
+        from metatrain.utils.io import load_model as load_metatrain_model
+
+        return load_metatrain_model(str(path))
+    except Exception as error:
+        raise ValueError(
+            f"could not read '{path}' as an exported metatomic model or a metatrain "
+            f"checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+
+
+def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
+    if isinstance(model, AtomisticModel) or (
+        isinstance(model, torch.jit.ScriptModule) and hasattr(model, "capabilities")
+    ):
+        return LoadedModel(model.module, model.capabilities(), model.metadata())
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "model must be a file path, an AtomisticModel or a torch.nn.Module "
+            f"following metatomic's ModelInterface, got {type(model).__name__}"
+        )
+    if hasattr(model, "export") and hasattr(model, "supported_outputs"):
+        # a metatrain model: exporting puts every sub-model in a consistent dtype
+        # and declares its capabilities; the module itself stays un-scripted, so
+        # its internal features remain reachable
+        exported = model.export()
+        return LoadedModel(
+            exported.module, exported.capabilities(), exported.metadata()
+        )
+    return LoadedModel(model, capabilities)
+
+
+# ------------------------------------------------------------- internal features
+def _is_pet(module: torch.nn.Module) -> bool:
+    return (
+        not isinstance(module, torch.jit.ScriptModule)
+        and type(module).__module__.startswith("metatrain.pet")
+        and hasattr(module, "backend")
+    )
+
+
+def _probe_system(model: LoadedModel, cutoff: float) -> System:
+    """A small cluster in which every atom has at least two neighbours."""
+    types = model.atomic_types or [1]
+    spacing = 0.45 * cutoff
+    positions = spacing * torch.tensor(
+        [[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.1, 1.0, 0.05], [0.05, 0.1, 1.0]],
+        dtype=torch.float64,
+    )
+    atom_types = torch.tensor([types[i % len(types)] for i in range(4)])
+    return System(
+        types=atom_types.to(torch.int32),
+        positions=positions,
+        cell=torch.zeros(3, 3, dtype=torch.float64),
+        pbc=torch.zeros(3, dtype=torch.bool),
+    )
+
+
+def _discover_pet_features(model: LoadedModel) -> list[str]:
+    """List PET sub-modules whose output can be captured as per-atom or per-pair
+    features, in execution order.
+
+    A probe forward pass with temporary hooks records which modules run once and
+    what they return. Modules returning ``(n_atoms, 1, d)`` tensors (PET's
+    centre-token layers) are left out: PET's capture treats them as per-pair
+    features and fails with an ``IndexError`` as soon as an atom has more than one
+    neighbour.
+    """
+    module = model.module
+    if not _is_pet(module):
+        return []
+    from .engine import attach_neighbor_lists
+
+    options = model.requested_neighbor_lists()
+    cutoff = max((option.cutoff for option in options), default=5.0)
+    system = _probe_system(model, cutoff)
+    system = system.to(dtype=model.dtype, device=model.device)
+    attach_neighbor_lists(model, [system])
+    n_atoms = len(system)
+
+    seen: dict[str, list] = {}
+    order: list[str] = []
+    handles = []
+    backend = module.backend
+    for path, submodule in backend.named_modules():
+        if path == "":
+            continue
+
+        def hook(_module, _inputs, output, path=path):
+            if path not in seen:
+                seen[path] = []
+                order.append(path)
+            seen[path].append(output)
+
+        handles.append(submodule.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module([system], {"energy": ModelOutput(sample_kind="system")}, None)
+    except Exception:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    features: list[str] = [FEATURE_PREFIX + name for name in _PET_GEOMETRIC_INPUTS]
+    for path in order:
+        calls = seen[path]
+        if len(calls) != 1:
+            continue  # shared modules: a capture would only keep the last call
+        output = calls[0]
+        if isinstance(output, tuple) and len(output) == 2:
+            if all(_capturable(t, n_atoms) for t in output):
+                features.append(f"{FEATURE_PREFIX}{path}_node")
+                features.append(f"{FEATURE_PREFIX}{path}_edge")
+        elif isinstance(output, torch.Tensor) and _capturable(output, n_atoms):
+            if output.ndim == 3 and output.shape[1] == 1:
+                continue  # centre-token layer, see docstring
+            features.append(FEATURE_PREFIX + path)
+    return features
+
+
+def _capturable(tensor, n_atoms: int) -> bool:
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and tensor.ndim in (2, 3)
+        and tensor.shape[0] == n_atoms
+    )
+
+
+def _unknown_feature_message(model: LoadedModel, name: str) -> str:
+    if isinstance(model.module, torch.jit.ScriptModule):
+        return (
+            f"feature '{name}' is not available: exported models cannot expose "
+            "internal features; load the metatrain checkpoint (.ckpt) instead"
+        )
+    features = model.features
+    if len(features) == 0:
+        return (
+            f"feature '{name}' is not available: this model exposes no internal "
+            "features"
+        )
+    path = name[len(FEATURE_PREFIX) :]
+    if any(path.endswith(token) for token in _CENTER_TOKEN_MODULES):
+        return (
+            f"feature '{name}' is not available: metatrain's PET cannot capture its "
+            "centre-token layers; use the '_node' output of the enclosing "
+            "transformer layer instead"
+        )
+    shown = ", ".join(features[:8])
+    return (
+        f"unknown feature '{name}': the model exposes {len(features)} features "
+        f"(see model.features), for example {shown}"
+    )
+
+
+_CENTER_TOKEN_MODULES = (
+    "center_contraction",
+    "center_expansion",
+    "norm_center_features",
+    "center_mlp",
+)
+
+
+def _forward_hook_ids(module: torch.nn.Module) -> dict[int, set]:
+    return {id(m): set(m._forward_hooks) for m in module.modules()}
+
+
+def _remove_new_forward_hooks(module: torch.nn.Module, before: dict[int, set]) -> None:
+    for submodule in module.modules():
+        known = before.get(id(submodule), set())
+        for hook_id in list(submodule._forward_hooks):
+            if hook_id not in known:
+                del submodule._forward_hooks[hook_id]

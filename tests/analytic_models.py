@@ -1,0 +1,112 @@
+"""Small hand-written metatomic models whose rotational behaviour is known exactly.
+
+All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 and
+3 of each structure:
+
+* ``mtt::x_z``: ``x_1 . e_z``, a pure (1, +1) function of the rotation
+* ``mtt::x_z_squared``: ``(x_1 . e_z)^2``, 5/9 in (0, +1) and 4/9 in (2, +1)
+* ``mtt::triple``: ``x_1 . (x_2 x x_3)``, a pure pseudoscalar (0, -1)
+* ``mtt::distance``: ``|r_1 - r_0|``, invariant (0, +1)
+* ``non_conservative_force``: per-atom positions relative to the centroid, an exactly
+  equivariant Cartesian vector
+* ``mtt::dipole_z``: per-atom ``x_z`` of the relative positions as a ``(1,+1)``
+  spherical output whose ``o3_mu`` components are deliberately wrong
+"""
+
+
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import ModelCapabilities, ModelOutput, System
+
+
+OUTPUTS = {
+    "mtt::x_z": ModelOutput(sample_kind="system"),
+    "mtt::x_z_squared": ModelOutput(sample_kind="system"),
+    "mtt::triple": ModelOutput(sample_kind="system"),
+    "mtt::distance": ModelOutput(sample_kind="system"),
+    "non_conservative_force": ModelOutput(sample_kind="atom"),
+}
+
+
+class AnalyticModel(torch.nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.register_buffer("scale", torch.ones((), dtype=dtype))
+
+    def forward(
+        self,
+        systems: list[System],
+        outputs: dict[str, ModelOutput],
+        selected_atoms: Labels | None = None,
+    ) -> dict[str, TensorMap]:
+        results: dict[str, TensorMap] = {}
+        per_system: dict[str, list[torch.Tensor]] = {
+            "mtt::x_z": [],
+            "mtt::x_z_squared": [],
+            "mtt::triple": [],
+            "mtt::distance": [],
+        }
+        centered: list[torch.Tensor] = []
+        for system in systems:
+            positions = system.positions * self.scale
+            vectors = positions[1:4] - positions[0]
+            unit = vectors / torch.linalg.norm(vectors, dim=1, keepdim=True)
+            per_system["mtt::x_z"].append(unit[0, 2])
+            per_system["mtt::x_z_squared"].append(unit[0, 2] ** 2)
+            per_system["mtt::triple"].append(
+                torch.dot(unit[0], torch.linalg.cross(unit[1], unit[2]))
+            )
+            per_system["mtt::distance"].append(torch.linalg.norm(vectors[0]))
+            centered.append(positions - positions.mean(dim=0))
+
+        n_systems = len(systems)
+        system_samples = Labels(
+            ["system"], torch.arange(n_systems, dtype=torch.int32).reshape(-1, 1)
+        )
+        for name, values in per_system.items():
+            if name in outputs:
+                results[name] = TensorMap(
+                    Labels.single(),
+                    [
+                        TensorBlock(
+                            values=torch.stack(values).reshape(-1, 1),
+                            samples=system_samples,
+                            components=[],
+                            properties=Labels(["value"], torch.tensor([[0]])),
+                        )
+                    ],
+                )
+        if "non_conservative_force" in outputs:
+            samples = []
+            for index, system in enumerate(systems):
+                atoms = torch.arange(len(system), dtype=torch.int32)
+                samples.append(
+                    torch.stack([torch.full_like(atoms, index), atoms], dim=1)
+                )
+            results["non_conservative_force"] = TensorMap(
+                Labels.single(),
+                [
+                    TensorBlock(
+                        values=torch.cat(centered).unsqueeze(-1),
+                        samples=Labels(["system", "atom"], torch.cat(samples)),
+                        components=[
+                            Labels(
+                                "xyz", torch.arange(3, dtype=torch.int32).reshape(-1, 1)
+                            )
+                        ],
+                        properties=Labels(["force"], torch.tensor([[0]])),
+                    )
+                ],
+            )
+        return results
+
+
+def capabilities(dtype: str = "float64") -> ModelCapabilities:
+    return ModelCapabilities(
+        outputs=OUTPUTS,
+        atomic_types=[1, 6, 8],
+        interaction_range=0.0,
+        length_unit="angstrom",
+        supported_devices=["cpu"],
+        dtype=dtype,
+    )
