@@ -13,6 +13,7 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
   spherical output whose ``o3_mu`` components are deliberately wrong
 """
 
+from typing import Optional
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -37,7 +38,7 @@ class AnalyticModel(torch.nn.Module):
         self,
         systems: list[System],
         outputs: dict[str, ModelOutput],
-        selected_atoms: Labels | None = None,
+        selected_atoms: Optional[Labels] = None,
     ) -> dict[str, TensorMap]:
         results: dict[str, TensorMap] = {}
         per_system: dict[str, list[torch.Tensor]] = {

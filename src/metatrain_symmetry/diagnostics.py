@@ -16,6 +16,8 @@ Every moment is accumulated in float64, centred on the first rotated copy so tha
 ``E[x^2] - E[x]^2`` does not lose digits when the mean is large.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -338,7 +340,7 @@ class _BlockAccumulator:
         direct_parts_shapes = decompose(self.reference.unsqueeze(0), self.layout)
         variances = []
         projections = []
-        for index, irrep in enumerate(self.irreps):
+        for index, _irrep in enumerate(self.irreps):
             mean_norm = _sum_components(mean_parts[index].square())[0]
             variance = self.second_moments[index] - mean_norm
             # the variance is a difference of accumulated sums: values within the

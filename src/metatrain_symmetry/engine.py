@@ -10,6 +10,8 @@ outputs of each call are cut back into per-structure chunks of shape
 so only one batch of model outputs is alive at any time.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union

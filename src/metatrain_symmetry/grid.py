@@ -2,9 +2,11 @@
 
 A grid is a set of orthogonal matrices with weights summing to one. Quadrature grids
 combine a Lebedev rule on the sphere (the direction of the rotated z axis) with
-equispaced in-plane rotations, exactly as :py:class:`metatomic.torch.o3.SymmetrizedModel`
-builds them, so that both integrate the same functions to the same numbers.
+equispaced in-plane rotations, exactly as metatomic's ``SymmetrizedModel`` builds
+them, so that both integrate the same functions to the same numbers.
 """
+
+from __future__ import annotations
 
 from functools import cached_property
 
@@ -102,7 +104,7 @@ class O3Grid:
         self.lebedev_order: int | None = lebedev_order
 
     @classmethod
-    def random(cls, n: int, seed: int = 0, inversion: bool = True) -> "O3Grid":
+    def random(cls, n: int, seed: int = 0, inversion: bool = True) -> O3Grid:
         """Monte-Carlo grid of ``n`` Haar-distributed samples with equal weights.
 
         With ``inversion=True``, ``n // 2`` rotations are drawn from SO(3) and each

@@ -8,6 +8,8 @@ their components ``(y, z, x)``. Every tensor handled here has the layout
 ``(n_copies, n_samples, *components, n_properties)``.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 

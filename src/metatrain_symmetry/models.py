@@ -6,6 +6,8 @@ declared outputs, the internal features it can expose, and the checks that keep
 bad input (unknown atomic types, NaN positions, unknown names) from reaching it.
 """
 
+from __future__ import annotations
+
 import os
 import warnings
 from collections.abc import Sequence
@@ -56,7 +58,7 @@ def _is_per_structure(name: str) -> bool:
     )
 
 
-ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]
+ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]  # noqa: UP007
 
 
 class LoadedModel:
@@ -172,7 +174,7 @@ class LoadedModel:
         self,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-    ) -> "LoadedModel":
+    ) -> LoadedModel:
         """Move the model to a ``dtype`` and/or ``device`` (in place)."""
         self.module.to(dtype=dtype, device=device)
         return self

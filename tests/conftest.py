@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import ase
+import numpy as np
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def molecules():
+    """Small non-planar molecules whose first four atoms are not coplanar."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for n_atoms in (4, 5, 7):
+        positions = rng.normal(size=(n_atoms, 3)) * 1.2
+        frames.append(ase.Atoms("C" + "H" * (n_atoms - 1), positions=positions))
+    return frames
+
+
+@pytest.fixture
+def periodic_frames():
+    """Periodic structures with skewed cells and a non-periodic one."""
+    rng = np.random.default_rng(1)
+    cell = np.array([[4.0, 0.0, 0.0], [1.1, 3.7, 0.0], [0.4, -0.6, 4.4]])
+    bulk = ase.Atoms(
+        "COHH", scaled_positions=rng.uniform(size=(4, 3)), cell=cell, pbc=True
+    )
+    slab = ase.Atoms(
+        "OHHC",
+        positions=rng.uniform(size=(4, 3)) * [3.5, 4.0, 2.0],
+        cell=[[3.5, 0.0, 0.0], [0.3, 4.0, 0.0], [0.0, 0.0, 0.0]],
+        pbc=[True, True, False],
+    )
+    return [bulk, slab]

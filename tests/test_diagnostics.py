@@ -1,0 +1,176 @@
+import warnings
+
+import ase
+import metatensor.torch as mts
+import numpy as np
+import pytest
+import torch
+from analytic_models import AnalyticModel, capabilities
+
+import metatrain_symmetry as msym
+
+
+ANALYTIC = ["mtt::x_z", "mtt::x_z_squared", "mtt::triple", "mtt::distance"]
+
+
+def spectrum_of(result, name):
+    block = result.spectrum[name].block()
+    assert block.samples.names == ["system"]
+    assert block.properties.names == ["chi_lambda", "chi_sigma"]
+    values = block.values
+    entries = {
+        (int(lam), int(s)): values[:, i]
+        for i, (lam, s) in enumerate(block.properties.values.tolist())
+    }
+    return entries
+
+
+@pytest.fixture
+def analytic_model():
+    return msym.load_model(AnalyticModel(), capabilities=capabilities())
+
+
+def test_analytic_spectra(analytic_model, molecules):
+    result = msym.analyze(analytic_model, molecules, ANALYTIC, max_lambda=4)
+    expected = {
+        "mtt::x_z": {(1, 1): 1.0},
+        "mtt::x_z_squared": {(0, 1): 5 / 9, (2, 1): 4 / 9},
+        "mtt::triple": {(0, -1): 1.0},
+        "mtt::distance": {(0, 1): 1.0},
+    }
+    for name, pure in expected.items():
+        spectrum = spectrum_of(result, name)
+        for irrep, values in spectrum.items():
+            target = pure.get(irrep, 0.0)
+            assert torch.allclose(
+                values, torch.full_like(values, target), atol=1e-12
+            ), (name, irrep, values)
+        total = sum(spectrum.values())
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-12)
+
+
+def test_analytic_variance_and_average(analytic_model, molecules):
+    result = msym.analyze(analytic_model, molecules, ANALYTIC, max_lambda=2)
+    # invariant outputs are compared with their mean: (R x)_z has variance 1/3,
+    # (R x)_z^2 has E[z^4] - E[z^2]^2 = 1/5 - 1/9, the pseudoscalar t^2
+    variance = result.variance
+    assert torch.allclose(
+        variance["mtt::x_z"].block().values, torch.tensor(1 / 3, dtype=torch.float64)
+    )
+    assert torch.allclose(
+        variance["mtt::x_z_squared"].block().values,
+        torch.tensor(1 / 5 - 1 / 9, dtype=torch.float64),
+    )
+    triple = variance["mtt::triple"].block().values
+    reference = []
+    for frame in molecules:
+        vectors = frame.positions[1:4] - frame.positions[0]
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        reference.append(np.dot(vectors[0], np.cross(vectors[1], vectors[2])) ** 2)
+    assert np.allclose(triple.numpy().ravel(), reference, rtol=1e-12)
+    assert variance["mtt::distance"].block().values.abs().max() < 1e-20
+    # the averages of (R x)_z and of the pseudoscalar vanish, (R x)_z^2 -> 1/3
+    assert result.average["mtt::x_z"].block().values.abs().max() < 1e-14
+    assert result.average["mtt::triple"].block().values.abs().max() < 1e-14
+    assert torch.allclose(
+        result.average["mtt::x_z_squared"].block().values,
+        torch.tensor(1 / 3, dtype=torch.float64),
+    )
+
+
+def test_equivariant_vector_has_zero_variance(analytic_model, periodic_frames):
+    result = msym.analyze(
+        analytic_model, periodic_frames, ["non_conservative_force"], max_lambda=3
+    )
+    variance = result.variance["non_conservative_force"]
+    assert variance.keys.names == ["o3_lambda", "o3_sigma"]
+    assert variance.keys.values.tolist() == [[1, 1]]
+    norm = min(
+        float(((frame.positions - frame.positions.mean(0)) ** 2).sum(1).min())
+        for frame in periodic_frames
+    )
+    assert float(variance.block().values.max()) < 1e-20 * norm
+    # the average of an exactly equivariant output is the output itself
+    average = result.average["non_conservative_force"].block().values.squeeze(-1)
+    expected = np.concatenate(
+        [frame.positions - frame.positions.mean(0) for frame in periodic_frames]
+    )
+    assert np.allclose(average.numpy(), expected, atol=1e-12)
+    spectrum = spectrum_of(result, "non_conservative_force")
+    assert torch.allclose(spectrum[(1, 1)], torch.ones(2, dtype=torch.float64))
+    rmse = result.equivariance_rmse("non_conservative_force")
+    assert rmse.shape == (2,) and float(rmse.max()) < 1e-10
+
+
+def test_equivariance_rmse_reduces_per_structure(analytic_model, molecules):
+    result = msym.analyze(analytic_model, molecules, ["mtt::x_z"], max_lambda=1)
+    rmse = msym.equivariance_rmse(result.variance["mtt::x_z"])
+    assert torch.allclose(rmse, torch.full((3,), (1 / 3) ** 0.5, dtype=torch.float64))
+
+
+def test_random_grid_estimates(analytic_model, molecules):
+    grid = msym.O3Grid.random(2000, seed=0)
+    result = msym.analyze(
+        analytic_model, molecules[:1], ["mtt::x_z_squared"], max_lambda=2, grid=grid
+    )
+    spectrum = spectrum_of(result, "mtt::x_z_squared")
+    assert abs(float(spectrum[(0, 1)][0]) - 5 / 9) < 0.05
+    # the paired cosets separate sigma exactly
+    assert float(spectrum[(0, -1)][0]) < 1e-20
+
+
+def test_batch_size_does_not_change_results(analytic_model, molecules):
+    names = ["mtt::x_z_squared", "non_conservative_force"]
+    grid = msym.O3Grid(4)
+    first = msym.analyze(analytic_model, molecules, names, max_lambda=2, grid=grid)
+    second = msym.analyze(
+        analytic_model, molecules, names, max_lambda=2, grid=grid, batch_size=7
+    )
+    for name in names:
+        for kind in ("variance", "character_projection", "average", "spectrum"):
+            assert mts.allclose(
+                getattr(first, kind)[name],
+                getattr(second, kind)[name],
+                rtol=1e-12,
+                atol=1e-14,
+            )
+
+
+def test_bad_input(analytic_model, molecules):
+    with pytest.raises(ValueError, match="unknown output 'energy'"):
+        msym.analyze(analytic_model, molecules, ["energy"])
+    with pytest.raises(ValueError, match="needs an O3Grid of degree at least 10"):
+        msym.analyze(analytic_model, molecules, ["mtt::x_z"], 5, grid=msym.O3Grid(8))
+    with pytest.raises(ValueError, match="no structures given"):
+        msym.analyze(analytic_model, [], ["mtt::x_z"])
+    with pytest.raises(ValueError, match="no outputs requested"):
+        msym.analyze(analytic_model, molecules, [])
+    broken = molecules[0].copy()
+    broken.positions[1, 0] = np.nan
+    with pytest.raises(ValueError, match="structure 1 has non-finite"):
+        msym.analyze(analytic_model, [molecules[1], broken], ["mtt::x_z"])
+    copper = ase.Atoms("CuCuCuCu", positions=np.eye(4, 3) * 2.0)
+    with pytest.raises(ValueError, match=r"structure 0 contains atomic types \[29\]"):
+        msym.analyze(analytic_model, [copper], ["mtt::x_z"])
+    with pytest.raises(ValueError, match="inversion=True"):
+        msym.analyze(
+            analytic_model, molecules, ["mtt::x_z"], 1, grid=msym.O3Grid(2, False)
+        )
+
+
+def test_float32_model_warns(molecules):
+    model = msym.load_model(
+        AnalyticModel(dtype=torch.float32), capabilities=capabilities("float32")
+    )
+    with pytest.warns(UserWarning, match="float32"):
+        result = msym.analyze(model, molecules, ["mtt::distance"], max_lambda=1)
+    # float32 round-off, not symmetry breaking
+    assert float(result.variance["mtt::distance"].block().values.max()) < 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msym.analyze(
+            msym.load_model(model, dtype=torch.float64),
+            molecules,
+            ["mtt::distance"],
+            max_lambda=1,
+        )
