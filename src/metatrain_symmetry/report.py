@@ -1,0 +1,145 @@
+"""Write analysis results to disk: TensorMaps, a summary table and a spectrum plot.
+
+Everything is written into a temporary directory next to the destination and moved
+into place at the end, so a failed or interrupted run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import metatensor.torch as mts
+import torch
+
+from .diagnostics import AnalysisResult
+
+
+class OutputDirectoryError(ValueError):
+    pass
+
+
+def check_output_directory(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite a non-empty directory unless ``force`` is set."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirectoryError(f"output '{path}' exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputDirectoryError(
+            f"output directory '{path}' exists and is not empty; choose another "
+            "one or pass --force to replace it"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only on success."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def file_stem(name: str) -> str:
+    """A file-name friendly version of an output or feature name."""
+    return name.replace("::", "-").replace("/", "-").replace(":", "-")
+
+
+def save_result(result: AnalysisResult, directory: Path) -> None:
+    """Save every TensorMap of ``result`` as ``<name>.<quantity>.mts``."""
+    for name in result.outputs:
+        stem = file_stem(name)
+        for quantity in ("variance", "character_projection", "average", "spectrum"):
+            tensor = getattr(result, quantity)[name]
+            mts.save(str(directory / f"{stem}.{quantity}.mts"), tensor)
+
+
+def mean_spectrum(result: AnalysisResult, name: str) -> torch.Tensor:
+    """Dataset-mean normalized spectrum, ``(max_lambda + 1, 2)`` with columns
+    ``sigma = +1, -1``."""
+    values = result.spectrum[name].block().values.mean(dim=0)
+    return values.reshape(result.max_lambda + 1, 2)
+
+
+def summary_table(result: AnalysisResult) -> str:
+    """Markdown table: per output, the equivariance RMSE over structures and the
+    dominant irreps of the mean spectrum."""
+    lines = [
+        "| output | equivariance RMSE (mean) | (max) | "
+        + " | ".join(
+            f"({lam},{'+' if s == 1 else '-'})"
+            for lam in range(result.max_lambda + 1)
+            for s in (1, -1)
+        )
+        + " |",
+        "|---|---|---|" + "---|" * (2 * (result.max_lambda + 1)),
+    ]
+    for name in result.outputs:
+        rmse = result.equivariance_rmse(name)
+        spectrum = mean_spectrum(result, name).reshape(-1)
+        lines.append(
+            f"| `{name}` | {float(rmse.mean()):.3e} | {float(rmse.max()):.3e} | "
+            + " | ".join(f"{float(v):.4f}" for v in spectrum)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
+    """Heatmap of mean spectra: one row per output or feature (in the given order,
+    for each labelled result), one column per ``(lambda, sigma)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, axes = plt.subplots(
+        1,
+        len(results),
+        figsize=(
+            5.5 * len(results),
+            0.45 * max(len(r.outputs) for r in results.values()) + 2,
+        ),
+        squeeze=False,
+    )
+    for axis, (label, result) in zip(axes[0], results.items(), strict=True):
+        matrix = torch.stack(
+            [mean_spectrum(result, name).reshape(-1) for name in result.outputs]
+        ).numpy()
+        image = axis.imshow(
+            matrix.clip(min=1e-8),
+            norm=LogNorm(vmin=1e-8, vmax=1.0),
+            aspect="auto",
+            cmap="viridis",
+        )
+        axis.set_xticks(range(matrix.shape[1]))
+        axis.set_xticklabels(
+            [
+                f"{lam}{'+' if s == 1 else '-'}"
+                for lam in range(result.max_lambda + 1)
+                for s in (1, -1)
+            ]
+        )
+        axis.set_yticks(range(len(result.outputs)))
+        axis.set_yticklabels(
+            [name.replace("mtt::feature::", "") for name in result.outputs]
+        )
+        axis.set_xlabel("(lambda, sigma)")
+        axis.set_title(label)
+        fig.colorbar(image, ax=axis, label="mean normalized spectrum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
