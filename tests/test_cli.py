@@ -1,0 +1,107 @@
+"""End-to-end runs of the ``mtt-symmetry`` command."""
+
+import subprocess
+import sys
+
+import ase.build
+import ase.io
+import metatensor.torch as mts
+import pytest
+import torch
+from pet_models import tiny_pet
+
+
+def mtt_symmetry(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
+    frames = [ase.build.molecule("CH3OH"), ase.build.molecule("H2O")]
+    ase.io.write(directory / "data.xyz", frames)
+    return directory
+
+
+def test_analyze_end_to_end(inputs, tmp_path):
+    output = tmp_path / "analysis"
+    process = mtt_symmetry(
+        "analyze",
+        inputs / "model.ckpt",
+        inputs / "data.xyz",
+        "-o",
+        output,
+        "--outputs",
+        "energy",
+        "non_conservative_force",
+        "--features",
+        "mtt::feature::gnn_layers.0_node",
+        "--max-lambda",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    spectrum = mts.load(str(output / "non_conservative_force.spectrum.mts"))
+    assert spectrum.block().values.shape == (2, 6)
+    variance = mts.load(str(output / "mtt-feature-gnn_layers.0_node.variance.mts"))
+    assert variance.block().samples.names == ["system", "atom"]
+    assert (output / "spectra.png").stat().st_size > 0
+    assert "`energy`" in (output / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["missing.ckpt", "data.xyz"], "model file 'missing.ckpt' does not exist"),
+        (["model.ckpt", "missing.xyz"], "data file 'missing.xyz' does not exist"),
+        (["model.ckpt", "data.xyz", "--outputs", "dipole"], "unknown output 'dipole'"),
+        (
+            ["model.ckpt", "data.xyz", "--features", "mtt::feature::nope"],
+            "unknown feature 'mtt::feature::nope'",
+        ),
+        (
+            ["model.ckpt", "data.xyz", "--max-lambda", "9", "--grid-degree", "4"],
+            "degree",
+        ),
+    ],
+)
+def test_analyze_bad_input(inputs, arguments, message):
+    process = mtt_symmetry("analyze", *arguments, "-o", "result", cwd=inputs)
+    assert process.returncode != 0
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
+    assert len(process.stderr.strip().splitlines()) == 1
+    assert not (inputs / "result").exists()
+    assert not any(path.name.startswith(".result") for path in inputs.iterdir())
+
+
+def test_existing_output_directory_needs_force(inputs, tmp_path):
+    output = tmp_path / "busy"
+    output.mkdir()
+    (output / "keep.txt").write_text("user data")
+    process = mtt_symmetry(
+        "analyze", inputs / "model.ckpt", inputs / "data.xyz", "-o", output
+    )
+    assert process.returncode != 0
+    assert "--force" in process.stderr
+    assert (output / "keep.txt").read_text() == "user data"
+
+
+def test_demo_end_to_end(tmp_path):
+    output = tmp_path / "demo"
+    process = mtt_symmetry("demo", "-o", output, "--epochs", "2")
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert (output / "training" / "model.pt").exists()
+    assert (output / "training" / "model.ckpt").exists()
+    summary = (output / "summary.md").read_text()
+    assert "`non_conservative_force`" in summary
+    assert "`mtt::feature::gnn_layers.1_node`" in summary
+    spectrum = mts.load(str(output / "analysis" / "energy.spectrum.mts"))
+    totals = spectrum.block().values.sum(dim=1)
+    assert torch.allclose(totals, torch.ones_like(totals), atol=1e-6)
+    assert "Look at" in process.stdout
