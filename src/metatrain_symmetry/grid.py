@@ -52,6 +52,11 @@ class O3Grid:
     :param degree: integration degree, between 0 and 131. Character projections
         onto irreps up to ``lambda`` are exact when ``degree >= 2 * lambda``.
     :param inversion: include improper rotations (needed to resolve ``sigma``)
+
+    :ivar rotations: ``(N, 3, 3)`` float64 orthogonal matrices, ``det = +1`` or ``-1``
+    :ivar weights: ``(N,)`` float64 weights, summing to one
+    :ivar degree: integration degree, ``None`` for Monte-Carlo grids
+    :ivar inversion: whether the grid contains improper rotations
     """
 
     def __init__(self, degree: int, inversion: bool = True):
@@ -94,13 +99,9 @@ class O3Grid:
 
     def _init(self, rotations, weights, degree, inversion, lebedev_order):
         self.rotations: torch.Tensor = rotations.to(torch.float64).contiguous()
-        """``(N, 3, 3)`` float64 orthogonal matrices, ``det = +1`` or ``-1``"""
         self.weights: torch.Tensor = weights.to(torch.float64).contiguous()
-        """``(N,)`` float64 weights, summing to one"""
         self.degree: int | None = degree
-        """integration degree, ``None`` for Monte-Carlo grids"""
         self.inversion: bool = inversion
-        """whether the grid contains improper rotations"""
         self.lebedev_order: int | None = lebedev_order
 
     @classmethod
