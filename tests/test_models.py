@@ -83,3 +83,30 @@ def test_bad_model_files(tmp_path, model_files):
     exported = msym.load_model(model_files / "model.pt")
     with pytest.raises(ValueError, match="load the metatrain checkpoint"):
         exported.check_names(["mtt::feature::gnn_layers.0_node"])
+
+
+def test_per_atom_energies_and_pair_features():
+    model = msym.load_model(tiny_pet())
+    frames = [ase.build.molecule("CH3OH"), ase.build.molecule("H2O")]
+    grid = msym.O3Grid(4)
+    total = msym.analyze(model, frames, ["energy"], 2, grid=grid)
+    per_atom = msym.analyze(
+        model,
+        frames,
+        ["energy", "mtt::feature::gnn_layers.0_edge"],
+        2,
+        grid=grid,
+        per_atom=True,
+    )
+    atoms = per_atom.average["energy"].block()
+    assert atoms.samples.names == ["system", "atom"]
+    # averaging is linear: per-atom averages add up to the structure's average
+    summed = torch.zeros(2, dtype=torch.float64)
+    summed.index_add_(0, atoms.samples.column("system").long(), atoms.values[:, 0])
+    assert torch.allclose(summed, total.average["energy"].block().values[:, 0])
+    edges = per_atom.variance["mtt::feature::gnn_layers.0_edge"].block()
+    assert edges.samples.names[:3] == ["system", "first_atom", "second_atom"]
+    spectrum = per_atom.spectrum["mtt::feature::gnn_layers.0_edge"].block().values
+    # content above max_lambda is missing from the sum, never added to it
+    assert bool(torch.all(spectrum.sum(dim=1) <= 1 + 1e-12))
+    assert bool(torch.all(spectrum.sum(dim=1) > 0.9))
