@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
-from metatomic.torch import ModelCapabilities, ModelOutput, System
+from metatomic.torch import ModelCapabilities, ModelOutput, NeighborListOptions, System
 
 
 OUTPUTS = {
@@ -110,4 +110,52 @@ def capabilities(dtype: str = "float64") -> ModelCapabilities:
         length_unit="angstrom",
         supported_devices=["cpu"],
         dtype=dtype,
+    )
+
+
+class PairPotential(torch.nn.Module):
+    """An exactly invariant energy ``E = sum_{i<j} exp(-r_ij) (r_ij - r_c)^2`` over
+    the pairs of a half neighbour list, computed from its distance vectors so
+    that forces and stress flow through the neighbour list."""
+
+    def __init__(self, cutoff: float = 3.0, dtype=torch.float64):
+        super().__init__()
+        self.register_buffer("scale", torch.ones((), dtype=dtype))
+        self.options = NeighborListOptions(cutoff=cutoff, full_list=False, strict=True)
+
+    def requested_neighbor_lists(self) -> list[NeighborListOptions]:
+        return [self.options]
+
+    def forward(
+        self,
+        systems: list[System],
+        outputs: dict[str, ModelOutput],
+        selected_atoms: Optional[Labels] = None,
+    ) -> dict[str, TensorMap]:
+        energies: list[torch.Tensor] = []
+        for system in systems:
+            vectors = system.get_neighbor_list(self.options).values.squeeze(-1)
+            distances = torch.linalg.norm(vectors * self.scale, dim=1)
+            pair = torch.exp(-distances) * (distances - self.options.cutoff) ** 2
+            energies.append(pair.sum())
+        samples = Labels(
+            ["system"], torch.arange(len(systems), dtype=torch.int32).reshape(-1, 1)
+        )
+        block = TensorBlock(
+            values=torch.stack(energies).reshape(-1, 1),
+            samples=samples,
+            components=[],
+            properties=Labels(["energy"], torch.tensor([[0]])),
+        )
+        return {"energy": TensorMap(Labels.single(), [block])}
+
+
+def pair_capabilities() -> ModelCapabilities:
+    return ModelCapabilities(
+        outputs={"energy": ModelOutput(unit="eV", sample_kind="system")},
+        atomic_types=[1, 6, 8, 29],
+        interaction_range=3.0,
+        length_unit="angstrom",
+        supported_devices=["cpu"],
+        dtype="float64",
     )

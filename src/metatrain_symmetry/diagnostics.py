@@ -51,6 +51,8 @@ _STANDARD_LAMBDA = {
     "momentum": 1,
     "heat_flux": 1,
     "non_conservative_stress": 2,
+    "forces": 1,
+    "stress": 2,
 }
 
 
@@ -220,7 +222,7 @@ def _check_names(outputs) -> list[str]:
 
 def _request(model: LoadedModel, name: str, per_atom: bool) -> ModelOutput:
     kind = model.natural_sample_kind(name)
-    if per_atom and kind == "system":
+    if per_atom and kind == "system" and name != "stress":
         kind = "atom"
     declared = model.outputs.get(name)
     unit = "" if declared is None else declared.unit
@@ -297,9 +299,12 @@ class _BlockAccumulator:
         weights = integrator.weights[rotation_indices]
         rotations = integrator.rotations[rotation_indices]
         improper = integrator.improper[rotation_indices]
-        wigner = [
-            w[rotation_indices] for w in integrator.wigner_for(self.layout.max_lambda)
-        ]
+        wigner = []
+        if self.layout.kind == "spherical":
+            needed = self.layout.max_lambda
+            wigner = [
+                w[rotation_indices] for w in integrator.wigner_for(needed)[: needed + 1]
+            ]
 
         backrotated = undo_rotation(values, self.layout, rotations, wigner, improper)
         if self.reference is None:

@@ -16,11 +16,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
+import metatensor.torch as mts
 import torch
-from metatensor.torch import Labels, TensorBlock
+from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     ModelOutput,
     System,
+    register_autograd_neighbors,
     systems_to_torch,
     unit_conversion_factor,
 )
@@ -32,6 +34,10 @@ from .models import LoadedModel
 
 # default number of atoms evaluated in one model call, over all rotated copies
 DEFAULT_ATOMS_PER_BATCH = 4096
+
+# outputs the engine derives from the model's energy by automatic differentiation:
+# forces -dE/dr (per atom) and stress (1/V) dE/d(strain) (per structure)
+DERIVED_OUTPUTS = ("forces", "stress")
 
 SystemLike = Union[System, "ase.Atoms"]  # noqa: F821
 
@@ -179,6 +185,12 @@ class RotatedEvaluator:
         per_batch = self.copies_per_batch(systems)
         total = len(systems) * n_rotations
         prepared = [_prepare(system) for system in systems]
+        derived = [name for name in outputs if name in DERIVED_OUTPUTS]
+        if "stress" in derived:
+            _check_periodic(systems)
+        requests = {n: o for n, o in outputs.items() if n not in DERIVED_OUTPUTS}
+        if len(derived) != 0 and "energy" not in requests:
+            requests["energy"] = ModelOutput(sample_kind="system")
 
         bar = None
         if progress:
@@ -186,7 +198,9 @@ class RotatedEvaluator:
 
             bar = tqdm(total=total, unit="copy", desc="rotated copies")
 
-        with torch.inference_mode():
+        # derived outputs need gradients with respect to positions and strain
+        context = torch.enable_grad() if derived else torch.inference_mode()
+        with context:
             for start in range(0, total, per_batch):
                 stop = min(start + per_batch, total)
                 # (structure, first rotation, last rotation) segments of this batch
@@ -199,16 +213,24 @@ class RotatedEvaluator:
                     position += last - first
 
                 batch_systems: list[System] = []
+                leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
                 for structure, first, last in segments:
-                    batch_systems.extend(
-                        _rotated_copies(
-                            prepared[structure], self._rotations[first:last]
-                        )
+                    copies, copy_leaves = _rotated_copies(
+                        prepared[structure],
+                        self._rotations[first:last],
+                        differentiable=len(derived) != 0,
                     )
-                results = self.model(batch_systems, outputs, None)
-                missing = [name for name in outputs if name not in results]
+                    batch_systems.extend(copies)
+                    leaves.extend(copy_leaves)
+                results = self.model(batch_systems, requests, None)
+                missing = [name for name in requests if name not in results]
                 if missing:
                     raise ValueError(f"the model did not return the outputs {missing}")
+                if len(derived) != 0:
+                    results.update(
+                        _energy_derivatives(results, batch_systems, leaves, derived)
+                    )
+                    results = {name: mts.detach(results[name]) for name in outputs}
 
                 copy_counts = [last - first for _, first, last in segments]
                 split = {
@@ -245,8 +267,19 @@ def _prepare(system: System) -> _PreparedSystem:
     )
 
 
-def _rotated_copies(system: _PreparedSystem, rotations: torch.Tensor) -> list[System]:
-    """One rotated ``System`` per matrix in ``rotations`` (``(n, 3, 3)``)."""
+def _rotated_copies(
+    system: _PreparedSystem, rotations: torch.Tensor, differentiable: bool = False
+) -> tuple[list[System], list[torch.Tensor]]:
+    """One rotated ``System`` per matrix in ``rotations`` (``(n, 3, 3)``).
+
+    With ``differentiable=True`` the positions of every copy require gradients and
+    are multiplied, with the cell, by ``1 + strain`` for a zero ``(3, 3)`` strain
+    that also requires gradients; the rotated neighbour-list vectors are attached
+    to both through metatomic's ``register_autograd_neighbors``.
+
+    :return: the copies, and the ``(positions, strain)`` leaf tensors of each copy
+        (empty unless ``differentiable``)
+    """
     transposed = rotations.transpose(1, 2)
     positions = system.positions.unsqueeze(0) @ transposed
     cells = system.cell.unsqueeze(0) @ transposed
@@ -255,29 +288,123 @@ def _rotated_copies(system: _PreparedSystem, rotations: torch.Tensor) -> list[Sy
         for _, neighbors in system.neighbors
     ]
     copies = []
+    leaves = []
     for index in range(rotations.shape[0]):
+        copy_positions, copy_cell = positions[index], cells[index]
+        if differentiable:
+            leaf = copy_positions.detach().requires_grad_(True)
+            strain = torch.zeros_like(copy_cell, requires_grad=True)
+            deformation = torch.eye(3, dtype=strain.dtype, device=strain.device)
+            deformation = deformation + strain
+            copy_positions = leaf @ deformation
+            copy_cell = copy_cell @ deformation
+            leaves.append((leaf, strain))
         rotated = System(
             types=system.types,
-            positions=positions[index],
-            cell=cells[index],
+            positions=copy_positions,
+            cell=copy_cell,
             pbc=system.pbc,
         )
         for (options, neighbors), rotated_vectors in zip(
             system.neighbors, vectors, strict=True
         ):
-            rotated.add_neighbor_list(
-                options,
-                TensorBlock(
-                    values=rotated_vectors[index].unsqueeze(-1),
-                    samples=neighbors.samples,
-                    components=neighbors.components,
-                    properties=neighbors.properties,
-                ),
-            )
+            # copying the block and overwriting its values costs a fraction of
+            # building a new TensorBlock from its labels
+            block = neighbors.copy()
+            block.values.copy_(rotated_vectors[index].unsqueeze(-1))
+            if differentiable:
+                register_autograd_neighbors(rotated, block, check_consistency=False)
+            rotated.add_neighbor_list(options, block)
         for name, data in system.data.items():
             rotated.add_data(name, _rotate_data(data, rotations[index : index + 1]))
         copies.append(rotated)
-    return copies
+    return copies, leaves
+
+
+def _check_periodic(systems: Sequence[System]) -> None:
+    for index, system in enumerate(systems):
+        if not bool(torch.all(system.pbc)) or float(torch.det(system.cell)) == 0.0:
+            raise ValueError(
+                f"stress needs periodic structures with a cell, but structure "
+                f"{index} is not periodic in all three directions; leave 'stress' "
+                "out for molecules and slabs"
+            )
+
+
+def _energy_derivatives(
+    results: dict[str, TensorMap],
+    systems: list[System],
+    leaves: list[tuple[torch.Tensor, torch.Tensor]],
+    derived: list[str],
+) -> dict[str, TensorMap]:
+    """Forces and stress of every system, from the gradient of the total energy.
+
+    The copies are independent, so one backward pass of the summed energy gives
+    the derivatives of each copy's energy with respect to its own positions and
+    strain. The model sees ``positions @ (1 + strain)`` with a zero strain, so the
+    gradient with respect to the leaf positions is the force.
+    """
+    energy = results["energy"]
+    total = sum(block.values.sum() for block in energy.blocks())
+    inputs: list[torch.Tensor] = []
+    if "forces" in derived:
+        inputs += [positions for positions, _ in leaves]
+    if "stress" in derived:
+        inputs += [strain for _, strain in leaves]
+    gradients = torch.autograd.grad(total, inputs, allow_unused=True)
+    gradients = [
+        torch.zeros_like(tensor) if gradient is None else gradient
+        for tensor, gradient in zip(inputs, gradients, strict=True)
+    ]
+    properties = energy.block(0).properties
+    device = energy.block(0).values.device
+    derivatives: dict[str, TensorMap] = {}
+    if "forces" in derived:
+        forces = torch.cat(gradients[: len(systems)]).neg()
+        samples = torch.cat(
+            [
+                torch.stack(
+                    [
+                        torch.full((len(system),), index, dtype=torch.int32),
+                        torch.arange(len(system), dtype=torch.int32),
+                    ],
+                    dim=1,
+                )
+                for index, system in enumerate(systems)
+            ]
+        )
+        derivatives["forces"] = TensorMap(
+            Labels.single().to(device),
+            [
+                TensorBlock(
+                    values=forces.detach().unsqueeze(-1),
+                    samples=Labels(["system", "atom"], samples.to(device)),
+                    components=[Labels.range("xyz", 3).to(device)],
+                    properties=properties,
+                )
+            ],
+        )
+    if "stress" in derived:
+        strain_gradients = torch.stack(gradients[-len(systems) :])
+        volumes = torch.stack(
+            [torch.abs(torch.det(system.cell.detach())) for system in systems]
+        )
+        stress = strain_gradients / volumes.view(-1, 1, 1)
+        derivatives["stress"] = TensorMap(
+            Labels.single().to(device),
+            [
+                TensorBlock(
+                    values=stress.detach().unsqueeze(-1),
+                    samples=Labels.range("system", len(systems)).to(device),
+                    components=[
+                        Labels.range("xyz_1", 3).to(device),
+                        Labels.range("xyz_2", 3).to(device),
+                    ],
+                    properties=properties,
+                )
+            ],
+        )
+    return derivatives
 
 
 def _rotate_data(data, rotation: torch.Tensor):

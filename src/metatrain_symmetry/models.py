@@ -114,8 +114,10 @@ class LoadedModel:
         from their training targets, other models from metatomic's quantity
         names.
         """
-        if name.startswith(FEATURE_PREFIX):
+        if name.startswith(FEATURE_PREFIX) or name == "forces":
             return "atom"
+        if name == "stress":
+            return "system"
         targets = getattr(getattr(self.module, "dataset_info", None), "targets", {})
         if name in targets:
             return targets[name].sample_kind
@@ -188,6 +190,12 @@ class LoadedModel:
             if name.startswith(FEATURE_PREFIX):
                 if name not in self.features:
                     raise ValueError(_unknown_feature_message(self, name))
+            elif name in ("forces", "stress"):
+                if len(declared) != 0 and "energy" not in declared:
+                    raise ValueError(
+                        f"'{name}' is the derivative of the energy, but the model "
+                        f"has no 'energy' output (it declares {sorted(declared)})"
+                    )
             elif len(declared) != 0 and name not in declared:
                 raise ValueError(
                     f"unknown output '{name}': the model declares "
