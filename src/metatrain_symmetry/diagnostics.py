@@ -140,8 +140,11 @@ def analyze(
 
     :param model: anything :py:func:`load_model` accepts
     :param systems: ``ase.Atoms`` or metatomic ``System`` objects, periodic or not
-    :param outputs: output names (``"energy"``, ``"non_conservative_force"``, ...)
-        and internal features (``"mtt::feature::<module path>"``)
+    :param outputs: output names (``"energy"``, ``"non_conservative_force"``, ...),
+        internal features (``"mtt::feature::<module path>"``), and the derivatives
+        of the energy ``"forces"`` (``-dE/dr``, per atom) and ``"stress"``
+        (``(1/V) dE/d(strain)``, per structure, periodic structures only),
+        computed by automatic differentiation on every rotated copy
     :param max_lambda: largest ``lambda`` of the character projections
     :param grid: integration grid; by default ``O3Grid(degree)`` with
         ``degree = max(2 max_lambda, 2 L + 1)``, ``L`` the largest angular momentum
