@@ -185,9 +185,19 @@ class O3Grid:
         """
         cached = self.__dict__.setdefault("_wigner_cache", {})
         if max_lambda not in cached:
-            transformations = O3Transformations(self.rotations, max_lambda)
-            cached[max_lambda] = [
-                transformations.wigner_D_matrices(ell).contiguous()
-                for ell in range(max_lambda + 1)
-            ]
+            # both constructors list the improper elements as -R after the proper
+            # ones, and -R has the proper part R: compute each matrix once
+            half = len(self) // 2
+            paired = self.inversion and torch.equal(
+                self.rotations[half:], -self.rotations[:half]
+            )
+            proper = self.rotations[:half] if paired else self.rotations
+            transformations = O3Transformations(proper, max_lambda)
+            matrices = []
+            for ell in range(max_lambda + 1):
+                wigner = transformations.wigner_D_matrices(ell)
+                if paired:
+                    wigner = torch.cat([wigner, wigner])
+                matrices.append(wigner.contiguous())
+            cached[max_lambda] = matrices
         return cached[max_lambda]
