@@ -239,7 +239,7 @@ def floor_batches(model, systems, grid) -> list[list]:
     rotations = grid.rotations.to(dtype=model.dtype, device=model.device)
     copies = []
     for system in systems:
-        copies.extend(_rotated_copies(_prepare(system), rotations))
+        copies.extend(_rotated_copies(_prepare(system), rotations)[0])
     return [copies[i : i + per_batch] for i in range(0, len(copies), per_batch)]
 
 
@@ -296,7 +296,9 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
     _, (wigner_setup, _, _) = timed(lambda: grid.wigner_matrices(max_lambda), device)
     their_requests = symmetrized_requests()
     names = list(OUTPUTS)
-    batches = floor_batches(model, systems, grid)
+    batches, (construction, _, _) = timed(
+        lambda: floor_batches(model, systems, grid), device
+    )
     per_batch = len(batches[0])
 
     def run_symmetrized():
@@ -356,6 +358,7 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
         "differences": differences,
         "symmetrized_setup": symmetrized_setup,
         "wigner_setup": wigner_setup,
+        "construction": construction,
     }
 
 
@@ -527,6 +530,18 @@ def print_speed_table(cases: list[dict]) -> None:
         print(
             f"  {case['label']:<22} sym {sym:8.2f}  ours {ours:8.2f}  floor "
             f"{floor:8.2f}  (a) {sym / ours:5.2f}  (b) {ours / floor:5.2f}"
+        )
+    print(
+        "building every rotated System with its neighbour list (inside 'ours', "
+        "outside the floor):"
+    )
+    for case in cases:
+        ours, floor = (case["times"][k][0] for k in ("ours", "floor"))
+        construction = case["construction"]
+        print(
+            f"  {case['label']:<22} {construction:8.2f} s, "
+            f"{1e6 * construction / case['copies']:5.0f} us per copy; "
+            f"ours / (floor + building) {ours / (floor + construction):5.2f}"
         )
     print("cores kept busy by other processes during these runs (0 = idle machine):")
     for case in cases:
