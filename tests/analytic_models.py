@@ -9,8 +9,13 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
 * ``mtt::distance``: ``|r_1 - r_0|``, invariant (0, +1)
 * ``non_conservative_force``: per-atom positions relative to the centroid, an exactly
   equivariant Cartesian vector
-* ``mtt::dipole_z``: per-atom ``x_z`` of the relative positions as a ``(1,+1)``
-  spherical output whose ``o3_mu`` components are deliberately wrong
+* ``mtt::spherical_x``: ``x_1`` as a spherical ``(1, +1)`` block (components
+  ``(y, z, x)``), exactly equivariant
+* ``mtt::axial``: the axial vector ``x_1 x x_2`` as a spherical ``(1, -1)`` block,
+  exactly equivariant
+* ``mtt::axial_as_polar``: the same values declared ``(1, +1)``: they fail to change
+  sign under the inversion, so the back-transformed response averages to zero with
+  variance ``|x_1 x x_2|^2 / 3`` per component
 """
 
 from typing import Optional
@@ -26,6 +31,16 @@ OUTPUTS = {
     "mtt::triple": ModelOutput(sample_kind="system"),
     "mtt::distance": ModelOutput(sample_kind="system"),
     "non_conservative_force": ModelOutput(sample_kind="atom"),
+    "mtt::spherical_x": ModelOutput(sample_kind="system"),
+    "mtt::axial": ModelOutput(sample_kind="system"),
+    "mtt::axial_as_polar": ModelOutput(sample_kind="system"),
+}
+
+# name: (o3_sigma declared, which vector)
+SPHERICAL = {
+    "mtt::spherical_x": (1, "x_1"),
+    "mtt::axial": (-1, "cross"),
+    "mtt::axial_as_polar": (1, "cross"),
 }
 
 
@@ -48,6 +63,7 @@ class AnalyticModel(torch.nn.Module):
             "mtt::distance": [],
         }
         centered: list[torch.Tensor] = []
+        spherical: dict[str, list[torch.Tensor]] = {"x_1": [], "cross": []}
         for system in systems:
             positions = system.positions * self.scale
             vectors = positions[1:4] - positions[0]
@@ -58,6 +74,10 @@ class AnalyticModel(torch.nn.Module):
                 torch.dot(unit[0], torch.linalg.cross(unit[1], unit[2]))
             )
             per_system["mtt::distance"].append(torch.linalg.norm(vectors[0]))
+            # real spherical components of a vector are ordered (y, z, x)
+            order = torch.tensor([1, 2, 0])
+            spherical["x_1"].append(unit[0][order])
+            spherical["cross"].append(torch.linalg.cross(unit[0], unit[1])[order])
             centered.append(positions - positions.mean(dim=0))
 
         n_systems = len(systems)
@@ -73,6 +93,21 @@ class AnalyticModel(torch.nn.Module):
                             values=torch.stack(values).reshape(-1, 1),
                             samples=system_samples,
                             components=[],
+                            properties=Labels(["value"], torch.tensor([[0]])),
+                        )
+                    ],
+                )
+        for name, (sigma, vector) in SPHERICAL.items():
+            if name in outputs:
+                results[name] = TensorMap(
+                    Labels(["o3_lambda", "o3_sigma"], torch.tensor([[1, sigma]])),
+                    [
+                        TensorBlock(
+                            values=torch.stack(spherical[vector]).unsqueeze(-1),
+                            samples=system_samples,
+                            components=[
+                                Labels("o3_mu", torch.tensor([[-1], [0], [1]]))
+                            ],
                             properties=Labels(["value"], torch.tensor([[0]])),
                         )
                     ],

@@ -102,6 +102,35 @@ def test_equivariant_vector_has_zero_variance(analytic_model, periodic_frames):
     assert rmse.shape == (2,) and float(rmse.max()) < 1e-10
 
 
+def test_spherical_outputs(analytic_model, molecules):
+    names = ["mtt::spherical_x", "mtt::axial", "mtt::axial_as_polar"]
+    result = msym.analyze(analytic_model, molecules, names, max_lambda=2)
+    cross = []
+    for frame in molecules:
+        vectors = frame.positions[1:3] - frame.positions[0]
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        cross.append(np.linalg.norm(np.cross(vectors[0], vectors[1])) ** 2)
+    cross = torch.tensor(cross, dtype=torch.float64)
+    for name, irrep in [
+        ("mtt::spherical_x", (1, 1)),
+        ("mtt::axial", (1, -1)),
+        ("mtt::axial_as_polar", (1, -1)),
+    ]:
+        spectrum = spectrum_of(result, name)
+        torch.testing.assert_close(spectrum[irrep], torch.ones(3, dtype=torch.float64))
+        variance = result.variance[name]
+        sigma = 1 if name == "mtt::axial_as_polar" else irrep[1]
+        assert variance.keys.values.tolist() == [[1, sigma]]
+        values = variance.block().values.reshape(-1)
+        if name == "mtt::axial_as_polar":
+            # the declared parity is wrong: z(-g) = -z(g), so the average vanishes
+            torch.testing.assert_close(values, cross / 3, rtol=1e-12, atol=0)
+            average = result.average[name].block().values
+            assert float(average.abs().max()) < 1e-14
+        else:
+            assert float(values.max()) < 1e-20
+
+
 def test_equivariance_rmse_reduces_per_structure(analytic_model, molecules):
     result = msym.analyze(analytic_model, molecules, ["mtt::x_z"], max_lambda=1)
     rmse = msym.equivariance_rmse(result.variance["mtt::x_z"])
