@@ -4,6 +4,7 @@ interatomic potentials in the metatensor ecosystem."""
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .grid import O3Grid
 from .models import LoadedModel, load_model
+from .retrain import RetrainResult, retrain_last_layer, retraining_objective
 
 
 __version__ = "0.1.0"
@@ -12,7 +13,10 @@ __all__ = [
     "AnalysisResult",
     "LoadedModel",
     "O3Grid",
+    "RetrainResult",
     "analyze",
     "equivariance_rmse",
     "load_model",
+    "retrain_last_layer",
+    "retraining_objective",
 ]

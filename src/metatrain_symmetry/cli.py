@@ -72,6 +72,80 @@ def _demo(args) -> None:
     run_demo(output, epochs=args.epochs)
 
 
+def _retrain(args) -> None:
+    import metatrain_symmetry as msym
+
+    from .report import check_output_directory
+
+    output = check_output_directory(args.output, args.force)
+    if args.grid_degree is not None and args.n_rotations is not None:
+        raise ValueError("give either --grid-degree or --n-rotations, not both")
+    grid = None
+    if args.grid_degree is not None:
+        grid = msym.O3Grid(args.grid_degree)
+    elif args.n_rotations is not None:
+        grid = msym.O3Grid.random(args.n_rotations, seed=args.seed)
+    result = msym.retrain_last_layer(
+        args.checkpoint,
+        _read_structures(args.data),
+        validation=None
+        if args.validation is None
+        else _read_structures(args.validation),
+        gammas=args.gamma,
+        targets=args.targets,
+        grid=grid,
+        ridge=args.ridge,
+        ignore_gradients=args.ignore_gradients,
+        output=output,
+        force=True,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print((output / "pareto.md").read_text())
+    print(
+        f"{len(result.checkpoints)} checkpoints and the trade-off written to {output}/"
+    )
+
+
+def _add_retrain_command(commands) -> None:
+    retrain = commands.add_parser(
+        "retrain",
+        help="closed-form last-layer retraining with an equivariance penalty",
+        description=(
+            "Retrain the readout (last-layer weights and biases) of a metatrain PET "
+            "checkpoint exactly, minimizing L_mu + gamma * L_sigma on the structures "
+            "of DATA for every gamma; writes gamma-<value>.ckpt, pareto.csv, "
+            "pareto.md and pareto.png."
+        ),
+    )
+    retrain.add_argument("checkpoint", help="metatrain PET checkpoint (.ckpt)")
+    retrain.add_argument("data", help="training structures with labels (ASE format)")
+    retrain.add_argument("--validation", default=None, help="validation structures")
+    retrain.add_argument(
+        "--gamma", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0, 100.0]
+    )
+    retrain.add_argument(
+        "--targets", nargs="+", default=None, help="targets to retrain"
+    )
+    retrain.add_argument("--ridge", type=float, default=0.0, help="ridge coefficient")
+    retrain.add_argument(
+        "--n-rotations", type=int, default=None, help="random rotations (default 16)"
+    )
+    retrain.add_argument("--grid-degree", type=int, default=None, help="O3Grid degree")
+    retrain.add_argument("--seed", type=int, default=0, help="seed of random rotations")
+    retrain.add_argument(
+        "--ignore-gradients",
+        action="store_true",
+        help="retrain energies trained with forces on energies alone",
+    )
+    retrain.add_argument("--batch-size", type=int, default=None)
+    retrain.add_argument("-o", "--output", required=True, help="output directory")
+    retrain.add_argument(
+        "--force", action="store_true", help="replace a non-empty output directory"
+    )
+    retrain.set_defaults(run=_retrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtt-symmetry",
@@ -126,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a non-empty output directory"
     )
     demo.set_defaults(run=_demo)
+    _add_retrain_command(commands)
     return parser
 
 

@@ -143,3 +143,65 @@ def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_pareto_tables(result, csv_path: Path, markdown_path: Path) -> None:
+    """Write the rows of a :py:class:`~metatrain_symmetry.RetrainResult` as CSV and
+    as a markdown table."""
+    import csv
+
+    rows = result.table()
+    columns = list(rows[0])
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: repr(value) for key, value in row.items()})
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                f"{row[c]:g}" if c == "gamma" else f"{row[c]:.4e}" for c in columns
+            )
+            + " |"
+        )
+    markdown_path.write_text("\n".join(lines) + "\n")
+
+
+def plot_pareto(result, path: Path) -> None:
+    """Accuracy versus equivariance error, one curve per target, one point per
+    gamma: validation errors when available, training loss terms otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(result.targets), figsize=(4.5 * len(result.targets), 4), squeeze=False
+    )
+    for axis, name in zip(axes[0], result.targets, strict=True):
+        if name in result.validation_rmse:
+            x = result.validation_equivariance_rmse[name]
+            y = result.validation_rmse[name]
+            axis.set_xlabel("validation equivariance RMSE")
+            axis.set_ylabel("validation RMSE")
+        else:
+            x = result.training_equivariance[name].sqrt()
+            y = result.training_mse[name].sqrt()
+            axis.set_xlabel("sqrt(L_sigma), training")
+            axis.set_ylabel("sqrt(L_mu), training")
+        axis.plot(x.numpy(), y.numpy(), "o-")
+        for gamma, xi, yi in zip(result.gammas, x.tolist(), y.tolist(), strict=True):
+            axis.annotate(
+                f"{gamma:g}", (xi, yi), textcoords="offset points", xytext=(4, 4)
+            )
+        axis.set_xscale("log")
+        axis.set_title(name)
+    fig.suptitle("closed-form readout retraining: gamma on each point")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

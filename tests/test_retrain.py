@@ -1,0 +1,311 @@
+"""Closed-form last-layer retraining: optimality, agreement with gradient training
+and ``mtt train``, the accuracy/equivariance trade-off, round trips and bad input."""
+
+import importlib.util
+import subprocess
+import sys
+
+import ase.io
+import pytest
+import torch
+from metatomic.torch import ModelOutput
+
+import metatrain_symmetry as msym
+from metatrain_symmetry.demo import OPTIONS, make_dataset
+from metatrain_symmetry.engine import prepare_systems
+from metatrain_symmetry.retrain import _PETReadout
+
+
+GAMMAS = [0.0, 0.1, 1.0, 10.0]
+RIDGE = 1e-6
+TARGETS = ["energy", "non_conservative_force"]
+
+
+def run(*command, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, command)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small PET trained for one epoch with ``mtt train`` on EMT copper."""
+    directory = tmp_path_factory.mktemp("retrain")
+    frames = make_dataset(20)
+    ase.io.write(directory / "train.xyz", frames[:14])
+    ase.io.write(directory / "validation.xyz", frames[14:])
+    (directory / "options.yaml").write_text(OPTIONS.format(epochs=1))
+    process = run("metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory)
+    assert process.returncode == 0, process.stderr[-2000:]
+    return directory, frames[:14], frames[14:]
+
+
+@pytest.fixture(scope="module")
+def retrained(trained, tmp_path_factory):
+    directory, train, validation = trained
+    output = tmp_path_factory.mktemp("out") / "retrained"
+    grid = msym.O3Grid.random(8, seed=1)
+    result = msym.retrain_last_layer(
+        directory / "model.ckpt",
+        train,
+        validation,
+        gammas=GAMMAS,
+        targets=TARGETS,
+        grid=grid,
+        ridge=RIDGE,
+        output=output,
+    )
+    return result, output, grid
+
+
+def readout_parameters(model):
+    for parameter in model.module.parameters():
+        parameter.requires_grad_(False)
+    parameters = []
+    for target in TARGETS:
+        parameters += _PETReadout(model.module, target).parameters()
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    return parameters
+
+
+def objective_and_gradient(checkpoint, train, gamma, grid):
+    model = msym.load_model(checkpoint)
+    parameters = readout_parameters(model)
+    value = msym.retraining_objective(
+        model, train, gamma, grid, targets=TARGETS, ridge=RIDGE
+    )
+    gradient = torch.autograd.grad(value, parameters)
+    return float(value), torch.cat([g.reshape(-1) for g in gradient])
+
+
+def test_optimality_on_saved_checkpoint(trained, retrained):
+    directory, train, _ = trained
+    result, output, grid = retrained
+    index = GAMMAS.index(1.0)
+    value, gradient = objective_and_gradient(output / "gamma-1.ckpt", train, 1.0, grid)
+    _, initial_gradient = objective_and_gradient(
+        directory / "model.ckpt", train, 1.0, grid
+    )
+    # the forward-pass objective agrees with the solver's and is stationary
+    assert value == pytest.approx(float(result.objective[index]), rel=1e-6)
+    assert gradient.norm() < 1e-6 * initial_gradient.norm()
+
+
+def test_saved_predictions_equal_solver(trained, retrained):
+    _, _, validation = trained
+    result, output, _ = retrained
+    for index, gamma in enumerate(GAMMAS):
+        model = msym.load_model(output / f"gamma-{gamma:g}.ckpt")
+        systems = prepare_systems(validation, model)
+        outputs = model(
+            systems,
+            {
+                "energy": ModelOutput(sample_kind="system"),
+                "non_conservative_force": ModelOutput(sample_kind="atom"),
+            },
+        )
+        for name in TARGETS:
+            solver = torch.cat([p[index] for p in result.validation_predictions[name]])
+            torch.testing.assert_close(
+                outputs[name].block().values, solver, rtol=1e-9, atol=1e-9
+            )
+
+
+def test_trade_off_is_monotone(retrained):
+    result, _, _ = retrained
+    for name in TARGETS:
+        equivariance = result.training_equivariance[name]
+        accuracy = result.training_mse[name]
+        assert bool(torch.all(equivariance[1:] <= equivariance[:-1] * (1 + 1e-9)))
+        assert bool(torch.all(accuracy[1:] >= accuracy[:-1] * (1 - 1e-9)))
+        assert float(equivariance[-1]) < 0.5 * float(equivariance[0])
+
+
+def test_agreement_with_gradient_retraining(trained, retrained):
+    directory, train, _ = trained
+    result, _, grid = retrained
+    gamma = 1.0
+    model = msym.load_model(directory / "model.ckpt")
+    parameters = readout_parameters(model)
+    optimizer = torch.optim.LBFGS(parameters, max_iter=6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = msym.retraining_objective(
+            model, train, gamma, grid, targets=TARGETS, ridge=RIDGE
+        )
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    reached = float(closure())
+    closed_form = float(result.objective[GAMMAS.index(gamma)])
+    assert closed_form <= reached * (1 + 1e-9)
+
+
+def _equivariance_loss_registered() -> str | None:
+    """``None`` when ``mtt train`` knows the ``equivariance`` loss, else why not."""
+    if importlib.util.find_spec("metatrain_symmetry.hooks") is None:
+        return "the 'equivariance' loss for mtt train is not part of this build"
+    from metatrain.utils.loss import LossType
+
+    import metatrain_symmetry.hooks  # noqa: F401
+
+    try:
+        LossType.from_key("equivariance")
+    except ValueError:
+        return "the 'equivariance' loss type is not registered with metatrain"
+    return None
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_agreement_with_mtt_train_heads(trained, retrained, gamma):
+    directory, train, _ = trained
+    result, _, grid = retrained
+    loss = "mse"
+    if gamma != 0.0:
+        reason = _equivariance_loss_registered()
+        if reason is not None:
+            pytest.skip(reason)
+        loss = f"{{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}"
+    options = OPTIONS.format(epochs=3).replace(
+        "    checkpoint_interval: 3\n",
+        "    checkpoint_interval: 3\n"
+        f"    loss: {loss}\n"
+        "    finetune:\n"
+        "      read_from: model.ckpt\n"
+        "      method: heads\n"
+        "      config: {head_modules: [], last_layer_modules: "
+        "[node_last_layers, edge_last_layers]}\n",
+    )
+    (directory / f"heads-{gamma:g}.yaml").write_text(options)
+    process = run(
+        "metatrain",
+        "train",
+        f"heads-{gamma:g}.yaml",
+        "-o",
+        f"heads-{gamma:g}.pt",
+        cwd=directory,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    reached, _ = objective_and_gradient(
+        directory / f"heads-{gamma:g}.ckpt", train, gamma, grid
+    )
+    closed_form = float(result.objective[GAMMAS.index(gamma)])
+    assert closed_form <= reached * (1 + 1e-9)
+
+
+def test_round_trip_through_mtt_export(trained, retrained, tmp_path):
+    _, _, validation = trained
+    result, output, grid = retrained
+    index = GAMMAS.index(10.0)
+    process = run(
+        "metatrain", "export", output / "gamma-10.ckpt", "-o", tmp_path / "model.pt"
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    # equivariance errors: analyze the checkpoint on the same grid
+    analysis = msym.analyze(
+        output / "gamma-10.ckpt", validation, TARGETS, max_lambda=1, grid=grid
+    )
+    for name in TARGETS:
+        equivariance = analysis.equivariance_rmse(name).mean()
+        assert float(equivariance) == pytest.approx(
+            float(result.validation_equivariance_rmse[name][index]), rel=1e-6
+        )
+    # accuracy: the exported model, evaluated through metatomic
+    from metatomic.torch import ModelEvaluationOptions, load_atomistic_model
+
+    exported = load_atomistic_model(str(tmp_path / "model.pt"))
+    systems = prepare_systems(validation, msym.load_model(output / "gamma-10.ckpt"))
+    options = ModelEvaluationOptions(
+        length_unit="angstrom",
+        outputs={
+            "energy": ModelOutput(sample_kind="system"),
+            "non_conservative_force": ModelOutput(sample_kind="atom"),
+        },
+    )
+    outputs = exported(systems, options, check_consistency=True)
+    energies = torch.tensor([frame.info["energy"] for frame in validation])
+    forces = torch.cat([torch.tensor(frame.arrays["forces"]) for frame in validation])
+    for name, reference in (("energy", energies), ("non_conservative_force", forces)):
+        values = outputs[name].block().values.reshape(reference.shape)
+        rmse = (values - reference).square().mean().sqrt()
+        assert float(rmse) == pytest.approx(
+            float(result.validation_rmse[name][index]), rel=1e-6
+        )
+    table = (output / "pareto.csv").read_text().splitlines()
+    assert len(table) == 1 + len(GAMMAS)
+    assert (output / "pareto.md").is_file() and (output / "pareto.png").is_file()
+
+
+def test_bad_input(trained, tmp_path):
+    directory, train, _ = trained
+    checkpoint = directory / "model.ckpt"
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="too few training structures"):
+        msym.retrain_last_layer(checkpoint, train[:3], gammas=[0.0], output=output)
+    with pytest.raises(ValueError, match="singular"):
+        msym.retrain_last_layer(
+            checkpoint,
+            train[:3],
+            gammas=[1e-12],
+            targets=["energy"],
+            grid=msym.O3Grid.random(2),
+            output=output,
+        )
+    with pytest.raises(ValueError, match="unknown target 'dipole'"):
+        msym.retrain_last_layer(checkpoint, train, targets=["dipole"], output=output)
+    with pytest.raises(ValueError, match="gamma must be"):
+        msym.retrain_last_layer(checkpoint, train, gammas=[-1.0], output=output)
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_end_to_end(trained, tmp_path):
+    directory, _, _ = trained
+    output = tmp_path / "retrained"
+    process = run(
+        "metatrain_symmetry.cli",
+        "retrain",
+        directory / "model.ckpt",
+        directory / "train.xyz",
+        "--validation",
+        directory / "validation.xyz",
+        "--gamma",
+        "0.1",
+        "10",
+        "--n-rotations",
+        "4",
+        "--ridge",
+        "1e-6",
+        "-o",
+        output,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    names = sorted(path.name for path in output.iterdir())
+    assert names == [
+        "gamma-0.1.ckpt",
+        "gamma-10.ckpt",
+        "pareto.csv",
+        "pareto.md",
+        "pareto.png",
+    ]
+    failing = tmp_path / "failing"
+    process = run(
+        "metatrain_symmetry.cli",
+        "retrain",
+        directory / "model.ckpt",
+        directory / "train.xyz",
+        "--targets",
+        "dipole",
+        "-o",
+        failing,
+    )
+    assert process.returncode == 2
+    assert "unknown target 'dipole'" in process.stderr
+    assert "Traceback" not in process.stderr
+    assert not failing.exists()
