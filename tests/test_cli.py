@@ -23,7 +23,9 @@ def mtt_symmetry(*args, cwd=None):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli")
-    torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
+    model = tiny_pet()
+    torch.save(model.get_checkpoint(), directory / "model.ckpt")
+    model.export().save(str(directory / "model.pt"))
     frames = [ase.build.molecule("CH3OH"), ase.build.molecule("H2O")]
     ase.io.write(directory / "data.xyz", frames)
     return directory
@@ -52,6 +54,26 @@ def test_analyze_end_to_end(inputs, tmp_path):
     assert variance.block().samples.names == ["system", "atom"]
     assert (output / "spectra.png").stat().st_size > 0
     assert "`energy`" in (output / "summary.md").read_text()
+
+
+def test_analyze_exported_model(inputs, tmp_path):
+    # a fresh process knows none of the TorchScript classes of the exporting one
+    output = tmp_path / "exported"
+    process = mtt_symmetry(
+        "analyze",
+        inputs / "model.pt",
+        inputs / "data.xyz",
+        "-o",
+        output,
+        "--outputs",
+        "energy",
+        "non_conservative_force",
+        "--max-lambda",
+        "1",
+    )
+    assert process.returncode == 0, process.stderr
+    variance = mts.load(str(output / "non_conservative_force.variance.mts"))
+    assert variance.block().samples.names == ["system", "atom"]
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,12 @@ class LoadedModel:
             return "atom"
         if name == "stress":
             return "system"
-        targets = getattr(getattr(self.module, "dataset_info", None), "targets", {})
+        targets = {}
+        # a scripted module's dataset_info can only be read where its TorchScript
+        # class was defined, i.e. in the process that exported it
+        if not isinstance(self.module, torch.jit.ScriptModule):
+            dataset_info = getattr(self.module, "dataset_info", None)
+            targets = getattr(dataset_info, "targets", {})
         if name in targets:
             return targets[name].sample_kind
         declared = self.outputs.get(name)
