@@ -2,6 +2,7 @@
 interatomic potentials in the metatensor ecosystem."""
 
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
+from .dynamics import TrainingDynamics, training_dynamics
 from .grid import O3Grid
 from .models import LoadedModel, load_model
 
@@ -12,7 +13,9 @@ __all__ = [
     "AnalysisResult",
     "LoadedModel",
     "O3Grid",
+    "TrainingDynamics",
     "analyze",
     "equivariance_rmse",
     "load_model",
+    "training_dynamics",
 ]
