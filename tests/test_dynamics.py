@@ -229,11 +229,16 @@ def test_epochs_from_file_names_and_order(tmp_path):
     assert dynamics.checkpoints == [str(path) for path in unnamed]
 
 
-def test_same_epoch_twice(training):
+def test_checkpoints_of_one_run(training):
     frames = ase.io.read(training / "data.xyz", ":")
-    (final,) = (training / "outputs").glob("*/*/model.ckpt")
+    (run,) = (training / "outputs").glob("*/*")
     with pytest.raises(ValueError, match="are both from epoch 2"):
-        msym.training_dynamics([training / "model_2.ckpt", final], frames)
+        msym.training_dynamics([training / "model_2.ckpt", run / "model.ckpt"], frames)
+    # mtt train writes checkpoints of other models next to the PET ones
+    with pytest.raises(ValueError, match="holds a CompositionModel model but"):
+        msym.training_dynamics(
+            [training / "model_2.ckpt", run / "composition_model.ckpt"], frames
+        )
 
 
 @pytest.mark.parametrize(

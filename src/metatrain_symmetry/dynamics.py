@@ -68,7 +68,9 @@ class TrainingDynamics:
     (in the order the model computes them) and the outputs after them: the
     layer-by-layer view"""
     grid: O3Grid
+    """integration grid used for every checkpoint"""
     max_lambda: int
+    """largest ``lambda`` of the spectra"""
     weights: str = "epoch"
     """which weights of each checkpoint were analysed: ``"epoch"`` (the weights at
     the end of that epoch) or ``"best"`` (the best weights so far)"""
@@ -136,9 +138,19 @@ def training_dynamics(
     # first pass: epochs and names, so that bad input fails before any analysis
     stored_epochs = []
     names: list[str] | None = None
+    architecture = None
     for path in paths:
         model, epoch = load_checkpoint(path, weights)
         stored_epochs.append(epoch)
+        kind = _architecture(model)
+        if architecture is None:
+            architecture = (kind, path)
+        elif kind != architecture[0]:
+            raise ValueError(
+                f"checkpoint '{path}' holds a {kind} model but '{architecture[1]}' a "
+                f"{architecture[0]}: pass the checkpoints of one training run "
+                "(model_<epoch>.ckpt)"
+            )
         if names is None:
             names = _default_outputs(model) if outputs is None else list(outputs)
             names += _features(model, features)
@@ -263,6 +275,11 @@ def load_checkpoint(
     model = load_model(module)
     model.source = str(path)
     return model, None if epoch is None else int(epoch)
+
+
+def _architecture(model: LoadedModel) -> str:
+    module = model.module
+    return getattr(module, "original_name", None) or type(module).__name__
 
 
 def _first_line(error: BaseException) -> str:
