@@ -33,9 +33,9 @@ from metatrain_symmetry.dynamics import plot_dynamics, plot_layers
 # ``model_<epoch>.ckpt`` after every epoch (epochs are counted from 0).
 
 directory = Path(tempfile.mkdtemp())
-frames = make_dataset(12)
-ase.io.write(directory / "train.xyz", frames[:10])
-ase.io.write(directory / "validation.xyz", frames[10:])
+frames = make_dataset(10)
+ase.io.write(directory / "train.xyz", frames[:8])
+ase.io.write(directory / "validation.xyz", frames[8:])
 
 options = """\
 seed: 0
@@ -52,8 +52,8 @@ architecture:
     num_attention_layers: 1
     num_gnn_layers: 2
   training:
-    batch_size: 5
-    num_epochs: 4
+    batch_size: 4
+    num_epochs: 3
     learning_rate: 0.003
     log_interval: 1
     checkpoint_interval: 1
@@ -88,7 +88,7 @@ print([path.name for path in checkpoints])
 # each message-passing layer; ``features="all"`` follows every internal feature.
 # The checkpoints are sorted by the epoch metatrain stores in them.
 
-dynamics = msym.training_dynamics(checkpoints, frames[10:], max_lambda=2)
+dynamics = msym.training_dynamics(checkpoints, frames[8:], max_lambda=2)
 print(dynamics.epoch_source, dynamics.epochs)
 print(dynamics.names)
 
