@@ -64,6 +64,97 @@ def _analyze(args) -> None:
     print(f"results written to {output}/")
 
 
+def _dynamics(args) -> None:
+    import metatrain_symmetry as msym
+
+    from .dynamics import dynamics_markdown, save_dynamics
+    from .report import atomic_directory, check_output_directory
+
+    if len(args.paths) < 2:
+        raise ValueError(
+            "give at least one checkpoint and then the data file: "
+            "mtt-symmetry dynamics CHECKPOINT [CHECKPOINT ...] DATA -o DIR"
+        )
+    checkpoints, data = args.paths[:-1], args.paths[-1]
+    output = check_output_directory(args.output, args.force)
+    for checkpoint in checkpoints:
+        if not Path(checkpoint).exists():
+            raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist")
+    frames = _read_structures(data)
+    features = args.features
+    if features is not None and features == ["all"]:
+        features = "all"
+    grid = None if args.grid_degree is None else msym.O3Grid(args.grid_degree)
+    dynamics = msym.training_dynamics(
+        checkpoints,
+        frames,
+        outputs=args.outputs,
+        features=features,
+        max_lambda=args.max_lambda,
+        grid=grid,
+        batch_size=args.batch_size,
+        progress=True,
+        weights=args.weights,
+    )
+    with atomic_directory(output) as staging:
+        save_dynamics(dynamics, staging)
+    print(dynamics_markdown(dynamics))
+    print(f"results written to {output}/")
+
+
+def _add_dynamics_command(commands) -> None:
+    dynamics = commands.add_parser(
+        "dynamics",
+        help="spectra of outputs and features across training checkpoints",
+        usage=(
+            "mtt-symmetry dynamics CHECKPOINT [CHECKPOINT ...] DATA -o OUTPUT [options]"
+        ),
+        description=(
+            "Analyse every CHECKPOINT of a training run (for example the "
+            "model_<epoch>.ckpt files 'mtt train' writes every checkpoint_interval "
+            "epochs) on the structures in DATA, and write the (lambda, sigma) "
+            "spectra of outputs and internal features against epoch as TensorMaps, "
+            "epoch x lambda heatmaps (dynamics.png), the last checkpoint's spectra "
+            "layer by layer (layers.png) and a summary (dynamics.md, dynamics.csv)."
+        ),
+    )
+    dynamics.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="checkpoints (.ckpt) of one training run, then structures in any "
+        "format ASE can read",
+    )
+    dynamics.add_argument("-o", "--output", required=True, help="output directory")
+    dynamics.add_argument(
+        "--outputs",
+        nargs="*",
+        default=None,
+        help="model outputs to follow (default: the model's training targets)",
+    )
+    dynamics.add_argument(
+        "--features",
+        nargs="*",
+        default=None,
+        help="internal features ('mtt::feature::<path>'), or 'all' (default: the "
+        "node features after each message-passing layer)",
+    )
+    dynamics.add_argument("--max-lambda", type=int, default=4)
+    dynamics.add_argument("--grid-degree", type=int, default=None)
+    dynamics.add_argument("--batch-size", type=int, default=None)
+    dynamics.add_argument(
+        "--weights",
+        choices=["epoch", "best"],
+        default="epoch",
+        help="analyse the weights at each checkpoint's epoch (default) or the best "
+        "weights so far, as 'mtt export' would",
+    )
+    dynamics.add_argument(
+        "--force", action="store_true", help="replace a non-empty output directory"
+    )
+    dynamics.set_defaults(run=_dynamics)
+
+
 def _demo(args) -> None:
     from .demo import run_demo
     from .report import check_output_directory
@@ -201,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
     _add_retrain_command(commands)
+    _add_dynamics_command(commands)
     return parser
 
 
