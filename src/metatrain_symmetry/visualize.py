@@ -126,7 +126,10 @@ def chemiscope_dataset(
             ),
         }
         deviations = [d.numpy() for d in result.deviations(name)]
-        largest = max((float(np.abs(d).max()) for d in deviations), default=0.0)
+        largest = max(
+            (float(np.linalg.norm(d, axis=1).max()) for d in deviations if len(d)),
+            default=0.0,
+        )
         scale = ARROW_LENGTH / largest if largest > 0 else 1.0
         shapes[f"{name}: deviation"] = {
             "kind": "arrow",
