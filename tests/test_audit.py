@@ -1,6 +1,11 @@
 """Dataset audit: errors against targets, equivariance, leakage, predictions."""
 
+import hashlib
+import json
+
 import ase.build
+import jsonschema
+import metatensor.torch as mts
 import numpy as np
 import pytest
 import torch
@@ -11,7 +16,14 @@ from metatrain.utils.data.target_info import get_energy_target_info
 from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.audit import audit_markdown, default_targets, predict
+from metatrain_symmetry.audit import (
+    SCHEMA_VERSION,
+    audit_markdown,
+    audit_schema,
+    default_targets,
+    predict,
+)
+from metatrain_symmetry.cli import main
 
 
 def exact_model():
@@ -194,3 +206,96 @@ def test_bad_input(molecules):
         msym.audit(model, [], outputs=["mtt::distance"])
     with pytest.raises(ValueError, match="not periodic"):
         msym.audit(tiny_pet(), molecules, outputs=["stress"])
+
+
+# ------------------------------------------------------------- command line
+def test_audit_command_writes_every_file(audit_directory, audit_inputs):
+    names = sorted(path.name for path in audit_directory.iterdir())
+    assert names == [
+        "audit.chemiscope.json.gz",
+        "audit.html",
+        "audit.json",
+        "audit.md",
+        "spectra.mts",
+        "spectra.png",
+        "tensors",
+    ]
+    summary = json.loads((audit_directory / "audit.json").read_text())
+    jsonschema.validate(summary, audit_schema())
+    assert summary["schema_version"] == SCHEMA_VERSION
+    checkpoint = (audit_inputs / "model.ckpt").read_bytes()
+    assert summary["model"]["sha256"] == hashlib.sha256(checkpoint).hexdigest()
+    assert list(summary["outputs"]) == ["energy", "non_conservative_force"]
+    # features in the order the model computes them, not the order requested
+    assert list(summary["features"]) == [
+        "mtt::feature::gnn_layers.0_node",
+        "mtt::feature::gnn_layers.1_node",
+    ]
+    assert summary["outputs"]["energy"]["target"]["key"] == "energy"
+
+    spectra = mts.load(str(audit_directory / "spectra.mts"))
+    entries = summary["files"]["spectra_entries"]
+    assert len(spectra) == len(entries) == 4
+    for index, name in enumerate(entries):
+        group = "outputs" if name in summary["outputs"] else "features"
+        mean = spectra.block({"entry": index}).values.mean(dim=0)
+        assert mean.tolist() == pytest.approx(summary[group][name]["mean_spectrum"])
+    assert "`non_conservative_force`" in (audit_directory / "audit.md").read_text()
+    assert (audit_directory / "spectra.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_schema_rejects_malformed_summaries(audit_directory):
+    summary = json.loads((audit_directory / "audit.json").read_text())
+    broken = json.loads(json.dumps(summary))
+    del broken["outputs"]["energy"]["equivariance_rmse"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, audit_schema())
+    broken = json.loads(json.dumps(summary))
+    broken["schema_version"] = "2.0"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, audit_schema())
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["missing.ckpt", "data.xyz"], "model file 'missing.ckpt' does not exist"),
+        (["model.ckpt", "missing.xyz"], "data file 'missing.xyz' does not exist"),
+        (["model.ckpt", "model.ckpt"], "could not read structures from 'model.ckpt'"),
+        (["data.xyz", "data.xyz"], "could not read 'data.xyz'"),
+        (["model.ckpt", "data.xyz", "--outputs", "dipole"], "unknown output 'dipole'"),
+        (
+            ["model.ckpt", "data.xyz", "--features", "mtt::feature::nope"],
+            "unknown feature 'mtt::feature::nope'",
+        ),
+        (
+            ["model.ckpt", "data.xyz", "--targets", "energy=free_energy"],
+            "structure 0 has no target 'free_energy'",
+        ),
+        (["model.ckpt", "data.xyz", "--targets", "energy"], "OUTPUT=KEY"),
+    ],
+)
+def test_audit_command_bad_input(audit_inputs, arguments, message, capsys, monkeypatch):
+    """One clear line, non-zero exit, nothing written (run in-process: the
+    command's main function is the entry point)."""
+    monkeypatch.chdir(audit_inputs)
+    before = sorted(audit_inputs.iterdir())
+    status = main(["audit", *arguments, "-o", "result"])
+    after = sorted(audit_inputs.iterdir())
+    error = capsys.readouterr().err
+    assert status != 0
+    assert message in error
+    assert len(error.strip().splitlines()) == 1, error
+    assert before == after
+
+
+def test_audit_command_refuses_a_busy_directory(audit_inputs, tmp_path, capsys):
+    output = tmp_path / "busy"
+    output.mkdir()
+    (output / "keep.txt").write_text("user data")
+    arguments = [audit_inputs / "model.ckpt", audit_inputs / "data.xyz"]
+    status = main(["audit", *map(str, arguments), "-o", str(output)])
+    assert status != 0
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
