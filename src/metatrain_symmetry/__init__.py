@@ -1,11 +1,12 @@
 """Measure, train and audit the rotational symmetry of machine-learning
 interatomic potentials in the metatensor ecosystem."""
 
-from .audit import AuditResult, audit
+from .audit import AuditResult, audit, audit_schema, write_audit_report
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .export import export_audited, read_audit
 from .grid import O3Grid
 from .models import LoadedModel, load_model
+from .visualize import chemiscope_dataset, write_html_viewer
 
 
 __version__ = "0.1.0"
@@ -17,8 +18,12 @@ __all__ = [
     "O3Grid",
     "analyze",
     "audit",
+    "audit_schema",
+    "chemiscope_dataset",
     "equivariance_rmse",
     "export_audited",
     "load_model",
     "read_audit",
+    "write_audit_report",
+    "write_html_viewer",
 ]

@@ -4,7 +4,7 @@
 on an O(3) grid, and summarises per output: the error against the dataset's
 targets, the per-structure equivariance RMSE (also relative to that error), the
 symmetry leakage, and the dataset-mean ``(lambda, sigma)`` spectrum; per internal
-feature: the mean spectrum. :py:func:`write_report` writes the summary
+feature: the mean spectrum. :py:func:`write_audit_report` writes the summary
 (``audit.json``, following the JSON schema returned by :py:func:`audit_schema`),
 a readable table, the spectra, a heatmap, a chemiscope dataset and an offline
 HTML viewer.
@@ -723,7 +723,7 @@ def spectra_tensormap(result: AuditResult) -> TensorMap:
     return TensorMap(keys, blocks)
 
 
-def write_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
+def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
     """Write every audit file into ``directory`` (which must exist): ``audit.json``,
     ``audit.md``, ``spectra.mts``, ``spectra.png``, ``audit.chemiscope.json.gz``,
     ``audit.html`` and the full analysis TensorMaps under ``tensors/``.

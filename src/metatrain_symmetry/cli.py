@@ -89,7 +89,7 @@ def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
 def _audit(args) -> None:
     import metatrain_symmetry as msym
 
-    from .audit import audit, read_structures, write_report
+    from .audit import audit, read_structures, write_audit_report
     from .report import atomic_directory, check_output_directory
 
     output = check_output_directory(args.output, args.force)
@@ -123,7 +123,7 @@ def _audit(args) -> None:
         path=args.data, sha256=sha256_of_file(Path(args.data))
     )
     with atomic_directory(output) as staging:
-        write_report(result, frames, staging)
+        write_audit_report(result, frames, staging)
     print((output / "audit.md").read_text())
     print(f"audit written to {output}/ (open {output / 'audit.html'} in a browser)")
 
