@@ -299,3 +299,20 @@ def test_audit_command_refuses_a_busy_directory(audit_inputs, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_interrupted_audit_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
+    import metatrain_symmetry.visualize
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # the last file written: everything else is already in the staging directory
+    monkeypatch.setattr(metatrain_symmetry.visualize, "write_html_viewer", interrupt)
+    arguments = [audit_inputs / "model.ckpt", audit_inputs / "data.xyz"]
+    output = tmp_path / "audit"
+    status = main(
+        ["audit", *map(str, arguments), "-o", str(output), "--max-lambda", "1"]
+    )
+    assert status == 130
+    assert list(tmp_path.iterdir()) == []

@@ -171,3 +171,20 @@ def test_export_command_bad_input(
     assert message in error
     assert len(error.strip().splitlines()) == 1, error
     assert before == after
+
+
+def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
+    import metatrain_symmetry.export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metatrain_symmetry.export.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        msym.export_audited(
+            audit_inputs / "model.ckpt",
+            tmp_path / "model.pt",
+            audit_inputs / "data.xyz",
+            max_lambda=1,
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -75,6 +75,10 @@ def test_chemiscope_content_matches_the_audit(audit_directory):
     force = "non_conservative_force"
     atom_errors = properties[f"{force}: atom equivariance error"]
     assert atom_errors["target"] == "atom" and len(atom_errors["values"]) == n_atoms
+    # one (1, +1) block: the per-atom error is the root of the per-atom variance
+    variance = mts.load(str(audit_directory / "tensors" / f"{force}.variance.mts"))
+    expected = variance.block().values[:, 0].sqrt().numpy()
+    assert np.allclose(atom_errors["values"], expected, rtol=1e-12)
     arrows = data["shapes"][f"{force}: deviation"]
     assert arrows["kind"] == "arrow"
     assert len(arrows["parameters"]["atom"]) == n_atoms

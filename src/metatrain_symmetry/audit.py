@@ -158,23 +158,22 @@ class AuditResult:
         ``(n_atoms,)`` tensor, the RMS deviation of the atom's components from
         their O(3) average."""
         variance = self.analysis.variance[name]
-        total = [
-            torch.zeros(len(p), dtype=torch.float64) for p in self.predictions[name]
-        ]
-        count = [
-            torch.zeros(len(p), dtype=torch.float64) for p in self.predictions[name]
-        ]
+        sizes = [len(prediction) for prediction in self.predictions[name]]
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(dim=0)
+        total = torch.zeros(sum(sizes), dtype=torch.float64)
+        count = torch.zeros(sum(sizes), dtype=torch.float64)
         for key, block in variance.items():
             dimension = 1
             if "o3_lambda" in variance.keys.names:
                 dimension = 2 * int(key["o3_lambda"]) + 1
             system = block.samples.column("system").to(torch.long)
-            atom = block.samples.column("atom").to(torch.long)
+            row = offsets[system] + block.samples.column("atom").to(torch.long)
             values = block.values.to(torch.float64).reshape(len(system), -1)
-            for row in range(len(system)):
-                total[int(system[row])][int(atom[row])] += dimension * values[row].sum()
-                count[int(system[row])][int(atom[row])] += dimension * values.shape[1]
-        return [(t / c.clamp(min=1)).sqrt() for t, c in zip(total, count, strict=True)]
+            total.index_add_(0, row, dimension * values.sum(dim=1))
+            count.index_add_(
+                0, row, torch.full_like(total[row], dimension * values.shape[1])
+            )
+        return list((total / count.clamp(min=1)).sqrt().split(sizes))
 
     def deviations(self, name: str) -> list[torch.Tensor]:
         """Deviation of the unrotated prediction of a per-atom vector output from
