@@ -35,3 +35,56 @@ def periodic_frames():
         pbc=[True, True, False],
     )
     return [bulk, slab]
+
+
+def run_mtt_symmetry(*args, cwd=None):
+    """Run the ``mtt-symmetry`` command of this environment."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="session")
+def audit_inputs(tmp_path_factory):
+    """A tiny PET checkpoint and three molecules with energy and force targets."""
+    import ase.build
+    import ase.io
+    import torch
+    from pet_models import tiny_pet
+
+    directory = tmp_path_factory.mktemp("audit-inputs")
+    torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
+    rng = np.random.default_rng(2)
+    frames = []
+    for name in ("CH3OH", "H2O", "CH4"):
+        atoms = ase.build.molecule(name)
+        atoms.info["energy"] = float(rng.normal())
+        atoms.arrays["forces"] = rng.normal(size=(len(atoms), 3))
+        frames.append(atoms)
+    ase.io.write(directory / "data.xyz", frames)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def audit_directory(audit_inputs, tmp_path_factory):
+    """The output of ``mtt-symmetry audit`` on :py:func:`audit_inputs`."""
+    output = tmp_path_factory.mktemp("audit-run") / "audit"
+    process = run_mtt_symmetry(
+        "audit",
+        audit_inputs / "model.ckpt",
+        audit_inputs / "data.xyz",
+        "-o",
+        output,
+        "--features",
+        "mtt::feature::gnn_layers.1_node",
+        "mtt::feature::gnn_layers.0_node",
+        "--max-lambda",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    return output

@@ -1,25 +1,36 @@
 """Measure, train and audit the rotational symmetry of machine-learning
 interatomic potentials in the metatensor ecosystem."""
 
+from .audit import AuditResult, audit, audit_schema, write_audit_report
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
+from .export import export_audited, read_audit
 from .grid import O3Grid
 from .models import LoadedModel, load_model
 from .retrain import RetrainResult, retrain_last_layer, retraining_objective
+from .visualize import chemiscope_dataset, write_html_viewer
 
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisResult",
+    "AuditResult",
     "LoadedModel",
     "O3Grid",
     "RetrainResult",
     "TrainingDynamics",
     "analyze",
+    "audit",
+    "audit_schema",
+    "chemiscope_dataset",
     "equivariance_rmse",
+    "export_audited",
     "load_model",
+    "read_audit",
     "retrain_last_layer",
     "retraining_objective",
     "training_dynamics",
+    "write_audit_report",
+    "write_html_viewer",
 ]

@@ -237,6 +237,184 @@ def _add_retrain_command(commands) -> None:
     retrain.set_defaults(run=_retrain)
 
 
+def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
+    if pairs is None:
+        return None
+    targets = {}
+    for pair in pairs:
+        output, separator, key = pair.partition("=")
+        if separator == "" or output == "" or key == "":
+            raise ValueError(
+                f"--targets expects OUTPUT=KEY pairs (e.g. energy=energy), got '{pair}'"
+            )
+        targets[output] = key
+    return targets
+
+
+def _audit(args) -> None:
+    import metatrain_symmetry as msym
+
+    from .audit import audit, read_structures, write_audit_report
+    from .report import atomic_directory, check_output_directory
+
+    output = check_output_directory(args.output, args.force)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available")
+    model = msym.load_model(args.model, device=args.device)
+    frames = read_structures(args.data)
+    grid = None if args.grid_degree is None else msym.O3Grid(args.grid_degree)
+    features = ["all"] if args.features == ["all"] else args.features
+    result = audit(
+        model,
+        frames,
+        outputs=args.outputs,
+        features=features,
+        targets=_parse_targets(args.targets),
+        max_lambda=args.max_lambda,
+        grid=grid,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    # identify the files, not the in-memory copies
+    from .audit import sha256_of_file
+
+    result.summary["model"].update(
+        path=args.model, sha256=sha256_of_file(Path(args.model))
+    )
+    result.summary["dataset"].update(
+        path=args.data, sha256=sha256_of_file(Path(args.data))
+    )
+    with atomic_directory(output) as staging:
+        write_audit_report(result, frames, staging)
+    print((output / "audit.md").read_text())
+    print(f"audit written to {output}/ (open {output / 'audit.html'} in a browser)")
+
+
+def _add_audit_command(commands) -> None:
+    command = commands.add_parser(
+        "audit",
+        help="dataset-level symmetry audit with an interactive viewer",
+        description=(
+            "Evaluate MODEL (exported .pt or metatrain .ckpt) on DATA, unrotated and "
+            "on rotated copies, and write audit.json (errors against the dataset's "
+            "targets, equivariance RMSE, symmetry leakage, mean spectra), audit.md, "
+            "spectra.mts, spectra.png, a chemiscope dataset and audit.html, an "
+            "offline viewer."
+        ),
+    )
+    command.add_argument("model", help="exported model (.pt) or checkpoint (.ckpt)")
+    command.add_argument("data", help="structures in any format ASE can read")
+    command.add_argument("-o", "--output", required=True, help="output directory")
+    command.add_argument(
+        "--outputs",
+        nargs="+",
+        default=None,
+        help=(
+            "model outputs to audit ('forces' and 'stress' are derivatives of the "
+            "energy); default: energy and the force output"
+        ),
+    )
+    command.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        metavar="OUTPUT=KEY",
+        help=(
+            "dataset key of each output's target (default: energy=energy and "
+            "<force output>=forces, where present)"
+        ),
+    )
+    command.add_argument(
+        "--features",
+        nargs="*",
+        default=[],
+        help="internal features ('mtt::feature::<path>'), or 'all'",
+    )
+    command.add_argument("--max-lambda", type=int, default=4)
+    command.add_argument("--grid-degree", type=int, default=None)
+    command.add_argument("--batch-size", type=int, default=None)
+    command.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    command.add_argument()
+    command.set_defaults(run=_audit)
+
+
+def _export(args) -> None:
+    from .audit import read_structures
+    from .export import export_audited
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise ValueError(
+            f"output '{output}' already exists; choose another name or pass --force "
+            "to replace it"
+        )
+    if args.grid_degree is not None and not args.symmetrize:
+        raise ValueError("--grid-degree applies to --symmetrize; add --symmetrize")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
+    read_structures(args.audit)  # fail early on unreadable data
+    result = export_audited(
+        args.checkpoint,
+        output,
+        args.audit,
+        symmetrize=args.symmetrize,
+        grid_degree=args.grid_degree,
+        outputs=args.outputs,
+        targets=_parse_targets(args.targets),
+        max_lambda=args.max_lambda,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    from .audit import audit_markdown
+
+    print(audit_markdown(result.summary))
+    kind = "O(3)-averaged model" if args.symmetrize else "model"
+    print(f"{kind} with its audit in metadata written to {output}")
+
+
+def _add_export_command(commands) -> None:
+    command = commands.add_parser(
+        "export",
+        help="export a checkpoint with its symmetry audit in the model metadata",
+        description=(
+            "Export CHECKPOINT as 'mtt export' does, after auditing it on the "
+            "structures of --audit DATA; the audit summary is stored as JSON in "
+            "metadata().extra['symmetry-audit']. With --symmetrize the exported "
+            "model predicts O(3)-averaged outputs and exposes o3::variance::<name>."
+        ),
+    )
+    command.add_argument("checkpoint", help="metatrain checkpoint (.ckpt)")
+    command.add_argument("-o", "--output", required=True, help="exported model (.pt)")
+    command.add_argument(
+        "--audit",
+        required=True,
+        metavar="DATA",
+        help="structures for the audit, in any format ASE can read",
+    )
+    command.add_argument(
+        "--symmetrize",
+        action="store_true",
+        help="export the O(3)-averaged model (metatomic's SymmetrizedModel)",
+    )
+    command.add_argument(
+        "--grid-degree",
+        type=int,
+        default=None,
+        help="Lebedev degree of the averaging quadrature and the audit grid",
+    )
+    command.add_argument("--outputs", nargs="+", default=None)
+    command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
+    command.add_argument("--max-lambda", type=int, default=4)
+    command.add_argument("--batch-size", type=int, default=None)
+    command.add_argument(
+        "--force", action="store_true", help="replace an existing output file"
+    )
+    command.set_defaults(run=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtt-symmetry",
@@ -291,8 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a non-empty output directory"
     )
     demo.set_defaults(run=_demo)
-    _add_retrain_command(commands)
+    _add_audit_command(commands)
+    _add_export_command(commands)
     _add_dynamics_command(commands)
+    _add_retrain_command(commands)
     return parser
 
 

@@ -1,0 +1,754 @@
+"""Dataset-level symmetry audit of a model.
+
+:py:func:`audit` evaluates a model on every structure of a dataset, unrotated and
+on an O(3) grid, and summarises per output: the error against the dataset's
+targets, the per-structure equivariance RMSE (also relative to that error), the
+symmetry leakage, and the dataset-mean ``(lambda, sigma)`` spectrum; per internal
+feature: the mean spectrum. :py:func:`write_audit_report` writes the summary
+(``audit.json``, following the JSON schema returned by :py:func:`audit_schema`),
+a readable table, the spectra, a heatmap, a chemiscope dataset and an offline
+HTML viewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import metatensor.torch as mts
+import numpy as np
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import (
+    ModelOutput,
+    System,
+    systems_to_torch,
+    unit_conversion_factor,
+)
+
+from .diagnostics import AnalysisResult, analyze
+from .engine import attach_neighbor_lists, prepare_systems
+from .grid import O3Grid
+from .models import FEATURE_PREFIX, LoadedModel, ModelLike, load_model
+
+
+SCHEMA_VERSION = "1.0"
+"""Version of the ``audit.json`` schema; the major number changes when a field
+changes meaning or disappears."""
+
+# outputs derived from the energy by automatic differentiation
+DERIVED_OUTPUTS = ("forces", "stress")
+_FORCE_NAMES = ("forces", "non_conservative_force", "non_conservative_forces")
+_STRESS_NAMES = ("stress", "non_conservative_stress")
+
+
+def expected_irreps(name: str) -> list[tuple[int, int]] | None:
+    """Irreps ``(lambda, sigma)`` that the direct response of an output should carry
+    (energy: ``(0, +1)``; force: ``(1, +1)``; stress: ``(0, +1)`` and ``(2, +1)``),
+    or ``None`` when the output's symmetry is not known from its name."""
+    if name.startswith(FEATURE_PREFIX):
+        return None
+    base = name.split("/", 1)[0]
+    if base.startswith("energy"):
+        return [(0, 1)]
+    if base in _FORCE_NAMES:
+        return [(1, 1)]
+    if base in _STRESS_NAMES:
+        return [(0, 1), (2, 1)]
+    return None
+
+
+def force_output(model: LoadedModel) -> str | None:
+    """The model output compared with a dataset's forces.
+
+    ``"forces"`` (the conservative ``-dE/dr``) when the model's energy was trained
+    with force gradients (metatrain models know), else the declared
+    ``non_conservative_force``, else ``"forces"`` when the model has an energy.
+    """
+    outputs = model.outputs
+    info = getattr(model.module, "dataset_info", None)
+    energy_target = getattr(info, "targets", {}).get("energy")
+    if energy_target is not None and "positions" in energy_target.gradients:
+        return "forces"
+    for name in ("non_conservative_force", "non_conservative_forces"):
+        if name in outputs:
+            return name
+    if "energy" in outputs:
+        return "forces"
+    return None
+
+
+def default_targets(model: LoadedModel) -> dict[str, str]:
+    """Default mapping from output names to dataset keys: ``energy`` from the
+    key ``energy``, forces (see :py:func:`force_output`) from the key ``forces``."""
+    targets = {}
+    if "energy" in model.outputs:
+        targets["energy"] = "energy"
+    forces = force_output(model)
+    if forces is not None:
+        targets[forces] = "forces"
+    return targets
+
+
+@dataclass
+class AuditResult:
+    """The audit of a model on a dataset.
+
+    Per-structure quantities are indexed like the audited structures.
+    """
+
+    summary: dict
+    """JSON-ready summary, as written to ``audit.json``"""
+    analysis: AnalysisResult
+    """rotational analysis of the audited outputs and features"""
+    outputs: list[str]
+    """audited model outputs, in the order requested"""
+    features: list[str]
+    """audited internal features, in the order the model computes them"""
+    targets: dict[str, str]
+    """dataset key compared with each output that has a target"""
+    predictions: dict[str, list[torch.Tensor]] = field(repr=False)
+    """per output, the prediction on each unrotated structure, ``(n_samples, n)``
+    float64 (``n`` values per sample: components times properties)"""
+    references: dict[str, list[torch.Tensor]] = field(repr=False)
+    """per output with a target, the dataset values, shaped as the predictions"""
+
+    @property
+    def n_structures(self) -> int:
+        return len(next(iter(self.predictions.values())))
+
+    def is_force(self, name: str) -> bool:
+        """Whether ``name`` is a per-atom Cartesian vector (a force)."""
+        return expected_irreps(name) == [(1, 1)]
+
+    def leakage(self, name: str) -> torch.Tensor | None:
+        """Per-structure symmetry leakage ``1 - b`` at the expected irreps of
+        ``name``, ``(n_structures,)``; ``None`` when no irrep is expected."""
+        irreps = expected_irreps(name)
+        if irreps is None:
+            return None
+        spectrum = self.analysis.spectrum[name].block().values
+        kept = sum(
+            spectrum[:, 2 * lam + (0 if sigma == 1 else 1)] for lam, sigma in irreps
+        )
+        return 1.0 - kept
+
+    def structure_errors(self, name: str) -> torch.Tensor | None:
+        """Per-structure RMSE of the unrotated prediction of ``name`` against its
+        target, ``(n_structures,)``; ``None`` without a target."""
+        if name not in self.references:
+            return None
+        return torch.stack(
+            [
+                (prediction - reference).square().mean().sqrt()
+                for prediction, reference in zip(
+                    self.predictions[name], self.references[name], strict=True
+                )
+            ]
+        )
+
+    def atom_equivariance_errors(self, name: str) -> list[torch.Tensor]:
+        """Per-atom equivariance RMSE of a per-atom output: for each structure an
+        ``(n_atoms,)`` tensor, the RMS deviation of the atom's components from
+        their O(3) average."""
+        variance = self.analysis.variance[name]
+        sizes = [len(prediction) for prediction in self.predictions[name]]
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(dim=0)
+        total = torch.zeros(sum(sizes), dtype=torch.float64)
+        count = torch.zeros(sum(sizes), dtype=torch.float64)
+        for key, block in variance.items():
+            dimension = 1
+            if "o3_lambda" in variance.keys.names:
+                dimension = 2 * int(key["o3_lambda"]) + 1
+            system = block.samples.column("system").to(torch.long)
+            row = offsets[system] + block.samples.column("atom").to(torch.long)
+            values = block.values.to(torch.float64).reshape(len(system), -1)
+            total.index_add_(0, row, dimension * values.sum(dim=1))
+            count.index_add_(
+                0, row, torch.full_like(total[row], dimension * values.shape[1])
+            )
+        return list((total / count.clamp(min=1)).sqrt().split(sizes))
+
+    def deviations(self, name: str) -> list[torch.Tensor]:
+        """Deviation of the unrotated prediction of a per-atom vector output from
+        its O(3) average: for each structure an ``(n_atoms, 3)`` tensor."""
+        average = self.analysis.average[name].block()
+        system = average.samples.column("system")
+        values = average.values.to(torch.float64).reshape(len(system), 3, -1)[..., 0]
+        deviations = []
+        for index, prediction in enumerate(self.predictions[name]):
+            mean = values[system == index]
+            deviations.append(prediction.reshape(len(mean), 3, -1)[..., 0] - mean)
+        return deviations
+
+
+def audit(
+    model: ModelLike,
+    frames: Sequence | str | os.PathLike,
+    outputs: Sequence[str] | None = None,
+    features: Sequence[str] | str = (),
+    targets: dict[str, str] | None = None,
+    max_lambda: int = 4,
+    grid: O3Grid | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> AuditResult:
+    """Audit the rotational symmetry of a model on a dataset.
+
+    :param model: anything :py:func:`load_model` accepts (exported model, metatrain
+        checkpoint, module); a file path is identified by its SHA-256 in the summary
+    :param frames: ``ase.Atoms`` structures, or a file ASE can read
+    :param outputs: model outputs to audit (``"forces"`` and ``"stress"`` are the
+        derivatives of the energy); by default those of :py:func:`default_targets`
+    :param features: internal features (``"mtt::feature::<path>"``), or ``"all"``
+    :param targets: dataset key compared with each output; by default
+        :py:func:`default_targets`, keeping the keys the dataset has. Keys are read
+        from ``atoms.info``, ``atoms.arrays`` or the attached calculator's results;
+        an explicitly named key that a structure lacks is an error
+    :param max_lambda: largest ``lambda`` of the spectra
+    :param grid: O(3) grid, see :py:func:`analyze`
+    :param batch_size: rotated copies per model call
+    :param device: run the model on this device
+    :param progress: show progress bars
+    :return: the audit, with its JSON-ready ``summary``
+    """
+    model_path = None
+    if isinstance(model, (str, os.PathLike)):
+        model_path = Path(model)
+    loaded = load_model(model, device=device)
+
+    data_path = None
+    if isinstance(frames, (str, os.PathLike)):
+        data_path = Path(frames)
+        frames = read_structures(data_path)
+    frames = list(frames)
+    if len(frames) == 0:
+        raise ValueError("no structures given: pass at least one structure")
+
+    explicit_targets = targets is not None
+    if outputs is None:
+        outputs = list(targets) if explicit_targets else list(default_targets(loaded))
+        if len(outputs) == 0:
+            raise ValueError(
+                "the model has neither an energy nor a force output: name the "
+                "outputs to audit"
+            )
+    outputs = list(outputs)
+    if targets is None:
+        targets = {
+            name: key
+            for name, key in default_targets(loaded).items()
+            if name in outputs and all(_has_key(atoms, key) for atoms in frames)
+        }
+    else:
+        targets = dict(targets)
+        unknown = [name for name in targets if name not in outputs]
+        if unknown:
+            raise ValueError(
+                f"targets are given for {unknown}, which are not audited outputs "
+                f"{outputs}"
+            )
+    features = _ordered_features(loaded, features)
+    names = outputs + features
+    _check_outputs(loaded, outputs)
+    loaded.check_names([n for n in names if n not in DERIVED_OUTPUTS])
+
+    references = {
+        name: [_read_target(atoms, key, index) for index, atoms in enumerate(frames)]
+        for name, key in targets.items()
+    }
+    predictions = predict(loaded, frames, outputs)
+    for name, values in references.items():
+        for index, (prediction, reference) in enumerate(
+            zip(predictions[name], values, strict=True)
+        ):
+            if prediction.numel() != reference.numel():
+                raise ValueError(
+                    f"the target '{targets[name]}' of structure {index} has "
+                    f"{reference.numel()} values but the output '{name}' has "
+                    f"{prediction.numel()}"
+                )
+            values[index] = reference.reshape(prediction.shape)
+
+    analysis = analyze(
+        loaded,
+        frames,
+        names,
+        max_lambda=max_lambda,
+        grid=grid,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    result = AuditResult(
+        summary={},
+        analysis=analysis,
+        outputs=outputs,
+        features=features,
+        targets=targets,
+        predictions=predictions,
+        references=references,
+    )
+    result.summary = _summary(result, loaded, frames, model_path, data_path)
+    return result
+
+
+def read_structures(path: str | os.PathLike) -> list:
+    """Read every structure of a file with ASE, with clear errors."""
+    import ase.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}' does not exist")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"could not read structures from '{path}' with ASE ({message})"
+        ) from error
+    if len(frames) == 0:
+        raise ValueError(f"'{path}' contains no structures")
+    return frames
+
+
+def _ordered_features(model: LoadedModel, features) -> list[str]:
+    if isinstance(features, str):
+        features = [features]
+    features = list(features)
+    if features == ["all"]:
+        return model.features
+    available = model.features
+    for name in features:
+        if name not in available:
+            model.check_names([name])
+    return sorted(features, key=available.index)
+
+
+def _check_outputs(model: LoadedModel, outputs: list[str]) -> None:
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs are requested more than once: {outputs}")
+    for name in outputs:
+        if name.startswith(FEATURE_PREFIX):
+            raise ValueError(f"'{name}' is a feature: pass it with features")
+        if name in DERIVED_OUTPUTS and "energy" not in model.outputs:
+            raise ValueError(
+                f"'{name}' is the derivative of the energy, but the model has no "
+                "energy output"
+            )
+
+
+# ------------------------------------------------------------------ predictions
+def predict(
+    model: LoadedModel, frames: Sequence, outputs: Sequence[str]
+) -> dict[str, list[torch.Tensor]]:
+    """Predictions of a model on unrotated structures.
+
+    ``"forces"`` (``-dE/dr``) and ``"stress"`` (``1/V dE/d(strain)``) are computed
+    from the energy by automatic differentiation.
+
+    :return: per output, for each structure, an ``(n_samples, n)`` float64 tensor
+        on the CPU (``n`` values per sample: components times properties)
+    """
+    direct = [name for name in outputs if name not in DERIVED_OUTPUTS]
+    derived = [name for name in outputs if name in DERIVED_OUTPUTS]
+    predictions: dict[str, list[torch.Tensor]] = {}
+    if direct:
+        systems = prepare_systems(frames, model)
+        requests = {
+            name: ModelOutput(sample_kind=model.natural_sample_kind(name))
+            for name in direct
+        }
+        with torch.no_grad():
+            for start in range(0, len(systems), _STRUCTURES_PER_CALL):
+                batch = systems[start : start + _STRUCTURES_PER_CALL]
+                results = model(batch, requests, None)
+                for name in direct:
+                    if name not in results:
+                        raise ValueError(f"the model did not return '{name}'")
+                    per_structure = _split_structures(results[name], len(batch), name)
+                    predictions.setdefault(name, []).extend(per_structure)
+    if derived:
+        for name in derived:
+            predictions[name] = []
+        for index, atoms in enumerate(frames):
+            values = _energy_derivatives(model, atoms, derived, index)
+            for name in derived:
+                predictions[name].append(values[name])
+    return predictions
+
+
+_STRUCTURES_PER_CALL = 16
+
+
+def _split_structures(tensor: TensorMap, n_structures: int, name: str) -> list:
+    blocks = tensor.blocks()
+    if len(blocks) != 1:
+        raise ValueError(
+            f"output '{name}' has {len(blocks)} blocks; only single-block outputs "
+            "can be compared with dataset targets"
+        )
+    block = blocks[0]
+    system = block.samples.column("system")
+    values = block.values.detach().to(device="cpu", dtype=torch.float64)
+    values = values.reshape(len(system), -1)
+    return [values[system == index] for index in range(n_structures)]
+
+
+def _energy_derivatives(model: LoadedModel, atoms, names, index) -> dict:
+    dtype, device = model.dtype, model.device
+    system = systems_to_torch(atoms, dtype=dtype, device=device)
+    factor = unit_conversion_factor("angstrom", model.length_unit)
+    positions = (system.positions * factor).detach().requires_grad_(True)
+    strain = torch.eye(3, dtype=dtype, device=device).requires_grad_(True)
+    system = System(
+        types=system.types,
+        positions=positions @ strain,
+        cell=(system.cell * factor) @ strain,
+        pbc=system.pbc,
+    )
+    model.check_systems([system])
+    attach_neighbor_lists(model, [system])
+    result = model([system], {"energy": ModelOutput(sample_kind="system")}, None)
+    energy = result["energy"].block().values.sum()
+    wanted = [positions] + ([strain] if "stress" in names else [])
+    gradients = torch.autograd.grad(energy, wanted)
+    values = {}
+    if "forces" in names:
+        values["forces"] = -gradients[0].detach().to("cpu", torch.float64)
+    if "stress" in names:
+        volume = torch.abs(torch.det(system.cell.detach()))
+        if not bool(system.pbc.all()) or float(volume) == 0.0:
+            raise ValueError(
+                f"structure {index} is not periodic in all directions: its stress "
+                "is undefined"
+            )
+        stress = gradients[1].detach() / volume
+        values["stress"] = stress.to("cpu", torch.float64).reshape(1, 9)
+    return values
+
+
+# ---------------------------------------------------------------------- targets
+def _has_key(atoms, key: str) -> bool:
+    if key in atoms.info or key in atoms.arrays:
+        return True
+    return atoms.calc is not None and key in getattr(atoms.calc, "results", {})
+
+
+def _read_target(atoms, key: str, index: int) -> torch.Tensor:
+    if key in atoms.info:
+        value = atoms.info[key]
+    elif key in atoms.arrays:
+        value = atoms.arrays[key]
+    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
+        value = atoms.calc.results[key]
+    else:
+        raise ValueError(
+            f"structure {index} has no target '{key}' (looked in atoms.info, "
+            "atoms.arrays and calculator results); name the right key with --targets"
+        )
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"target '{key}' of structure {index} is not numeric"
+        ) from error
+    if array.shape == (6,) and key.endswith("stress"):
+        # Voigt order of ASE: xx yy zz yz xz xy
+        xx, yy, zz, yz, xz, xy = array
+        array = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return torch.from_numpy(array.copy()).reshape(-1)
+
+
+# ---------------------------------------------------------------------- summary
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _statistics(values: torch.Tensor) -> dict:
+    return {
+        "mean": _number(values.mean()),
+        "median": _number(values.median()),
+        "max": _number(values.max()),
+    }
+
+
+def _metadata(model: LoadedModel) -> dict:
+    metadata = model.metadata
+    if metadata is None:
+        return {"name": "", "description": "", "authors": [], "references": {}}
+    return {
+        "name": metadata.name,
+        "description": metadata.description,
+        "authors": list(metadata.authors),
+        "references": {key: list(value) for key, value in metadata.references.items()},
+    }
+
+
+def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
+    from . import __version__
+
+    analysis = result.analysis
+    grid = analysis.grid
+    declared = model.outputs
+    irreps = [
+        [lam, sigma] for lam in range(analysis.max_lambda + 1) for sigma in (1, -1)
+    ]
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "generator": {"name": "metatrain-symmetry", "version": __version__},
+        "model": {
+            "path": None if model_path is None else str(model_path),
+            "sha256": None if model_path is None else sha256_of_file(model_path),
+            **_metadata(model),
+            "atomic_types": model.atomic_types,
+            "length_unit": model.length_unit,
+            "dtype": str(model.dtype).replace("torch.", ""),
+        },
+        "dataset": {
+            "path": None if data_path is None else str(data_path),
+            "sha256": None if data_path is None else sha256_of_file(data_path),
+            "n_structures": len(frames),
+            "n_atoms": int(sum(len(atoms) for atoms in frames)),
+        },
+        "grid": {
+            "kind": "lebedev" if grid.degree is not None else "random",
+            "degree": grid.degree,
+            "n_elements": len(grid),
+            "inversion": bool(grid.inversion),
+        },
+        "max_lambda": analysis.max_lambda,
+        "irreps": irreps,
+        "outputs": {},
+        "features": {},
+    }
+    for name in result.outputs:
+        rmse = analysis.equivariance_rmse(name)
+        equivariance = _statistics(rmse)
+        unit = declared[name].unit if name in declared else _derived_unit(name, model)
+        entry = {
+            "unit": unit,
+            "sample_kind": (
+                "atom" if name == "forces" else model.natural_sample_kind(name)
+            ),
+            "target": None,
+            "equivariance_rmse": equivariance,
+            "leakage": None,
+            "mean_spectrum": _mean_spectrum(analysis, name),
+        }
+        if name in result.references:
+            error = _errors(result.predictions[name], result.references[name])
+            averaged = _errors(_averages(result, name), result.references[name])
+            entry["target"] = {
+                "key": result.targets[name],
+                "mae": error["mae"],
+                "rmse": error["rmse"],
+                "symmetrized_mae": averaged["mae"],
+                "symmetrized_rmse": averaged["rmse"],
+            }
+            for measure in ("mae", "rmse"):
+                reference = error[measure]
+                equivariance[f"fraction_of_{measure}"] = (
+                    None
+                    if not reference or equivariance["mean"] is None
+                    else equivariance["mean"] / reference
+                )
+        leakage = result.leakage(name)
+        if leakage is not None:
+            entry["leakage"] = {
+                "irreps": [list(irrep) for irrep in expected_irreps(name)],
+                **_statistics(leakage),
+            }
+        summary["outputs"][name] = entry
+    for name in result.features:
+        summary["features"][name] = {
+            "equivariance_rmse": _statistics(analysis.equivariance_rmse(name)),
+            "mean_spectrum": _mean_spectrum(analysis, name),
+        }
+    return summary
+
+
+def _derived_unit(name: str, model: LoadedModel) -> str:
+    energy = model.outputs.get("energy")
+    if energy is None or energy.unit == "":
+        return ""
+    length = model.length_unit
+    if name == "forces":
+        return f"{energy.unit}/{length}"
+    return f"{energy.unit}/{length}^3"
+
+
+def _mean_spectrum(analysis: AnalysisResult, name: str) -> list:
+    values = analysis.spectrum[name].block().values.mean(dim=0)
+    return [_number(value) for value in values]
+
+
+def _errors(predictions, references) -> dict:
+    differences = torch.cat(
+        [(p - r).reshape(-1) for p, r in zip(predictions, references, strict=True)]
+    )
+    return {
+        "mae": _number(differences.abs().mean()),
+        "rmse": _number(differences.square().mean().sqrt()),
+    }
+
+
+def _averages(result: AuditResult, name: str) -> list[torch.Tensor]:
+    block = result.analysis.average[name].block()
+    system = block.samples.column("system")
+    values = block.values.to(torch.float64).reshape(len(system), -1)
+    return [
+        values[system == index].reshape(prediction.shape)
+        for index, prediction in enumerate(result.predictions[name])
+    ]
+
+
+# ----------------------------------------------------------------------- schema
+def audit_schema() -> dict:
+    """The JSON schema of ``audit.json`` (draft 2020-12)."""
+    text = (
+        resources.files("metatrain_symmetry")
+        .joinpath("schemas/audit.schema.json")
+        .read_text(encoding="utf8")
+    )
+    return json.loads(text)
+
+
+def audit_markdown(summary: dict) -> str:
+    """The audit summary as Markdown tables."""
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    irreps = summary["irreps"]
+    irrep_names = [f"({lam},{'+' if sigma == 1 else '-'})" for lam, sigma in irreps]
+    model = summary["model"]
+    grid = summary["grid"]
+    lines = [
+        "# Symmetry audit",
+        "",
+        f"- model: `{model['path'] or model['name'] or 'in-memory model'}`"
+        + (f" (sha256 `{model['sha256'][:16]}...`)" if model["sha256"] else ""),
+        f"- dataset: {summary['dataset']['n_structures']} structures, "
+        f"{summary['dataset']['n_atoms']} atoms"
+        + (
+            f" from `{summary['dataset']['path']}`"
+            if summary["dataset"]["path"]
+            else ""
+        ),
+        f"- O(3) grid: {grid['kind']}, degree {grid['degree']}, "
+        f"{grid['n_elements']} elements; spectra up to lambda = "
+        f"{summary['max_lambda']}",
+        f"- schema version {summary['schema_version']}",
+        "",
+        "## Outputs",
+        "",
+        "Errors of the prediction on the unrotated structures (of the O(3) average "
+        "in parentheses); equivariance RMSE per structure; leakage = 1 - spectral "
+        "weight at the expected irreps.",
+        "",
+        "| output | target | MAE | RMSE | equivariance RMSE mean | median | max "
+        "| mean / MAE | mean / RMSE | leakage mean | leakage max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in summary["outputs"].items():
+        target = entry["target"] or {}
+        equivariance = entry["equivariance_rmse"]
+        leakage = entry["leakage"] or {}
+        mae = number(target.get("mae"))
+        rmse = number(target.get("rmse"))
+        if target:
+            mae += f" ({number(target['symmetrized_mae'])})"
+            rmse += f" ({number(target['symmetrized_rmse'])})"
+        lines.append(
+            f"| `{name}` [{entry['unit'] or '-'}] | "
+            f"{'`' + target['key'] + '`' if target else 'none'} | {mae} | {rmse} | "
+            f"{number(equivariance['mean'])} | {number(equivariance['median'])} | "
+            f"{number(equivariance['max'])} | "
+            f"{number(equivariance.get('fraction_of_mae'))} | "
+            f"{number(equivariance.get('fraction_of_rmse'))} | "
+            f"{number(leakage.get('mean'))} | {number(leakage.get('max'))} |"
+        )
+    lines += [
+        "",
+        "## Mean spectra",
+        "",
+        "| name | " + " | ".join(irrep_names) + " |",
+        "|---|" + "---|" * len(irrep_names),
+    ]
+    for group in ("outputs", "features"):
+        for name, entry in summary[group].items():
+            lines.append(
+                f"| `{name}` | "
+                + " | ".join(number(v) for v in entry["mean_spectrum"])
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def spectra_tensormap(result: AuditResult) -> TensorMap:
+    """All spectra in one TensorMap: key ``entry`` indexes the audited outputs
+    then features (the order of ``summary["outputs"]`` then
+    ``summary["features"]``); each block has samples ``["system"]`` and properties
+    ``["chi_lambda", "chi_sigma"]``."""
+    names = result.outputs + result.features
+    blocks = []
+    for name in names:
+        block = result.analysis.spectrum[name].block()
+        blocks.append(
+            TensorBlock(
+                values=block.values,
+                samples=block.samples,
+                components=[],
+                properties=block.properties,
+            )
+        )
+    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
+    return TensorMap(keys, blocks)
+
+
+def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
+    """Write every audit file into ``directory`` (which must exist): ``audit.json``,
+    ``audit.md``, ``spectra.mts``, ``spectra.png``, ``audit.chemiscope.json.gz``,
+    ``audit.html`` and the full analysis TensorMaps under ``tensors/``.
+
+    Callers wanting all-or-nothing output write into
+    ``report.atomic_directory(...)``.
+    """
+    from .report import plot_spectra, save_result
+    from .visualize import chemiscope_dataset, write_chemiscope, write_html_viewer
+
+    directory = Path(directory)
+    summary = dict(result.summary)
+    summary["files"] = {
+        "spectra": "spectra.mts",
+        "spectra_entries": result.outputs + result.features,
+    }
+    (directory / "audit.json").write_text(
+        json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    )
+    (directory / "audit.md").write_text(audit_markdown(summary))
+    mts.save(str(directory / "spectra.mts"), spectra_tensormap(result))
+    tensors = directory / "tensors"
+    tensors.mkdir()
+    save_result(result.analysis, tensors)
+    label = summary["model"]["name"] or Path(summary["model"]["path"] or "model").name
+    plot_spectra({label: result.analysis}, directory / "spectra.png")
+    dataset = chemiscope_dataset(frames, result)
+    write_chemiscope(dataset, directory / "audit.chemiscope.json.gz")
+    write_html_viewer(dataset, directory / "audit.html")

@@ -1,0 +1,190 @@
+"""Export a trained model with its symmetry audit in the model's metadata,
+optionally wrapped so that it predicts O(3)-averaged outputs.
+
+The exported file is what ``mtt export`` writes (metatrain's ``model.export``
+followed by :py:meth:`metatomic.torch.AtomisticModel.save`), with the audit
+summary as JSON under ``metadata().extra["symmetry-audit"]``. With
+``symmetrize=True`` the model is wrapped with
+:py:class:`metatomic.torch.o3.SymmetrizedModel`: every output is replaced by its
+average over an O(3) quadrature, and ``o3::variance::<name>`` outputs give the
+equivariance variance at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from metatomic.torch import AtomisticModel, ModelMetadata
+
+from .audit import AuditResult, audit, read_structures, sha256_of_file
+from .grid import O3Grid
+
+
+AUDIT_METADATA_KEY = "symmetry-audit"
+"""key of the audit summary (JSON) in ``ModelMetadata.extra``"""
+SYMMETRIZATION_METADATA_KEY = "symmetry-averaging"
+"""key of the O(3) averaging settings (JSON) of a symmetrized export"""
+
+
+def load_for_export(path: str | os.PathLike) -> AtomisticModel:
+    """Load a metatrain checkpoint (or an exported model) as an
+    :py:class:`~metatomic.torch.AtomisticModel`, as ``mtt export`` does."""
+    from metatomic.torch import is_atomistic_model
+    from metatrain.utils.io import load_model as load_metatrain_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        model = load_metatrain_model(str(path))
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"could not read '{path}' as a metatrain checkpoint or exported model "
+            f"({type(error).__name__}: {message})"
+        ) from error
+    if not is_atomistic_model(model):
+        model = model.export()
+    return model
+
+
+def with_extra_metadata(model: AtomisticModel, extra: dict[str, str]) -> AtomisticModel:
+    """The same model, with ``extra`` added to its ``metadata().extra``."""
+    metadata = model.metadata()
+    merged = dict(metadata.extra)
+    merged.update(extra)
+    new_metadata = ModelMetadata(
+        name=metadata.name,
+        description=metadata.description,
+        authors=list(metadata.authors),
+        references={key: list(value) for key, value in metadata.references.items()},
+        extra=merged,
+    )
+    return AtomisticModel(model.module, new_metadata, model.capabilities())
+
+
+def symmetrize_model(
+    model: AtomisticModel, grid_degree: int | None = None, batch_size: int = 32
+) -> AtomisticModel:
+    """Wrap ``model`` with :py:meth:`metatomic.torch.o3.SymmetrizedModel.wrap`.
+
+    :param grid_degree: Lebedev degree of the O(3) quadrature (by default
+        metatomic's choice for the model's outputs)
+    :param batch_size: rotated copies per call of the wrapped model
+    """
+    from metatomic.torch.o3 import SymmetrizedModel
+
+    return SymmetrizedModel.wrap(
+        model, max_angular_momentum_grid=grid_degree, batch_size=batch_size
+    )
+
+
+def export_audited(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    data: Sequence | str | os.PathLike,
+    symmetrize: bool = False,
+    grid_degree: int | None = None,
+    outputs: Sequence[str] | None = None,
+    targets: dict[str, str] | None = None,
+    max_lambda: int = 4,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> AuditResult:
+    """Audit a checkpoint on ``data`` and export it with the audit summary in its
+    metadata.
+
+    The file appears only once complete: it is written to a temporary file next
+    to ``output`` and renamed.
+
+    :param checkpoint: metatrain checkpoint (or exported model)
+    :param output: the exported model file (``.pt``)
+    :param data: structures (or a file ASE can read) for the audit
+    :param symmetrize: export the O(3)-averaged model, see :py:func:`symmetrize_model`
+    :param grid_degree: Lebedev degree of both the audit grid and the averaging
+        quadrature (default: each chooses its own)
+    :param outputs: outputs to audit, see :py:func:`audit`
+    :param targets: dataset keys of the outputs, see :py:func:`audit`
+    :param max_lambda: largest ``lambda`` of the audit spectra
+    :param batch_size: rotated copies per model call in the audit
+    :param progress: show progress bars
+    :return: the audit (of the model before any symmetrization)
+    """
+    output = Path(output)
+    if output.suffix != ".pt":
+        raise ValueError(f"the exported model file must end with .pt, got '{output}'")
+    if output.is_dir():
+        raise ValueError(f"output '{output}' is a directory")
+    model = load_for_export(checkpoint)
+    if isinstance(data, (str, os.PathLike)):
+        data_path = data
+        frames = read_structures(data)
+    else:
+        data_path, frames = None, list(data)
+    grid = None if grid_degree is None else O3Grid(grid_degree)
+    result = audit(
+        model,
+        frames,
+        outputs=outputs,
+        targets=targets,
+        max_lambda=max_lambda,
+        grid=grid,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    summary = dict(result.summary)
+    summary["model"] = {
+        **summary["model"],
+        "path": str(checkpoint),
+        "sha256": sha256_of_file(Path(checkpoint)),
+    }
+    if data_path is not None:
+        summary["dataset"] = {
+            **summary["dataset"],
+            "path": str(data_path),
+            "sha256": sha256_of_file(Path(data_path)),
+        }
+    result.summary = summary
+    extra = {AUDIT_METADATA_KEY: json.dumps(summary, allow_nan=False)}
+    if symmetrize:
+        extra[SYMMETRIZATION_METADATA_KEY] = json.dumps(
+            {"averaged": True, "grid_degree": grid_degree}
+        )
+    model = with_extra_metadata(model, extra)
+    if symmetrize:
+        model = symmetrize_model(model, grid_degree)
+    _save_atomically(model, output)
+    return result
+
+
+def _save_atomically(model: AtomisticModel, output: Path) -> None:
+    output = output.absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{output.stem}-", suffix=".pt", dir=output.parent
+    )
+    os.close(handle)
+    try:
+        model.save(temporary)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_audit(model: AtomisticModel | str | os.PathLike) -> dict | None:
+    """The audit summary embedded in an exported model, or ``None``.
+
+    :param model: an exported model or the path to one
+    """
+    if not isinstance(model, torch.nn.Module):
+        from metatomic.torch import load_atomistic_model
+
+        model = load_atomistic_model(str(model))
+    text = model.metadata().extra.get(AUDIT_METADATA_KEY)
+    return None if text is None else json.loads(text)

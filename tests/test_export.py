@@ -1,0 +1,190 @@
+"""Audited export: the model ``mtt export`` writes, with the audit in its
+metadata; the symmetrized export run through metatomic's ASE calculator."""
+
+import json
+import subprocess
+import sys
+
+import ase.io
+import jsonschema
+import numpy as np
+import pytest
+from conftest import run_mtt_symmetry
+from metatomic.torch import ModelOutput, load_atomistic_model
+from metatomic_ase import MetatomicCalculator
+
+import metatrain_symmetry as msym
+from metatrain_symmetry.audit import audit_schema
+from metatrain_symmetry.cli import main
+from metatrain_symmetry.export import AUDIT_METADATA_KEY
+
+
+@pytest.fixture(scope="module")
+def exported(audit_inputs, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("export")
+    process = run_mtt_symmetry(
+        "export",
+        audit_inputs / "model.ckpt",
+        "-o",
+        directory / "audited.pt",
+        "--audit",
+        audit_inputs / "data.xyz",
+        "--max-lambda",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    reference = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metatrain",
+            "export",
+            str(audit_inputs / "model.ckpt"),
+            "-o",
+            str(directory / "reference.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+    )
+    assert reference.returncode == 0, reference.stderr
+    return directory
+
+
+def test_metadata_carries_a_valid_audit(exported, audit_inputs):
+    model = load_atomistic_model(str(exported / "audited.pt"))
+    summary = json.loads(model.metadata().extra[AUDIT_METADATA_KEY])
+    jsonschema.validate(summary, audit_schema())
+    assert summary == msym.read_audit(exported / "audited.pt")
+    assert summary["model"]["path"] == str(audit_inputs / "model.ckpt")
+    assert summary["dataset"]["n_structures"] == 3
+    assert summary["outputs"]["energy"]["target"]["key"] == "energy"
+    assert msym.read_audit(exported / "reference.pt") is None
+
+
+def test_export_equals_mtt_export(exported, audit_inputs):
+    audited = load_atomistic_model(str(exported / "audited.pt"))
+    reference = load_atomistic_model(str(exported / "reference.pt"))
+    assert audited.metadata().name == reference.metadata().name
+    assert audited.metadata().references == reference.metadata().references
+    assert set(audited.capabilities().outputs) == set(reference.capabilities().outputs)
+    for atoms in ase.io.read(audit_inputs / "data.xyz", ":2"):
+        energies = []
+        for model in (audited, reference):
+            copy = atoms.copy()
+            copy.calc = MetatomicCalculator(model)
+            energies.append(copy.get_potential_energy())
+        assert energies[0] == energies[1]
+
+
+def octahedral_transformations():
+    """Elements of the octahedral group with inversion, which map the O(3)
+    quadrature onto itself, so that the average over it is exactly invariant
+    under them (for any other rotation it is invariant up to the quadrature
+    error)."""
+    quarter_z = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    quarter_x = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    return [quarter_z @ quarter_x, -quarter_x @ quarter_z]
+
+
+def test_symmetrized_export_through_the_ase_calculator(audit_inputs, tmp_path):
+    path = tmp_path / "symmetrized.pt"
+    process = run_mtt_symmetry(
+        "export",
+        audit_inputs / "model.ckpt",
+        "-o",
+        path,
+        "--audit",
+        audit_inputs / "data.xyz",
+        "--symmetrize",
+        "--grid-degree",
+        "3",
+        "--max-lambda",
+        "1",
+    )
+    assert process.returncode == 0, process.stderr
+    model = load_atomistic_model(str(path))
+    assert "o3::variance::energy" in model.capabilities().outputs
+    assert msym.read_audit(path)["grid"]["degree"] == 3
+
+    variance_request = {"o3::variance::energy": ModelOutput(sample_kind="system")}
+    calculator = MetatomicCalculator(model, additional_outputs=variance_request)
+    atoms = ase.io.read(audit_inputs / "data.xyz", "0")
+    atoms.calc = calculator
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    variance = calculator.additional_outputs["o3::variance::energy"]
+    variance = float(variance.block().values.detach().reshape(()))
+
+    # the same quantities from the analysis engine on the same grid
+    result = msym.analyze(
+        audit_inputs / "model.ckpt",
+        [atoms],
+        ["energy"],
+        max_lambda=1,
+        grid=msym.O3Grid(3),
+    )
+    average = float(result.average["energy"].block().values.reshape(()))
+    expected_variance = float(result.variance["energy"].block().values.reshape(()))
+    assert energy == pytest.approx(average, rel=1e-8)
+    assert variance == pytest.approx(expected_variance, rel=1e-8)
+    assert variance > 1e-6
+
+    for rotation in octahedral_transformations():
+        rotated = atoms.copy()
+        rotated.positions = atoms.positions @ rotation.T
+        rotated.calc = MetatomicCalculator(model)
+        assert rotated.get_potential_energy() == pytest.approx(energy, abs=1e-10)
+        assert np.allclose(rotated.get_forces(), forces @ rotation.T, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["missing.ckpt", "--audit", "data.xyz"], "'missing.ckpt' does not exist"),
+        (["model.ckpt", "--audit", "missing.xyz"], "'missing.xyz' does not exist"),
+        (["data.xyz", "--audit", "data.xyz"], "could not read 'data.xyz'"),
+        (
+            ["model.ckpt", "--audit", "data.xyz", "--outputs", "dipole"],
+            "unknown output 'dipole'",
+        ),
+        (
+            ["model.ckpt", "--audit", "data.xyz", "--targets", "energy=nope"],
+            "no target 'nope'",
+        ),
+        (["model.ckpt", "--audit", "data.xyz", "--grid-degree", "3"], "--symmetrize"),
+        (["model.ckpt", "--audit", "data.xyz", "-o", "data.xyz"], "--force"),
+        (["model.ckpt", "--audit", "data.xyz", "-o", "model.txt"], "must end with .pt"),
+    ],
+)
+def test_export_command_bad_input(
+    audit_inputs, arguments, message, capsys, monkeypatch
+):
+    monkeypatch.chdir(audit_inputs)
+    if "-o" not in arguments:
+        arguments = [*arguments, "-o", "exported.pt"]
+    before = sorted(audit_inputs.iterdir())
+    status = main(["export", *arguments])
+    after = sorted(audit_inputs.iterdir())
+    error = capsys.readouterr().err
+    assert status != 0
+    assert message in error
+    assert len(error.strip().splitlines()) == 1, error
+    assert before == after
+
+
+def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
+    import metatrain_symmetry.export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metatrain_symmetry.export.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        msym.export_audited(
+            audit_inputs / "model.ckpt",
+            tmp_path / "model.pt",
+            audit_inputs / "data.xyz",
+            max_lambda=1,
+        )
+    assert list(tmp_path.iterdir()) == []
