@@ -27,13 +27,10 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     ModelOutput,
-    System,
-    systems_to_torch,
-    unit_conversion_factor,
 )
 
 from .diagnostics import AnalysisResult, analyze
-from .engine import attach_neighbor_lists, prepare_systems
+from .engine import DERIVED_OUTPUTS, RotatedEvaluator, prepare_systems
 from .grid import O3Grid
 from .models import FEATURE_PREFIX, LoadedModel, ModelLike, load_model
 
@@ -43,7 +40,6 @@ SCHEMA_VERSION = "1.0"
 changes meaning or disappears."""
 
 # outputs derived from the energy by automatic differentiation
-DERIVED_OUTPUTS = ("forces", "stress")
 _FORCE_NAMES = ("forces", "non_conservative_force", "non_conservative_forces")
 _STRESS_NAMES = ("stress", "non_conservative_stress")
 
@@ -258,7 +254,7 @@ def audit(
     features = _ordered_features(loaded, features)
     names = outputs + features
     _check_outputs(loaded, outputs)
-    loaded.check_names([n for n in names if n not in DERIVED_OUTPUTS])
+    loaded.check_names(names)
 
     references = {
         name: [_read_target(atoms, key, index) for index, atoms in enumerate(frames)]
@@ -356,82 +352,24 @@ def predict(
     :return: per output, for each structure, an ``(n_samples, n)`` float64 tensor
         on the CPU (``n`` values per sample: components times properties)
     """
-    direct = [name for name in outputs if name not in DERIVED_OUTPUTS]
-    derived = [name for name in outputs if name in DERIVED_OUTPUTS]
-    predictions: dict[str, list[torch.Tensor]] = {}
-    if direct:
-        systems = prepare_systems(frames, model)
-        requests = {
-            name: ModelOutput(sample_kind=model.natural_sample_kind(name))
-            for name in direct
-        }
-        with torch.no_grad():
-            for start in range(0, len(systems), _STRUCTURES_PER_CALL):
-                batch = systems[start : start + _STRUCTURES_PER_CALL]
-                results = model(batch, requests, None)
-                for name in direct:
-                    if name not in results:
-                        raise ValueError(f"the model did not return '{name}'")
-                    per_structure = _split_structures(results[name], len(batch), name)
-                    predictions.setdefault(name, []).extend(per_structure)
-    if derived:
-        for name in derived:
-            predictions[name] = []
-        for index, atoms in enumerate(frames):
-            values = _energy_derivatives(model, atoms, derived, index)
-            for name in derived:
-                predictions[name].append(values[name])
+    systems = prepare_systems(frames, model)
+    requests = {
+        name: ModelOutput(sample_kind=model.natural_sample_kind(name))
+        for name in outputs
+    }
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in outputs}
+    evaluator = RotatedEvaluator(model, O3Grid.identity())
+    for chunk in evaluator.stream(systems, requests):
+        for name, output in chunk.outputs.items():
+            if len(output.blocks) != 1:
+                raise ValueError(
+                    f"output '{name}' has {len(output.blocks)} blocks; only "
+                    "single-block outputs can be compared with dataset targets"
+                )
+            values = output.blocks[0].values[0]
+            values = values.to(device="cpu", dtype=torch.float64)
+            predictions[name].append(values.reshape(values.shape[0], -1))
     return predictions
-
-
-_STRUCTURES_PER_CALL = 16
-
-
-def _split_structures(tensor: TensorMap, n_structures: int, name: str) -> list:
-    blocks = tensor.blocks()
-    if len(blocks) != 1:
-        raise ValueError(
-            f"output '{name}' has {len(blocks)} blocks; only single-block outputs "
-            "can be compared with dataset targets"
-        )
-    block = blocks[0]
-    system = block.samples.column("system")
-    values = block.values.detach().to(device="cpu", dtype=torch.float64)
-    values = values.reshape(len(system), -1)
-    return [values[system == index] for index in range(n_structures)]
-
-
-def _energy_derivatives(model: LoadedModel, atoms, names, index) -> dict:
-    dtype, device = model.dtype, model.device
-    system = systems_to_torch(atoms, dtype=dtype, device=device)
-    factor = unit_conversion_factor("angstrom", model.length_unit)
-    positions = (system.positions * factor).detach().requires_grad_(True)
-    strain = torch.eye(3, dtype=dtype, device=device).requires_grad_(True)
-    system = System(
-        types=system.types,
-        positions=positions @ strain,
-        cell=(system.cell * factor) @ strain,
-        pbc=system.pbc,
-    )
-    model.check_systems([system])
-    attach_neighbor_lists(model, [system])
-    result = model([system], {"energy": ModelOutput(sample_kind="system")}, None)
-    energy = result["energy"].block().values.sum()
-    wanted = [positions] + ([strain] if "stress" in names else [])
-    gradients = torch.autograd.grad(energy, wanted)
-    values = {}
-    if "forces" in names:
-        values["forces"] = -gradients[0].detach().to("cpu", torch.float64)
-    if "stress" in names:
-        volume = torch.abs(torch.det(system.cell.detach()))
-        if not bool(system.pbc.all()) or float(volume) == 0.0:
-            raise ValueError(
-                f"structure {index} is not periodic in all directions: its stress "
-                "is undefined"
-            )
-        stress = gradients[1].detach() / volume
-        values["stress"] = stress.to("cpu", torch.float64).reshape(1, 9)
-    return values
 
 
 # ---------------------------------------------------------------------- targets

@@ -337,7 +337,9 @@ def _add_audit_command(commands) -> None:
     command.add_argument("--grid-degree", type=int, default=None)
     command.add_argument("--batch-size", type=int, default=None)
     command.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    command.add_argument()
+    command.add_argument(
+        "--force", action="store_true", help="replace a non-empty output directory"
+    )
     command.set_defaults(run=_audit)
 
 

@@ -143,6 +143,20 @@ class O3Grid:
         )
         return grid
 
+    @classmethod
+    def identity(cls) -> O3Grid:
+        """The one-element grid of the identity, with weight one: evaluating a model
+        on it gives its predictions on the structures as they are."""
+        grid = cls.__new__(cls)
+        grid._init(
+            torch.eye(3, dtype=torch.float64).unsqueeze(0),
+            torch.ones(1, dtype=torch.float64),
+            degree=None,
+            inversion=False,
+            lebedev_order=None,
+        )
+        return grid
+
     def __len__(self) -> int:
         return self.rotations.shape[0]
 
