@@ -118,12 +118,18 @@ def test_demo_end_to_end(tmp_path):
     output = tmp_path / "demo"
     process = mtt_symmetry("demo", "-o", output, "--epochs", "2")
     assert process.returncode == 0, process.stdout + process.stderr
-    assert (output / "training" / "model.pt").exists()
-    assert (output / "training" / "model.ckpt").exists()
+    for run in ("plain", "penalized"):
+        assert (output / "training" / run / "model.pt").exists()
+        audit = output / f"audit-{run}"
+        for name in ("audit.json", "audit.md", "audit.html", "spectra.png"):
+            assert (audit / name).stat().st_size > 0, (run, name)
+        spectrum = mts.load(str(audit / "tensors" / "energy.spectrum.mts"))
+        totals = spectrum.block().values.sum(dim=1)
+        assert torch.allclose(totals, torch.ones_like(totals), atol=1e-6)
+    # only the penalised run estimates and logs the penalty
+    assert "L_sigma" in (output / "training" / "penalized" / "train.log").read_text()
+    assert "L_sigma" not in (output / "training" / "plain" / "train.log").read_text()
     summary = (output / "summary.md").read_text()
     assert "`non_conservative_force`" in summary
-    assert "`mtt::feature::gnn_layers.1_node`" in summary
-    spectrum = mts.load(str(output / "analysis" / "energy.spectrum.mts"))
-    totals = spectrum.block().values.sum(dim=1)
-    assert torch.allclose(totals, torch.ones_like(totals), atol=1e-6)
+    assert "equivariance penalty" in summary and "plain MSE" in summary
     assert "Look at" in process.stdout

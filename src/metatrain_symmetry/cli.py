@@ -160,7 +160,7 @@ def _demo(args) -> None:
     from .report import check_output_directory
 
     output = check_output_directory(args.output, args.force)
-    run_demo(output, epochs=args.epochs)
+    run_demo(output, epochs=args.epochs, gamma=args.gamma)
 
 
 def _retrain(args) -> None:
@@ -466,7 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("-o", "--output", required=True, help="output directory")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs")
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs")
+    demo.add_argument(
+        "--gamma",
+        type=float,
+        default=10.0,
+        help="weight of the equivariance penalty in the penalised training",
+    )
     demo.add_argument(
         "--force", action="store_true", help="replace a non-empty output directory"
     )

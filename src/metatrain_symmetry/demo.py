@@ -1,17 +1,18 @@
 """The main job end to end on data the package makes itself.
 
 ``mtt-symmetry demo -o DIR`` generates rattled and strained copper cells labelled
-with ASE's EMT calculator, trains a small unconstrained PET (energy and
-non-conservative forces, no rotational augmentation beyond metatrain's defaults)
-with ``mtt train``, and analyses the symmetry of its outputs and of the node
-features after each message-passing layer on the validation structures.
+with ASE's EMT calculator and trains the same small unconstrained PET twice with
+``mtt train`` from the same seed: once with metatrain's plain MSE loss, once with
+the ``equivariance`` penalty on its energy and non-conservative forces. It then
+audits both models on the validation structures (equivariance errors, leakage,
+spectra of outputs and of the node features after each message-passing layer,
+chemiscope dataset and offline viewer) and writes a side-by-side comparison.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,8 @@ architecture:
     learning_rate: 0.003
     log_interval: 10
     checkpoint_interval: {epochs}
-training_set:
-  systems: {{read_from: train.xyz, length_unit: angstrom}}
+{loss}training_set:
+  systems: {{read_from: ../train.xyz, length_unit: angstrom}}
   targets: &targets
     energy: {{key: energy, unit: eV, forces: false, stress: false}}
     non_conservative_force:
@@ -48,10 +49,26 @@ training_set:
       type: {{cartesian: {{rank: 1}}}}
       per_atom: true
 validation_set:
-  systems: {{read_from: validation.xyz, length_unit: angstrom}}
+  systems: {{read_from: ../validation.xyz, length_unit: angstrom}}
   targets: *targets
 test_set: 0.0
 """
+
+PENALTY = """\
+    loss:
+      energy: {{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}
+      non_conservative_force:
+        type: equivariance
+        base: mse
+        gamma: {gamma}
+        n_rotations: 2
+"""
+
+# the two trainings: (directory name, label, loss section of the options)
+RUNS = (
+    ("plain", "plain MSE", ""),
+    ("penalized", "equivariance penalty", PENALTY),
+)
 
 
 def make_dataset(n_structures: int = 40, seed: int = 0):
@@ -76,74 +93,116 @@ def make_dataset(n_structures: int = 40, seed: int = 0):
     return frames
 
 
-def run_demo(output: Path, epochs: int = 30) -> None:
+def _train(directory: Path, options: str) -> None:
+    directory.mkdir()
+    (directory / "options.yaml").write_text(options)
+    command = [sys.executable, "-m", "metatrain", "train", "options.yaml"]
+    command += ["-o", "model.pt"]
+    with open(directory / "train.log", "w") as log:
+        process = subprocess.run(
+            command, cwd=directory, stdout=log, stderr=subprocess.STDOUT
+        )
+    if process.returncode != 0:
+        tail = (directory / "train.log").read_text().splitlines()[-5:]
+        raise RuntimeError(
+            "'mtt train' failed: " + " | ".join(line.strip() for line in tail)
+        )
+
+
+def comparison_table(summaries: dict[str, dict]) -> str:
+    """Markdown table comparing audits: for each output, the error against the
+    reference, the equivariance RMSE and its ratio to the error, and the
+    leakage, one row per audited model."""
+    lines = [
+        "| output | model | RMSE vs reference | equivariance RMSE (mean) "
+        "| equivariance / RMSE | leakage (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = next(iter(summaries.values()))["outputs"]
+    for name in names:
+        for label, summary in summaries.items():
+            entry = summary["outputs"][name]
+            target = entry["target"] or {}
+            equivariance = entry["equivariance_rmse"]
+            leakage = entry["leakage"] or {}
+            lines.append(
+                f"| `{name}` | {label} | {_number(target.get('rmse'))} "
+                f"| {_number(equivariance['mean'])} "
+                f"| {_number(equivariance.get('fraction_of_rmse'))} "
+                f"| {_number(leakage.get('mean'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.3e}"
+
+
+def run_demo(output: Path, epochs: int = 20, gamma: float = 10.0) -> None:
     import ase.io
 
     import metatrain_symmetry as msym
 
-    from .report import (
-        atomic_directory,
-        plot_spectra,
-        save_result,
-        summary_table,
-    )
+    from .audit import audit, write_audit_report
+    from .dynamics import layer_features
+    from .report import atomic_directory, plot_spectra
 
     if epochs < 1:
         raise ValueError(f"--epochs must be positive, got {epochs}")
+    if gamma <= 0:
+        raise ValueError(f"--gamma must be positive, got {gamma}")
     with atomic_directory(output) as staging:
-        print("[1/3] generating 40 copper structures with ASE's EMT calculator")
+        print("[1/4] generating 40 copper structures with ASE's EMT calculator")
         frames = make_dataset()
         training = staging / "training"
         training.mkdir()
         ase.io.write(training / "train.xyz", frames[:32])
         ase.io.write(training / "validation.xyz", frames[32:])
-        (training / "options.yaml").write_text(OPTIONS.format(epochs=epochs))
+        validation = frames[32:]
 
-        print(f"[2/3] training a small PET for {epochs} epochs with 'mtt train'")
-        command = [sys.executable, "-m", "metatrain", "train", "options.yaml"]
-        command += ["-o", "model.pt"]
-        with open(training / "train.log", "w") as log:
-            process = subprocess.run(
-                command, cwd=training, stdout=log, stderr=subprocess.STDOUT
+        for step, (name, label, loss) in enumerate(RUNS, start=2):
+            print(f"[{step}/4] training a small PET ({label}) for {epochs} epochs")
+            options = OPTIONS.format(
+                epochs=epochs, loss=PENALTY.format(gamma=gamma) if loss else ""
             )
-        if process.returncode != 0:
-            tail = (training / "train.log").read_text().splitlines()[-5:]
-            raise RuntimeError(
-                "'mtt train' failed: " + " | ".join(line.strip() for line in tail)
-            )
+            _train(training / name, options)
 
-        print("[3/3] analysing outputs and layer features on rotated copies")
-        model = msym.load_model(training / "model.ckpt")
-        layers = [
-            name
-            for name in model.features
-            if name.startswith("mtt::feature::gnn_layers.")
-            and name.endswith("_node")
-            and name.count(".") == 1
-        ]
-        names = ["energy", "non_conservative_force", *layers]
-        result = msym.analyze(model, frames[32:], names, max_lambda=4, progress=True)
-        analysis = staging / "analysis"
-        analysis.mkdir()
-        save_result(result, analysis)
-        summary = summary_table(result)
+        print("[4/4] auditing both models on rotated copies of the validation set")
+        summaries, analyses = {}, {}
+        for name, label, _ in RUNS:
+            model = msym.load_model(training / name / "model.ckpt")
+            result = audit(
+                model,
+                validation,
+                outputs=["energy", "non_conservative_force"],
+                features=layer_features(model),
+                max_lambda=4,
+                progress=True,
+            )
+            directory = staging / f"audit-{name}"
+            directory.mkdir()
+            write_audit_report(result, validation, directory)
+            summaries[label] = result.summary
+            analyses[label] = result.analysis
+
+        table = comparison_table(summaries)
         (staging / "summary.md").write_text(
             "# metatrain-symmetry demo\n\n"
-            + textwrap.dedent(
-                f"""\
-                Small PET trained for {epochs} epochs on EMT copper; analysis of the
-                {len(frames) - 32} validation structures on an O3Grid of degree
-                {result.grid.degree} ({len(result.grid)} elements). Equivariance
-                RMSE in the output's units; spectra are dataset means.
-
-                """
-            )
-            + summary
+            f"The same small PET trained for {epochs} epochs on EMT copper with a "
+            f"plain MSE loss and with the equivariance penalty (gamma = {gamma} on "
+            "the energy and the non-conservative forces), audited on the "
+            f"{len(validation)} validation structures. Errors and equivariance "
+            "RMSE in the output's units (eV, eV/A).\n\n" + table
         )
-        plot_spectra({"small PET (EMT copper)": result}, staging / "spectra.png")
+        plot_spectra(analyses, staging / "spectra.png")
 
     print()
-    print(summary)
+    print(table)
     print(f"Done. Look at {output}/summary.md and {output}/spectra.png;")
-    print(f"TensorMaps are in {output}/analysis/, the trained model in")
-    print(f"{output}/training/ (model.pt, model.ckpt, train.log).")
+    for name, _, _ in RUNS:
+        print(
+            f"  {output}/audit-{name}/: audit.md, audit.json, spectra.png, and "
+            "audit.html (open it in a browser: structures, maps and force "
+            "deviations in chemiscope)"
+        )
+    print(f"trained models and logs are in {output}/training/<plain|penalized>/.")
