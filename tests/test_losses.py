@@ -264,7 +264,7 @@ def test_penalty_estimates_the_equivariance_error_without_bias():
     exact = torch.stack(
         [3.0 * s.positions.sum(dim=0).square().sum() / len(s) ** 2 for s in systems]
     ).mean()
-    assert abs(float(penalty) / float(exact) - 1.0) < 0.08
+    assert abs(penalty.item() / float(exact) - 1.0) < 0.08
 
     # per-structure targets are not divided by the number of atoms
     penalty, _, systems = penalty_for(
@@ -273,7 +273,7 @@ def test_penalty_estimates_the_equivariance_error_without_bias():
     exact = torch.stack(
         [3.0 * s.positions.sum(dim=0).square().sum() for s in systems]
     ).mean()
-    assert abs(float(penalty) / float(exact) - 1.0) < 0.08
+    assert abs(penalty.item() / float(exact) - 1.0) < 0.08
 
 
 def test_conservative_forces_penalty_and_gradients():
@@ -283,7 +283,7 @@ def test_conservative_forces_penalty_and_gradients():
     )
     mean_square = torch.cat([s.positions for s in systems]).square().sum(1).mean()
     expected = 2.0 / 9.0 * mean_square
-    assert abs(float(penalty) / float(expected) - 1.0) < 0.08
+    assert abs(penalty.item() / float(expected) - 1.0) < 0.08
 
     penalty.backward()
     gradient = model.matrix.grad
