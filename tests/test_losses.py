@@ -109,6 +109,7 @@ def target_infos(energy_gradients=()):
         "energy",
         {"quantity": "energy", "unit": "eV"},
         add_position_gradients="positions" in energy_gradients,
+        add_strain_gradients="strain" in energy_gradients,
     )
     force = get_generic_target_info(
         "non_conservative_force",
@@ -167,7 +168,7 @@ def make_systems(seed=0):
 def penalty_for(name, matrix, n_rotations, gradient=None, per_structure=()):
     model = LinearModel(matrix)
     systems = make_systems()
-    infos = target_infos(("positions",) if gradient == "positions" else ())
+    infos = target_infos(() if gradient is None else (gradient,))
     context = PenaltyContext(seed=1)
     loss = EquivarianceLoss(
         name, gradient, 1.0, "mean", n_rotations=n_rotations, context=context
@@ -291,6 +292,38 @@ def test_conservative_forces_penalty_and_gradients():
     # the penalty grows with anisotropy: moving D towards the identity lowers it
     step = (torch.tensor(ANISOTROPIC) - 2.0 * torch.eye(3)).to(torch.float64)
     assert float((gradient * step).sum()) > 0
+
+
+def test_stress_penalty_is_the_unbiased_variance_of_back_transformed_tensors():
+    # strain gradient of x.Dx/2 per atom: W = sum_i x_i (D x_i)^T / n (metatrain
+    # divides per-structure quantities by the number of atoms); the copy g x
+    # back-transforms to g^T W(g x) g = sum_i x_i (g^T D g x_i)^T / n
+    penalty, _, systems = penalty_for(
+        "energy", ANISOTROPIC, n_rotations=3, gradient="strain"
+    )
+    from metatomic.torch.o3 import random_transformations
+
+    rotations = random_transformations(
+        3 * len(systems),
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        add_inversions=True,
+        generator=PenaltyContext(seed=1).generator,
+    ).matrices.reshape(3, len(systems), 3, 3)
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64)
+    deviations = []
+    for index, system in enumerate(systems):
+        x = system.positions
+        z = torch.stack(
+            [x.T @ (x @ (g.T @ matrix @ g).T) / len(x) for g in rotations[:, index]]
+        )  # (R, 3, 3)
+        deviations.append(((z - z.mean(0)) ** 2).sum(0).reshape(-1) / 2)
+    expected = torch.cat(deviations).mean()
+    assert torch.allclose(penalty, expected, rtol=1e-10, atol=0)
+
+    # an isotropic D is exactly equivariant
+    penalty, _, _ = penalty_for("energy", 0.7 * torch.eye(3), 3, gradient="strain")
+    assert penalty.item() < 1e-26
 
 
 def test_compute_adds_gamma_times_penalty():
