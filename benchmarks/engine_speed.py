@@ -78,9 +78,8 @@ from scipy.spatial.transform import Rotation
 import metatrain_symmetry as msym
 from metatrain_symmetry.engine import (
     RotatedEvaluator,
-    _prepare,
-    _rotated_copies,
     prepare_systems,
+    rotated_systems,
 )
 
 
@@ -239,7 +238,7 @@ def floor_batches(model, systems, grid) -> list[list]:
     rotations = grid.rotations.to(dtype=model.dtype, device=model.device)
     copies = []
     for system in systems:
-        copies.extend(_rotated_copies(_prepare(system), rotations)[0])
+        copies.extend(rotated_systems(system, rotations))
     return [copies[i : i + per_batch] for i in range(0, len(copies), per_batch)]
 
 
@@ -440,7 +439,7 @@ def memory_worker(mode: str, args) -> None:
     if mode == "call":
         per_batch = RotatedEvaluator(model, grid).copies_per_batch(systems)
         rotations = grid.rotations.to(dtype=model.dtype, device=model.device)
-        batch = _rotated_copies(_prepare(systems[0]), rotations[:per_batch])
+        batch = rotated_systems(systems[0], rotations[:per_batch])
         outputs = requests()
 
         def operation():

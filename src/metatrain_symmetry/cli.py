@@ -417,6 +417,40 @@ def _add_export_command(commands) -> None:
     command.set_defaults(run=_export)
 
 
+def _train(args) -> None:
+    from .hooks import register
+
+    register()
+    from metatrain.__main__ import main as metatrain_main
+
+    saved = sys.argv
+    sys.argv = ["mtt", "train", *args.mtt_arguments]
+    try:
+        metatrain_main()
+    finally:
+        sys.argv = saved
+
+
+def _add_train_command(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="'mtt train' with the equivariance loss registered explicitly",
+        description=(
+            "Register the 'equivariance' loss type in metatrain, then run "
+            "'mtt train' with the remaining arguments (OPTIONS.yaml, -o, "
+            "--restart, ...). Needed only where automatic registration is off "
+            "(METATRAIN_SYMMETRY_AUTOLOAD=0)."
+        ),
+    )
+    train.add_argument(
+        "mtt_arguments",
+        nargs=argparse.REMAINDER,
+        metavar="OPTIONS [mtt train arguments]",
+        help="arguments passed on to 'mtt train'",
+    )
+    train.set_defaults(run=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtt-symmetry",
@@ -481,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_command(commands)
     _add_dynamics_command(commands)
     _add_retrain_command(commands)
+    _add_train_command(commands)
     return parser
 
 

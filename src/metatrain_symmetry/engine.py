@@ -252,6 +252,18 @@ class RotatedEvaluator:
             bar.close()
 
 
+def rotated_systems(system: System, rotations: torch.Tensor) -> list[System]:
+    """Copies of ``system`` rotated by each of ``rotations``, with their neighbour
+    lists and data rotated along (never recomputed).
+
+    :param system: a system with the neighbour lists the model needs
+    :param rotations: ``(n, 3, 3)`` orthogonal matrices, in the system's dtype and
+        on its device
+    :return: the ``n`` rotated systems
+    """
+    return _rotated_copies(_prepare(system), rotations)[0]
+
+
 def _prepare(system: System) -> _PreparedSystem:
     neighbors = []
     for options in system.known_neighbor_lists():

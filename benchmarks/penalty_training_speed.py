@@ -1,0 +1,184 @@
+"""Epoch time of training with the equivariance penalty against plain augmented
+training, same model and data, measured in one run.
+
+A small PET (``d_pet=16``, ``d_node=32``, two message-passing layers, 4 A cutoff,
+float64) is trained with metatrain's own training function (what ``mtt train``
+runs) on rattled and strained 8-atom copper cells labelled with ASE's EMT
+calculator (energy and non-conservative forces, ``batch_size=8``), with metatrain's
+default random O(3) augmentation, three ways:
+
+- plain: ``mse`` losses;
+- ``n_rotations: R`` for R = 2 and 4: ``type: equivariance`` (``gamma: 1``) on both
+  targets, which evaluates R more rotated copies of every structure per step
+  (forward and backward).
+
+The epoch time is the time between consecutive metric log lines
+(``log_interval: 1``): one epoch of training plus validation on two structures.
+The first epoch is left out (warm-up); each variant's time is the median of the
+remaining epochs, and each variant is trained ``--repeats`` times, interleaved,
+keeping the fastest. Both the process CPU time and the wall-clock time are
+reported; the CPU time, with torch limited to ``--threads`` threads (default
+one), is the measure of work that other processes on a shared machine disturb
+least, while wall-clock ratios are only meaningful on an otherwise idle machine.
+The target is ``ratio <= 1.1 * (R + 1)``.
+
+Run from the repository root::
+
+    python benchmarks/penalty_training_speed.py
+    python benchmarks/penalty_training_speed.py --structures 16 --repeats 1 --threads 2
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+OPTIONS = """\
+seed: 0
+base_precision: 64
+architecture:
+  name: pet
+  model:
+    cutoff: 4.0
+    d_pet: 16
+    d_head: 16
+    d_node: 32
+    d_feedforward: 32
+    num_heads: 2
+    num_attention_layers: 1
+    num_gnn_layers: 2
+  training:
+    batch_size: 8
+    num_epochs: {epochs}
+    learning_rate: 0.003
+    log_interval: 1
+    checkpoint_interval: {epochs}
+    num_workers: 0
+{loss}
+training_set:
+  systems: {{read_from: train.xyz, length_unit: angstrom}}
+  targets: &targets
+    energy: {{key: energy, unit: eV, forces: false, stress: false}}
+    non_conservative_force:
+      key: forces
+      quantity: force
+      unit: eV/A
+      type: {{cartesian: {{rank: 1}}}}
+      per_atom: true
+validation_set:
+  systems: {{read_from: validation.xyz, length_unit: angstrom}}
+  targets: *targets
+test_set: 0.0
+"""
+
+PLAIN = """\
+    loss:
+      energy: mse
+      non_conservative_force: mse"""
+
+PENALISED = """\
+    loss:
+      energy: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}
+      non_conservative_force: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}"""
+
+
+def epoch_times(directory: Path, options: str) -> tuple[list[float], list[float]]:
+    """Train once in ``directory``; the CPU and wall-clock seconds between
+    consecutive log lines of the training loop."""
+    from metatrain.cli.train import train_model
+    from metatrain.utils.logging import MetricLogger
+    from omegaconf import OmegaConf
+
+    stamps: list[tuple[float, float]] = []
+    original = MetricLogger.log
+
+    def timed_log(self, *args, **kwargs):
+        # the training loop's logger; the final evaluation logs through others
+        if "training" in getattr(self, "names", []):
+            stamps.append((time.process_time(), time.perf_counter()))
+        return original(self, *args, **kwargs)
+
+    MetricLogger.log = timed_log
+    previous = os.getcwd()
+    os.chdir(directory)
+    try:
+        train_model(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(options))))
+    finally:
+        os.chdir(previous)
+        MetricLogger.log = original
+    pairs = list(zip(stamps[:-1], stamps[1:], strict=True))
+    return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structures", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rotations", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+
+    import logging
+
+    import ase.io
+    import torch
+
+    from metatrain_symmetry import hooks
+    from metatrain_symmetry.demo import make_dataset
+
+    torch.set_num_threads(args.threads)
+    hooks.register()
+    logging.disable(logging.INFO)
+    frames = make_dataset(args.structures + 2, seed=0)
+    variants = {"plain": PLAIN}
+    for n_rotations in args.rotations:
+        variants[f"R={n_rotations}"] = PENALISED.format(R=n_rotations)
+
+    best: dict[str, dict[str, float]] = {"cpu": {}, "wall": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            for name, loss in variants.items():
+                directory = Path(scratch) / f"{name}-{repeat}"
+                directory.mkdir()
+                ase.io.write(directory / "train.xyz", frames[: args.structures])
+                ase.io.write(directory / "validation.xyz", frames[args.structures :])
+                options = OPTIONS.format(epochs=args.epochs, loss=loss)
+                cpu, wall = epoch_times(directory, options)
+                for clock, times in (("cpu", cpu), ("wall", wall)):
+                    median = statistics.median(times[1:])
+                    best[clock][name] = min(best[clock].get(name, math.inf), median)
+                print(
+                    f"repeat {repeat} {name:>6}: median epoch "
+                    f"{statistics.median(cpu[1:]):.3f} s CPU, "
+                    f"{statistics.median(wall[1:]):.3f} s wall "
+                    f"over {len(cpu) - 1} epochs",
+                    flush=True,
+                )
+
+    print()
+    print(
+        f"PET float64, {args.structures} structures of 8 atoms, batch 8, "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores"
+    )
+    for clock in ("cpu", "wall"):
+        times = best[clock]
+        print(f"{clock} time, plain augmented training: {times['plain']:.3f} s/epoch")
+        for n_rotations in args.rotations:
+            ratio = times[f"R={n_rotations}"] / times["plain"]
+            target = 1.1 * (n_rotations + 1)
+            verdict = "meets" if ratio <= target else "misses"
+            print(
+                f"{clock} time, n_rotations={n_rotations}: "
+                f"{times[f'R={n_rotations}']:.3f} s/epoch, ratio {ratio:.2f} "
+                f"({verdict} the target <= {target:.2f})"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

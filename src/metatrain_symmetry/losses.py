@@ -1,0 +1,508 @@
+"""The equivariance-penalty loss for metatrain: ``L = L_mu + gamma * L_sigma``.
+
+``L_mu`` is a built-in pointwise metatrain loss (``mse``, ``mae`` or ``huber``),
+computed exactly as metatrain computes it. ``L_sigma`` estimates the equivariance
+error of the prediction: every structure of the training batch is copied
+``n_rotations`` times, each copy ``g_r x`` with an independent Haar-random element
+``g_r`` of O(3) (half of them improper on average); the model's predictions on the
+copies are back-transformed, ``z_r = rho(g_r)^-1 t(g_r x)``, and
+
+    L_sigma = mean over samples, components and properties of
+              sum_r (z_r - z_bar)^2 / (R - 1),      z_bar = sum_r z_r / R,
+
+an unbiased estimate of the component-averaged equivariance error ``A`` that
+:py:func:`metatrain_symmetry.analyze` reports in ``variance``, in the normalized
+units of the base loss (after metatrain's removal of the composition baseline and
+target scale, division by the number of atoms and per-property scales).
+
+The prediction on the training batch itself is *not* one of the copies: it sits in
+the frame chosen by metatrain's augmentation, which may be switched off or limited
+to inversions, so only the independent copies give an unbiased estimate.
+
+These classes are ordinary :py:class:`metatrain.utils.loss.LossInterface`
+subclasses. They find the model and systems of the current training step in a
+:py:class:`PenaltyContext`, which :py:mod:`metatrain_symmetry.hooks` fills during
+``mtt train`` and tests fill by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from metatensor.torch import TensorMap
+from metatrain.utils.loss import LossInterface, LossType
+
+from .irreps import block_layout, undo_rotation
+
+
+LOSS_TYPE = "equivariance"
+"""The ``type`` of the equivariance loss in metatrain options."""
+
+BASE_LOSSES = ("mse", "mae", "huber")
+"""Built-in pointwise metatrain losses usable as ``base``."""
+
+DEFAULTS = {"base": "mse", "gamma": 1.0, "n_rotations": 2}
+
+_GENERIC_OPTIONS = ("type", "weight", "reduction", "gradients")
+_OPTIONS = (*DEFAULTS, "delta")
+
+
+def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate the options of one equivariance loss entry.
+
+    :param options: the entry, as written under ``training.loss`` (``type``,
+        ``weight``, ``reduction`` and ``gradients`` are left to metatrain)
+    :param where: the option path used in error messages, e.g.
+        ``"training.loss.energy"``
+    :return: ``base``, ``gamma``, ``n_rotations`` and ``delta`` with defaults filled
+    :raises ValueError: naming the offending option
+    """
+    unknown = [
+        key for key in options if key not in _OPTIONS and key not in _GENERIC_OPTIONS
+    ]
+    if unknown:
+        raise ValueError(
+            f"unknown option {where}.{unknown[0]} for the '{LOSS_TYPE}' loss; "
+            f"known options are {', '.join(_OPTIONS)} (and weight, reduction)"
+        )
+    checked = {**DEFAULTS, **{k: options[k] for k in _OPTIONS if k in options}}
+
+    base = checked["base"]
+    if base not in BASE_LOSSES:
+        raise ValueError(
+            f"{where}.base must be one of {', '.join(BASE_LOSSES)}, got {base!r}"
+        )
+    gamma = checked["gamma"]
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, (int, float))
+        or not math.isfinite(gamma)
+        or gamma < 0
+    ):
+        raise ValueError(f"{where}.gamma must be a finite number >= 0, got {gamma!r}")
+    checked["gamma"] = float(gamma)
+    n_rotations = checked["n_rotations"]
+    if isinstance(n_rotations, bool) or not isinstance(n_rotations, int):
+        raise ValueError(
+            f"{where}.n_rotations must be an integer >= 2, got {n_rotations!r}"
+        )
+    if n_rotations < 2:
+        raise ValueError(
+            f"{where}.n_rotations must be at least 2 (the variance needs two "
+            f"copies), got {n_rotations}"
+        )
+    delta = checked.get("delta")
+    if delta is not None and base != "huber":
+        raise ValueError(f"{where}.delta is only used with base: huber")
+    if base == "huber":
+        delta = 1.0 if delta is None else delta
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta <= 0:
+            raise ValueError(f"{where}.delta must be a positive number, got {delta!r}")
+        checked["delta"] = float(delta)
+    else:
+        checked.pop("delta", None)
+    return checked
+
+
+def check_loss_options(loss: Any, where: str = "training.loss") -> None:
+    """Validate every equivariance entry of a ``training.loss`` section (before
+    metatrain expands it): target entries, their ``gradients`` and the energy
+    shorthands ``forces``, ``stress`` and ``virial``.
+
+    :raises ValueError: naming the offending option
+    """
+    if not isinstance(loss, Mapping):
+        return
+    for target, entry in loss.items():
+        if not isinstance(entry, Mapping):
+            continue
+        path = f"{where}.{target}"
+        if entry.get("type") == LOSS_TYPE:
+            check_options(entry, path)
+        subentries = dict(entry.get("gradients") or {})
+        for shorthand in ("forces", "stress", "virial"):
+            if shorthand in entry:
+                subentries[shorthand] = entry[shorthand]
+        for name, sub in subentries.items():
+            if isinstance(sub, Mapping) and sub.get("type") == LOSS_TYPE:
+                prefix = "gradients." if name not in entry else ""
+                check_options(sub, f"{path}.{prefix}{name}")
+
+
+@dataclass
+class TrainingStep:
+    """What one training step evaluated: enough to evaluate rotated copies the same
+    way and bring them to the units the loss sees.
+
+    :param model: the model being trained (in training mode)
+    :param systems: the systems of the batch, with neighbour lists attached
+    :param targets: the ``TargetInfo`` of each target evaluated in the step
+    :param per_structure_targets: targets metatrain does not divide by the number
+        of atoms before the loss
+    """
+
+    model: torch.nn.Module
+    systems: list
+    targets: dict
+    per_structure_targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RotatedPredictions:
+    """Predictions on ``n_copies`` rotated copies of every system of a step,
+    ordered copy-major: system ``c * n_systems + i`` is copy ``c`` of system ``i``."""
+
+    n_copies: int
+    n_systems: int
+    rotations: torch.Tensor
+    """``(n_copies * n_systems, 3, 3)`` the element applied to each copy"""
+    predictions: dict[str, TensorMap]
+    gradients: dict[str, set]
+    """for each target, the gradients that were computed"""
+
+
+class PenaltyContext:
+    """Shared state of the equivariance losses of one loss aggregator.
+
+    Holds the current :py:class:`TrainingStep` (``None`` outside training steps,
+    e.g. during validation, where the losses reduce to their base loss), the random
+    number generator of the copies (independent of torch's global generator, so
+    that the penalty does not change metatrain's shuffling or augmentation), one
+    evaluation of rotated copies per step shared by all losses, and running sums of
+    ``L_sigma`` for the training log.
+
+    :param seed: seed of the generator of the rotations
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        self.losses: list[EquivarianceLoss] = []
+        self.generator = torch.Generator()
+        self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        self._step: Optional[TrainingStep] = None
+        self._rotated: Optional[RotatedPredictions] = None
+        self._log_sums: dict[str, list[float]] = {}
+
+    @property
+    def step(self) -> Optional[TrainingStep]:
+        return self._step
+
+    @step.setter
+    def step(self, step: Optional[TrainingStep]) -> None:
+        self._step = step
+        self._rotated = None
+
+    def rotated_predictions(self, loss: EquivarianceLoss) -> RotatedPredictions:
+        """Predictions on rotated copies for the current step, evaluated once for
+        every active loss of this context (or again if ``loss`` needs more copies
+        or outputs than the cached evaluation has)."""
+        step = self._step
+        assert step is not None
+        cached = self._rotated
+        if cached is not None and cached.n_copies >= loss.n_rotations:
+            if loss.target in cached.predictions and (
+                loss.gradient is None or loss.gradient in cached.gradients[loss.target]
+            ):
+                return cached
+        active = [
+            other
+            for other in self.losses
+            if other.gamma > 0 and other.target in step.targets
+        ]
+        if loss not in active:
+            active.append(loss)
+        n_copies = max(other.n_rotations for other in active)
+        gradients: dict[str, set] = {}
+        for other in active:
+            wanted = gradients.setdefault(other.target, set())
+            if other.gradient is not None:
+                wanted.add(other.gradient)
+        self._rotated = evaluate_rotated_copies(
+            step, gradients, n_copies, self.generator
+        )
+        return self._rotated
+
+    def record(self, label: str, value: float) -> None:
+        sums = self._log_sums.setdefault(label, [0.0, 0])
+        sums[0] += value
+        sums[1] += 1
+
+    def pop_log(self) -> dict[str, float]:
+        """Mean ``L_sigma`` of each loss over the training batches since the
+        previous call, keyed ``"L_sigma(<target>)"``."""
+        means = {
+            f"L_sigma({label})": total / count
+            for label, (total, count) in self._log_sums.items()
+            if count > 0
+        }
+        self._log_sums = {}
+        return means
+
+
+def evaluate_rotated_copies(
+    step: TrainingStep,
+    gradients: dict[str, set],
+    n_copies: int,
+    generator: torch.Generator,
+) -> RotatedPredictions:
+    """Evaluate the step's model on ``n_copies`` random O(3) copies of each system,
+    in one batch, and bring the predictions to the units of the loss.
+
+    :param step: the training step
+    :param gradients: targets to evaluate, with the energy gradients needed
+    :param n_copies: number of copies per system
+    :param generator: random number generator of the rotations
+    """
+    from metatomic.torch.o3 import random_transformations
+    from metatrain.utils import evaluate_model as evaluate_module
+    from metatrain.utils import per_atom
+    from metatrain.utils.data import TargetInfo
+
+    from .engine import rotated_systems
+
+    # the hooks wrap these functions to observe training steps; call the originals
+    evaluate = _unwrapped(evaluate_module.evaluate_model)
+    average = _unwrapped(per_atom.average_by_num_atoms)
+
+    systems = step.systems
+    n_systems = len(systems)
+    dtype = systems[0].positions.dtype
+    device = systems[0].positions.device
+    rotations = random_transformations(
+        n_copies * n_systems,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        add_inversions=True,
+        generator=generator,
+    ).matrices.to(dtype=dtype, device=device)
+    by_system = rotations.reshape(n_copies, n_systems, 3, 3)
+    per_system = [
+        rotated_systems(system, by_system[:, index])
+        for index, system in enumerate(systems)
+    ]
+    rotated = [per_system[i][c] for c in range(n_copies) for i in range(n_systems)]
+
+    targets = {}
+    for name, wanted in gradients.items():
+        info = step.targets[name]
+        if isinstance(info, TargetInfo) and len(info.gradients) > 0 and not wanted:
+            # no gradient penalised: skip the double backward of forces and stress
+            info = TargetInfo(
+                layout=_without_gradients(info.layout),
+                quantity=info.quantity,
+                unit=info.unit,
+                description=info.description,
+            )
+        targets[name] = info
+    computed = {
+        name: set(targets[name].gradients)
+        if isinstance(targets[name], TargetInfo)
+        else set()
+        for name in targets
+    }
+
+    predictions = evaluate(step.model, rotated, targets, is_training=True)
+    predictions = average(predictions, rotated, step.per_structure_targets)
+    model = getattr(step.model, "module", step.model)
+    scaler = getattr(model, "scaler", None)
+    if scaler is not None and hasattr(scaler, "apply_scales"):
+        predictions = scaler.apply_scales(
+            rotated,
+            predictions,
+            remove=False,
+            use_per_target_scales=False,
+            use_per_property_scales=True,
+        )
+    return RotatedPredictions(n_copies, n_systems, rotations, predictions, computed)
+
+
+def _unwrapped(function):
+    return getattr(function, "__wrapped__", function)
+
+
+def _without_gradients(layout: TensorMap) -> TensorMap:
+    from metatensor.torch import TensorBlock
+
+    blocks = [
+        TensorBlock(
+            values=block.values,
+            samples=block.samples,
+            components=block.components,
+            properties=block.properties,
+        )
+        for block in layout.blocks()
+    ]
+    return TensorMap(layout.keys, blocks)
+
+
+def equivariance_penalty(
+    rotated: RotatedPredictions,
+    target: str,
+    gradient: Optional[str],
+    n_rotations: int,
+) -> torch.Tensor:
+    """``L_sigma`` of one target (or one of its gradients) from rotated predictions.
+
+    :param rotated: predictions on the rotated copies
+    :param target: target name
+    :param gradient: ``None`` for the target's values, or a gradient name
+        (``"positions"``: forces, ``"strain"``: stress)
+    :param n_rotations: number of copies used (the first ``n_rotations``)
+    :return: scalar, mean over samples, components and properties of the unbiased
+        variance of the back-transformed predictions across copies
+    """
+    from metatomic.torch.o3 import O3Transformations
+
+    tensor = rotated.predictions[target]
+    n_systems = rotated.n_systems
+    improper = torch.linalg.det(rotated.rotations) < 0
+    deviations = []
+    for key, block in tensor.items():
+        values_block = block.gradient(gradient) if gradient is not None else block
+        samples = values_block.samples
+        system_column = list(block.samples.names).index("system")
+        if gradient is None:
+            system = samples.values[:, system_column]
+        else:
+            parent = samples.values[:, list(samples.names).index("sample")]
+            system = block.samples.values[parent.to(torch.long), system_column]
+        system = system.to(torch.long)
+        copy = torch.div(system, n_systems, rounding_mode="floor")
+        keep = copy < n_rotations
+        values = values_block.values[keep]
+        system = system[keep]
+        copy = copy[keep]
+
+        layout = block_layout(
+            target,
+            list(tensor.keys.names),
+            key.values,
+            values_block.components,
+        )
+        wigner = []
+        if layout.kind == "spherical":
+            transformations = O3Transformations(
+                rotated.rotations[system], layout.o3_lambda
+            )
+            wigner = [
+                transformations.wigner_D_matrices(ell).to(values.dtype)
+                for ell in range(layout.o3_lambda + 1)
+            ]
+        back = undo_rotation(
+            values.unsqueeze(1),
+            layout,
+            rotated.rotations[system].to(values.dtype),
+            wigner,
+            improper[system],
+        ).squeeze(1)
+
+        order = torch.argsort(copy, stable=True)
+        counts = torch.bincount(copy, minlength=n_rotations)
+        if bool(torch.any(counts != counts[0])):
+            raise ValueError(
+                f"'{target}' has a different number of samples for different "
+                "rotated copies of the same structures"
+            )
+        back = back[order].reshape(n_rotations, int(counts[0]), *back.shape[1:])
+        within = (system[order] % n_systems).reshape(n_rotations, -1)
+        if not bool(torch.all(within == within[:1])):
+            raise ValueError(
+                f"'{target}' orders its samples differently for different rotated "
+                "copies of the same structures"
+            )
+        mean = back.mean(dim=0, keepdim=True)
+        variance = (back - mean).square().sum(dim=0) / (n_rotations - 1)
+        deviations.append(variance.reshape(-1))
+    return torch.cat(deviations).mean()
+
+
+class EquivarianceLoss(LossInterface):
+    """``L = L_mu + gamma * L_sigma`` for one target (or one of its gradients).
+
+    :param name: target name
+    :param gradient: ``None``, or the gradient the loss applies to
+        (``"positions"`` for conservative forces, ``"strain"`` for stress)
+    :param weight: weight of this term in metatrain's sum of losses
+    :param reduction: reduction of the base loss
+    :param base: ``mse``, ``mae`` or ``huber``
+    :param gamma: weight of ``L_sigma``, ``>= 0``; with ``0`` the loss is exactly the
+        base loss and no rotated copy is evaluated
+    :param n_rotations: rotated copies per structure, ``>= 2``
+    :param delta: threshold of the Huber base loss (default 1)
+    :param context: the :py:class:`PenaltyContext` this loss takes training steps
+        from; a new one by default
+    """
+
+    def __init__(
+        self,
+        name: str,
+        gradient: Optional[str],
+        weight: float,
+        reduction: str,
+        base: str = "mse",
+        gamma: float = 1.0,
+        n_rotations: int = 2,
+        delta: Optional[float] = None,
+        context: Optional[PenaltyContext] = None,
+    ):
+        options = {"base": base, "gamma": gamma, "n_rotations": n_rotations}
+        if delta is not None:
+            options["delta"] = delta
+        where = f"training.loss.{name}" + (f".gradients.{gradient}" if gradient else "")
+        checked = check_options(options, where)
+        super().__init__(name, gradient, weight, reduction)
+        self.base = checked["base"]
+        self.gamma = checked["gamma"]
+        self.n_rotations = checked["n_rotations"]
+        extra = {"delta": checked["delta"]} if self.base == "huber" else {}
+        self.base_loss = LossType.from_key(self.base).cls(
+            name=name, gradient=gradient, weight=weight, reduction=reduction, **extra
+        )
+        self.context = PenaltyContext() if context is None else context
+        self.context.losses.append(self)
+        self.last_penalty: Optional[torch.Tensor] = None
+        """``L_sigma`` of the last training step (detached), ``None`` if none"""
+
+    @property
+    def label(self) -> str:
+        """Name of this loss in the training log."""
+        return (
+            self.target if self.gradient is None else f"{self.target}::{self.gradient}"
+        )
+
+    def compute(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: Optional[Any] = None,
+    ) -> torch.Tensor:
+        """``L_mu``, plus ``gamma * L_sigma`` during training steps.
+
+        :param predictions: predictions of the step, in the loss's units
+        :param targets: reference values
+        :param extra_data: passed to the base loss
+        """
+        loss = self.base_loss.compute(predictions, targets, extra_data)
+        step = self.context.step
+        if self.gamma == 0.0 or step is None or not torch.is_grad_enabled():
+            return loss
+        if self.gradient is not None:
+            tensor = targets.get(self.target)
+            if tensor is None or self.gradient not in tensor[0].gradients_list():
+                return loss
+        penalty = self.penalty()
+        return loss + self.gamma * penalty
+
+    def penalty(self) -> torch.Tensor:
+        """``L_sigma`` for the current training step of the context (differentiable
+        with respect to the model's parameters)."""
+        rotated = self.context.rotated_predictions(self)
+        penalty = equivariance_penalty(
+            rotated, self.target, self.gradient, self.n_rotations
+        )
+        self.last_penalty = penalty.detach()
+        self.context.record(self.label, float(penalty.detach()))
+        return penalty

@@ -1,0 +1,394 @@
+"""The equivariance loss as an ordinary metatrain loss, without any patching: exact
+reduction to the base loss at gamma = 0, L_sigma against closed-form equivariance
+errors of hand-written models, and option validation."""
+
+import math
+
+import pytest
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import ModelOutput, System
+from metatrain.utils.data.target_info import (
+    get_energy_target_info,
+    get_generic_target_info,
+)
+from metatrain.utils.loss import TensorMapHuberLoss, TensorMapMSELoss
+
+from metatrain_symmetry.losses import (
+    EquivarianceLoss,
+    PenaltyContext,
+    TrainingStep,
+    check_loss_options,
+    check_options,
+)
+
+
+class LinearModel(torch.nn.Module):
+    """Outputs built from positions with a learnable 3x3 matrix ``D``:
+
+    - ``energy``: ``sum_i x_i . D x_i / 2`` (conservative forces ``-D_sym x_i``)
+    - ``mtt::shift``: ``(D sum_i x_i)_z``, per structure
+    - ``non_conservative_force``: ``D x_i`` per atom, a Cartesian vector
+    - ``mtt::spherical``: ``D x_i`` as a (1, +1) spherical block (order y, z, x)
+
+    With ``D`` proportional to the identity every output is exactly equivariant
+    (``mtt::shift`` excepted); otherwise the equivariance errors are known in
+    closed form.
+    """
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.matrix = torch.nn.Parameter(torch.as_tensor(matrix, dtype=torch.float64))
+
+    def supported_outputs(self):
+        return {
+            "energy": ModelOutput(quantity="energy", unit="eV", sample_kind="system"),
+            "mtt::shift": ModelOutput(sample_kind="system"),
+            "non_conservative_force": ModelOutput(sample_kind="atom"),
+            "mtt::spherical": ModelOutput(sample_kind="atom"),
+        }
+
+    def forward(self, systems, outputs, selected_atoms=None):
+        results = {}
+        positions = [system.positions for system in systems]
+        n_atoms = [len(p) for p in positions]
+        system_index = torch.repeat_interleave(
+            torch.arange(len(systems)), torch.tensor(n_atoms)
+        )
+        atom_index = torch.cat([torch.arange(n) for n in n_atoms])
+        atom_samples = Labels(
+            ["system", "atom"], torch.stack([system_index, atom_index], dim=1).int()
+        )
+        system_samples = Labels(
+            ["system"], torch.arange(len(systems)).reshape(-1, 1).int()
+        )
+        xyz = Labels(["xyz"], torch.arange(3).reshape(-1, 1).int())
+        single = Labels(["_"], torch.tensor([[0]], dtype=torch.int32))
+        vectors = torch.cat(positions) @ self.matrix.T
+        if "energy" in outputs:
+            values = torch.stack(
+                [0.5 * (p * (p @ self.matrix.T)).sum() for p in positions]
+            )
+            block = TensorBlock(
+                values.reshape(-1, 1),
+                system_samples,
+                [],
+                Labels(["energy"], torch.tensor([[0]], dtype=torch.int32)),
+            )
+            results["energy"] = TensorMap(single, [block])
+        if "mtt::shift" in outputs:
+            values = torch.stack([(self.matrix @ p.sum(dim=0))[2] for p in positions])
+            block = TensorBlock(
+                values.reshape(-1, 1), system_samples, [], Labels.range("p", 1)
+            )
+            results["mtt::shift"] = TensorMap(single, [block])
+        if "non_conservative_force" in outputs:
+            block = TensorBlock(
+                vectors.unsqueeze(-1), atom_samples, [xyz], Labels.range("p", 1)
+            )
+            results["non_conservative_force"] = TensorMap(single, [block])
+        if "mtt::spherical" in outputs:
+            block = TensorBlock(
+                vectors[:, [1, 2, 0]].unsqueeze(-1),
+                atom_samples,
+                [Labels(["o3_mu"], torch.arange(-1, 2).reshape(-1, 1).int())],
+                Labels.range("p", 1),
+            )
+            keys = Labels(
+                ["o3_lambda", "o3_sigma"], torch.tensor([[1, 1]], dtype=torch.int32)
+            )
+            results["mtt::spherical"] = TensorMap(keys, [block])
+        return results
+
+
+ANISOTROPIC = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]
+
+
+def target_infos(energy_gradients=()):
+    energy = get_energy_target_info(
+        "energy",
+        {"quantity": "energy", "unit": "eV"},
+        add_position_gradients="positions" in energy_gradients,
+        add_strain_gradients="strain" in energy_gradients,
+    )
+    force = get_generic_target_info(
+        "non_conservative_force",
+        {
+            "quantity": "force",
+            "unit": "eV/A",
+            "type": {"cartesian": {"rank": 1}},
+            "num_subtargets": 1,
+            "sample_kind": "atom",
+        },
+    )
+    shift = get_generic_target_info(
+        "mtt::shift",
+        {
+            "quantity": "",
+            "unit": "",
+            "type": "scalar",
+            "num_subtargets": 1,
+            "sample_kind": "system",
+        },
+    )
+    spherical = get_generic_target_info(
+        "mtt::spherical",
+        {
+            "quantity": "",
+            "unit": "",
+            "type": {"spherical": {"irreps": [{"o3_lambda": 1, "o3_sigma": 1}]}},
+            "num_subtargets": 1,
+            "sample_kind": "atom",
+        },
+    )
+    return {
+        "energy": energy,
+        "non_conservative_force": force,
+        "mtt::shift": shift,
+        "mtt::spherical": spherical,
+    }
+
+
+def make_systems(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    systems = []
+    for n_atoms in (3, 5):
+        positions = torch.randn(n_atoms, 3, generator=generator, dtype=torch.float64)
+        systems.append(
+            System(
+                types=torch.ones(n_atoms, dtype=torch.int32),
+                positions=positions + 0.5,
+                cell=torch.zeros(3, 3, dtype=torch.float64),
+                pbc=torch.zeros(3, dtype=torch.bool),
+            )
+        )
+    return systems
+
+
+def penalty_for(name, matrix, n_rotations, gradient=None, per_structure=()):
+    model = LinearModel(matrix)
+    systems = make_systems()
+    infos = target_infos(() if gradient is None else (gradient,))
+    context = PenaltyContext(seed=1)
+    loss = EquivarianceLoss(
+        name, gradient, 1.0, "mean", n_rotations=n_rotations, context=context
+    )
+    context.step = TrainingStep(
+        model, systems, {name: infos[name]}, list(per_structure)
+    )
+    return loss.penalty(), model, systems
+
+
+def random_tensor_map(seed, n=6):
+    generator = torch.Generator().manual_seed(seed)
+    block = TensorBlock(
+        torch.randn(n, 3, 1, generator=generator, dtype=torch.float64),
+        Labels(
+            ["system", "atom"], torch.stack([torch.zeros(n), torch.arange(n)], 1).int()
+        ),
+        [Labels(["xyz"], torch.arange(3).reshape(-1, 1).int())],
+        Labels.range("p", 1),
+    )
+    return TensorMap(Labels(["_"], torch.tensor([[0]], dtype=torch.int32)), [block])
+
+
+@pytest.mark.parametrize(
+    "base, reference",
+    [
+        ("mse", TensorMapMSELoss("force", None, 1.0, "mean")),
+        ("huber", TensorMapHuberLoss("force", None, 1.0, "mean", delta=1.0)),
+    ],
+)
+def test_gamma_zero_is_the_base_loss(base, reference):
+    predictions = {"force": random_tensor_map(0)}
+    targets = {"force": random_tensor_map(1)}
+    context = PenaltyContext()
+
+    class Exploding(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("gamma = 0 must not evaluate the model")
+
+    context.step = TrainingStep(Exploding(), make_systems(), {})
+    loss = EquivarianceLoss("force", None, 1.0, "mean", base=base, gamma=0.0)
+    loss.context = context
+    expected = reference.compute(predictions, targets)
+    assert torch.equal(loss.compute(predictions, targets), expected)
+
+
+def test_without_a_training_step_the_loss_is_the_base_loss():
+    predictions = {"force": random_tensor_map(0)}
+    targets = {"force": random_tensor_map(1)}
+    loss = EquivarianceLoss("force", None, 1.0, "mean", gamma=5.0)
+    reference = TensorMapMSELoss("force", None, 1.0, "mean")
+    assert torch.equal(
+        loss.compute(predictions, targets), reference.compute(predictions, targets)
+    )
+
+
+@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical", "energy"])
+def test_exactly_equivariant_outputs_have_no_penalty(name):
+    penalty, _, _ = penalty_for(name, 1.7 * torch.eye(3), n_rotations=3)
+    assert abs(float(penalty.detach())) < 1e-24
+
+
+@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
+def test_penalty_is_the_unbiased_variance_of_back_transformed_vectors(name):
+    penalty, model, systems = penalty_for(name, ANISOTROPIC, n_rotations=4)
+    # recompute from the rotations the context drew, independently of the loss
+    context_generator = PenaltyContext(seed=1).generator
+    from metatomic.torch.o3 import random_transformations
+
+    rotations = random_transformations(
+        4 * len(systems),
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        add_inversions=True,
+        generator=context_generator,
+    ).matrices.reshape(4, len(systems), 3, 3)
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64)
+    deviations = []
+    for index, system in enumerate(systems):
+        x = system.positions
+        # z_r = g^T D g x for each copy
+        z = torch.stack(
+            [x @ (g.T @ matrix @ g).T for g in rotations[:, index]]
+        )  # (R, n_atoms, 3)
+        deviations.append(((z - z.mean(0)) ** 2).sum(0).reshape(-1) / 3)
+    expected = torch.cat(deviations).mean()
+    assert torch.allclose(penalty, expected, rtol=1e-10, atol=0)
+
+
+def test_penalty_estimates_the_equivariance_error_without_bias():
+    # (D g S)_z / n = 3 (g S)_z / n with S = sum_i x_i, an invariant target whose
+    # equivariance error is A = 9 |S|^2 / (3 n^2) per structure
+    penalty, _, systems = penalty_for("mtt::shift", ANISOTROPIC, n_rotations=4000)
+    exact = torch.stack(
+        [3.0 * s.positions.sum(dim=0).square().sum() / len(s) ** 2 for s in systems]
+    ).mean()
+    assert abs(penalty.item() / float(exact) - 1.0) < 0.08
+
+    # per-structure targets are not divided by the number of atoms
+    penalty, _, systems = penalty_for(
+        "mtt::shift", ANISOTROPIC, n_rotations=4000, per_structure=["mtt::shift"]
+    )
+    exact = torch.stack(
+        [3.0 * s.positions.sum(dim=0).square().sum() for s in systems]
+    ).mean()
+    assert abs(penalty.item() / float(exact) - 1.0) < 0.08
+
+
+def test_conservative_forces_penalty_and_gradients():
+    # forces -D x_i of the energy x.Dx/2: A per component (2/9)|x|^2, as above
+    penalty, model, systems = penalty_for(
+        "energy", ANISOTROPIC, n_rotations=3000, gradient="positions"
+    )
+    mean_square = torch.cat([s.positions for s in systems]).square().sum(1).mean()
+    expected = 2.0 / 9.0 * mean_square
+    assert abs(penalty.item() / float(expected) - 1.0) < 0.08
+
+    penalty.backward()
+    gradient = model.matrix.grad
+    assert gradient is not None and bool(torch.isfinite(gradient).all())
+    # the penalty grows with anisotropy: moving D towards the identity lowers it
+    step = (torch.tensor(ANISOTROPIC) - 2.0 * torch.eye(3)).to(torch.float64)
+    assert float((gradient * step).sum()) > 0
+
+
+def test_stress_penalty_is_the_unbiased_variance_of_back_transformed_tensors():
+    # strain gradient of x.Dx/2 per atom: W = sum_i x_i (D x_i)^T / n (metatrain
+    # divides per-structure quantities by the number of atoms); the copy g x
+    # back-transforms to g^T W(g x) g = sum_i x_i (g^T D g x_i)^T / n
+    penalty, _, systems = penalty_for(
+        "energy", ANISOTROPIC, n_rotations=3, gradient="strain"
+    )
+    from metatomic.torch.o3 import random_transformations
+
+    rotations = random_transformations(
+        3 * len(systems),
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        add_inversions=True,
+        generator=PenaltyContext(seed=1).generator,
+    ).matrices.reshape(3, len(systems), 3, 3)
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64)
+    deviations = []
+    for index, system in enumerate(systems):
+        x = system.positions
+        z = torch.stack(
+            [x.T @ (x @ (g.T @ matrix @ g).T) / len(x) for g in rotations[:, index]]
+        )  # (R, 3, 3)
+        deviations.append(((z - z.mean(0)) ** 2).sum(0).reshape(-1) / 2)
+    expected = torch.cat(deviations).mean()
+    assert torch.allclose(penalty, expected, rtol=1e-10, atol=0)
+
+    # an isotropic D is exactly equivariant
+    penalty, _, _ = penalty_for("energy", 0.7 * torch.eye(3), 3, gradient="strain")
+    assert penalty.item() < 1e-26
+
+
+def test_compute_adds_gamma_times_penalty():
+    model = LinearModel(ANISOTROPIC)
+    systems = make_systems()
+    infos = target_infos()
+    name = "non_conservative_force"
+    predictions = model(systems, {name: None})
+    targets = {name: random_tensor_map(3, n=8)}
+    context = PenaltyContext(seed=4)
+    loss = EquivarianceLoss(name, None, 1.0, "mean", gamma=2.5, context=context)
+    context.step = TrainingStep(model, systems, {name: infos[name]})
+    total = loss.compute(predictions, targets)
+    base = TensorMapMSELoss(name, None, 1.0, "mean").compute(predictions, targets)
+    assert torch.allclose(total, base + 2.5 * loss.last_penalty)
+    assert float(loss.last_penalty) > 0
+    assert list(context.pop_log()) == [f"L_sigma({name})"]
+    assert context.pop_log() == {}
+    # outside training steps (validation) only the base loss remains
+    context.step = None
+    assert torch.equal(loss.compute(predictions, targets), base)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"gamma": -1.0}, "training.loss.energy.gamma"),
+        ({"gamma": math.nan}, "training.loss.energy.gamma"),
+        ({"n_rotations": 1}, "training.loss.energy.n_rotations"),
+        ({"n_rotations": 2.5}, "training.loss.energy.n_rotations"),
+        ({"base": "masked_mse"}, "training.loss.energy.base"),
+        ({"sigma": 1.0}, "training.loss.energy.sigma"),
+        ({"delta": 0.5}, "training.loss.energy.delta"),
+        ({"base": "huber", "delta": -1.0}, "training.loss.energy.delta"),
+    ],
+)
+def test_invalid_options_name_the_option(options, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        check_options({"type": "equivariance", **options}, "training.loss.energy")
+    # the class checks the same (unknown keywords are Python's TypeError)
+    with pytest.raises(
+        (ValueError, TypeError), match="gamma|n_rotations|base|delta|sigma"
+    ):
+        EquivarianceLoss("energy", None, 1.0, "mean", **options)
+
+
+def test_defaults_and_nested_entries():
+    assert check_options({"type": "equivariance"}, "x") == {
+        "base": "mse",
+        "gamma": 1.0,
+        "n_rotations": 2,
+    }
+    assert check_options({"base": "huber"}, "x")["delta"] == 1.0
+    check_loss_options({"energy": "mse", "force": {"type": "mae"}})
+    with pytest.raises(ValueError, match=r"training\.loss\.energy\.forces\.gamma"):
+        check_loss_options(
+            {"energy": {"forces": {"type": "equivariance", "gamma": -1}}}
+        )
+    with pytest.raises(
+        ValueError, match=r"training\.loss\.energy\.gradients\.strain\.n_rotations"
+    ):
+        check_loss_options(
+            {
+                "energy": {
+                    "gradients": {"strain": {"type": "equivariance", "n_rotations": 0}}
+                }
+            }
+        )
