@@ -29,6 +29,7 @@ from metatomic.torch import (
     ModelOutput,
 )
 
+from .data import read_structures, reference_value
 from .diagnostics import AnalysisResult, analyze
 from .engine import DERIVED_OUTPUTS, RotatedEvaluator, prepare_systems
 from .grid import O3Grid
@@ -295,25 +296,6 @@ def audit(
     return result
 
 
-def read_structures(path: str | os.PathLike) -> list:
-    """Read every structure of a file with ASE, with clear errors."""
-    import ase.io
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file '{path}' does not exist")
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(
-            f"could not read structures from '{path}' with ASE ({message})"
-        ) from error
-    if len(frames) == 0:
-        raise ValueError(f"'{path}' contains no structures")
-    return frames
-
-
 def _ordered_features(model: LoadedModel, features) -> list[str]:
     if isinstance(features, str):
         features = [features]
@@ -374,29 +356,19 @@ def predict(
 
 # ---------------------------------------------------------------------- targets
 def _has_key(atoms, key: str) -> bool:
-    if key in atoms.info or key in atoms.arrays:
-        return True
-    return atoms.calc is not None and key in getattr(atoms.calc, "results", {})
+    return reference_value(atoms, key) is not None
 
 
 def _read_target(atoms, key: str, index: int) -> torch.Tensor:
-    if key in atoms.info:
-        value = atoms.info[key]
-    elif key in atoms.arrays:
-        value = atoms.arrays[key]
-    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
-        value = atoms.calc.results[key]
-    else:
+    try:
+        array = reference_value(atoms, key)
+    except ValueError as error:
+        raise ValueError(f"structure {index}: {error}") from error
+    if array is None:
         raise ValueError(
             f"structure {index} has no target '{key}' (looked in atoms.info, "
             "atoms.arrays and calculator results); name the right key with --targets"
         )
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"target '{key}' of structure {index} is not numeric"
-        ) from error
     if array.shape == (6,) and key.endswith("stress"):
         # Voigt order of ASE: xx yy zz yz xz xy
         xx, yy, zz, yz, xz, xy = array

@@ -6,21 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _read_structures(path: str):
-    import ase.io
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data file '{path}' does not exist")
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as error:
-        raise ValueError(
-            f"could not read structures from '{path}' with ASE ({error})"
-        ) from error
-    if len(frames) == 0:
-        raise ValueError(f"'{path}' contains no structures")
-    return frames
+from .data import read_structures
 
 
 def _analyze(args) -> None:
@@ -36,7 +22,7 @@ def _analyze(args) -> None:
 
     output = check_output_directory(args.output, args.force)
     model = msym.load_model(args.model)
-    frames = _read_structures(args.data)
+    frames = read_structures(args.data)
     names = list(args.outputs)
     if args.features == ["all"]:
         names += model.features
@@ -80,7 +66,7 @@ def _dynamics(args) -> None:
     for checkpoint in checkpoints:
         if not Path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist")
-    frames = _read_structures(data)
+    frames = read_structures(data)
     features = args.features
     if features is not None and features == ["all"]:
         features = "all"
@@ -178,10 +164,10 @@ def _retrain(args) -> None:
         grid = msym.O3Grid.random(args.n_rotations, seed=args.seed)
     result = msym.retrain_last_layer(
         args.checkpoint,
-        _read_structures(args.data),
+        read_structures(args.data),
         validation=None
         if args.validation is None
-        else _read_structures(args.validation),
+        else read_structures(args.validation),
         gammas=args.gamma,
         targets=args.targets,
         grid=grid,
@@ -254,7 +240,7 @@ def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
 def _audit(args) -> None:
     import metatrain_symmetry as msym
 
-    from .audit import audit, read_structures, write_audit_report
+    from .audit import audit, write_audit_report
     from .report import atomic_directory, check_output_directory
 
     output = check_output_directory(args.output, args.force)
@@ -344,7 +330,6 @@ def _add_audit_command(commands) -> None:
 
 
 def _export(args) -> None:
-    from .audit import read_structures
     from .export import export_audited
 
     output = Path(args.output)

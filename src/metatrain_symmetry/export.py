@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from metatomic.torch import AtomisticModel, ModelMetadata
 
-from .audit import AuditResult, audit, read_structures, sha256_of_file
+from .audit import AuditResult, audit, sha256_of_file
+from .data import read_structures
 from .grid import O3Grid
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from metatomic.torch import ModelOutput, System
 
+from .data import read_structures, reference_value
 from .engine import RotatedEvaluator, prepare_systems
 from .grid import O3Grid
 from .models import LoadedModel, load_model
@@ -255,17 +256,7 @@ def _make_target(pet, name: str, label_key: str | None, weight: float) -> _Targe
 
 def _read_frames(data, what: str) -> list:
     if isinstance(data, (str, os.PathLike)):
-        import ase.io
-
-        path = Path(data)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file '{path}' does not exist")
-        try:
-            frames = ase.io.read(path, index=":")
-        except Exception as error:
-            raise ValueError(
-                f"could not read {what} '{path}' with ASE ({error})"
-            ) from error
+        frames = read_structures(data, what)
     else:
         frames = list(data)
     if len(frames) == 0:
@@ -280,21 +271,13 @@ def _read_frames(data, what: str) -> list:
 
 
 def _label(frame, key: str, index: int, what: str):
-    import numpy as np
-
-    value = None
-    if key in frame.info:
-        value = frame.info[key]
-    elif key in frame.arrays:
-        value = frame.arrays[key]
-    elif frame.calc is not None and key in getattr(frame.calc, "results", {}):
-        value = frame.calc.results[key]
+    value = reference_value(frame, key)
     if value is None:
         raise ValueError(
             f"{what} structure {index} has no '{key}' label (looked in info, arrays "
             "and calculator results); pass label_keys={target: key} to name it"
         )
-    return torch.as_tensor(np.asarray(value, dtype=np.float64))
+    return torch.as_tensor(value)
 
 
 def _labels(frames, target: _Target, what: str) -> list[torch.Tensor]:
