@@ -88,6 +88,30 @@ def _dynamics(args) -> None:
     print(f"results written to {output}/")
 
 
+def _add_grid_options(parser, grid_degree: bool = True) -> None:
+    """The options shared by every command that evaluates rotated copies."""
+    parser.add_argument(
+        "--max-lambda", type=int, default=4, help="largest lambda of the spectra"
+    )
+    if grid_degree:
+        parser.add_argument(
+            "--grid-degree",
+            type=int,
+            default=None,
+            help="degree of the O(3) integration grid (default: 2 * max-lambda)",
+        )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rotated copies per model call (default: about 4096 atoms)",
+    )
+
+
+def _add_force_option(parser, replaced: str = "a non-empty output directory") -> None:
+    parser.add_argument("--force", action="store_true", help=f"replace {replaced}")
+
+
 def _add_dynamics_command(commands) -> None:
     dynamics = commands.add_parser(
         "dynamics",
@@ -125,9 +149,7 @@ def _add_dynamics_command(commands) -> None:
         help="internal features ('mtt::feature::<path>'), or 'all' (default: the "
         "node features after each message-passing layer)",
     )
-    dynamics.add_argument("--max-lambda", type=int, default=4)
-    dynamics.add_argument("--grid-degree", type=int, default=None)
-    dynamics.add_argument("--batch-size", type=int, default=None)
+    _add_grid_options(dynamics)
     dynamics.add_argument(
         "--weights",
         choices=["epoch", "best"],
@@ -135,9 +157,7 @@ def _add_dynamics_command(commands) -> None:
         help="analyse the weights at each checkpoint's epoch (default) or the best "
         "weights so far, as 'mtt export' would",
     )
-    dynamics.add_argument(
-        "--force", action="store_true", help="replace a non-empty output directory"
-    )
+    _add_force_option(dynamics)
     dynamics.set_defaults(run=_dynamics)
 
 
@@ -217,9 +237,7 @@ def _add_retrain_command(commands) -> None:
     )
     retrain.add_argument("--batch-size", type=int, default=None)
     retrain.add_argument("-o", "--output", required=True, help="output directory")
-    retrain.add_argument(
-        "--force", action="store_true", help="replace a non-empty output directory"
-    )
+    _add_force_option(retrain)
     retrain.set_defaults(run=_retrain)
 
 
@@ -240,7 +258,7 @@ def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
 def _audit(args) -> None:
     import metatrain_symmetry as msym
 
-    from .audit import audit, write_audit_report
+    from .audit import audit, sha256_of_file, write_audit_report
     from .report import atomic_directory, check_output_directory
 
     output = check_output_directory(args.output, args.force)
@@ -265,8 +283,6 @@ def _audit(args) -> None:
         progress=True,
     )
     # identify the files, not the in-memory copies
-    from .audit import sha256_of_file
-
     result.summary["model"].update(
         path=args.model, sha256=sha256_of_file(Path(args.model))
     )
@@ -319,13 +335,9 @@ def _add_audit_command(commands) -> None:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    command.add_argument("--max-lambda", type=int, default=4)
-    command.add_argument("--grid-degree", type=int, default=None)
-    command.add_argument("--batch-size", type=int, default=None)
+    _add_grid_options(command)
     command.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    command.add_argument(
-        "--force", action="store_true", help="replace a non-empty output directory"
-    )
+    _add_force_option(command)
     command.set_defaults(run=_audit)
 
 
@@ -394,11 +406,8 @@ def _add_export_command(commands) -> None:
     )
     command.add_argument("--outputs", nargs="+", default=None)
     command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
-    command.add_argument("--max-lambda", type=int, default=4)
-    command.add_argument("--batch-size", type=int, default=None)
-    command.add_argument(
-        "--force", action="store_true", help="replace an existing output file"
-    )
+    _add_grid_options(command, grid_degree=False)
+    _add_force_option(command, "an existing output file")
     command.set_defaults(run=_export)
 
 
@@ -464,15 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    analyze.add_argument("--max-lambda", type=int, default=4)
-    analyze.add_argument("--grid-degree", type=int, default=None)
-    analyze.add_argument("--batch-size", type=int, default=None)
+    _add_grid_options(analyze)
     analyze.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )
-    analyze.add_argument(
-        "--force", action="store_true", help="replace a non-empty output directory"
-    )
+    _add_force_option(analyze)
     analyze.set_defaults(run=_analyze)
 
     demo = commands.add_parser(
@@ -492,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="weight of the equivariance penalty in the penalised training",
     )
-    demo.add_argument(
-        "--force", action="store_true", help="replace a non-empty output directory"
-    )
+    _add_force_option(demo)
     demo.set_defaults(run=_demo)
     _add_audit_command(commands)
     _add_export_command(commands)
