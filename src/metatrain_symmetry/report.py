@@ -173,17 +173,20 @@ def write_pareto_tables(result, csv_path: Path, markdown_path: Path) -> None:
 
 
 def plot_pareto(result, path: Path) -> None:
-    """Accuracy versus equivariance error, one curve per target, one point per
-    gamma: validation errors when available, training loss terms otherwise."""
+    """Accuracy versus equivariance error, one panel per term (every target, and
+    the conservative forces of an energy trained with them), one point per gamma:
+    validation errors when available, training loss terms otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one panel per loss term: targets, and the forces of energies trained with them
+    terms = getattr(result, "terms", None) or result.targets
     fig, axes = plt.subplots(
-        1, len(result.targets), figsize=(4.5 * len(result.targets), 4), squeeze=False
+        1, len(terms), figsize=(4.5 * len(terms), 4), squeeze=False
     )
-    for axis, name in zip(axes[0], result.targets, strict=True):
+    for axis, name in zip(axes[0], terms, strict=True):
         if name in result.validation_rmse:
             x = result.validation_equivariance_rmse[name]
             y = result.validation_rmse[name]

@@ -16,6 +16,12 @@ output is ``scale * a + baseline``. The objective ``L_mu + gamma * L_sigma`` is
 therefore quadratic in the readout: one streaming pass over rotated copies of the
 training structures accumulates its normal equations in float64, and every value
 of ``gamma`` is one small linear solve.
+
+Conservative forces ``-dE/dr`` of an energy trained with them are linear in the
+same parameters, through the position derivatives of the summed features and
+cutoff factors: a second pass with positions requiring gradients builds their
+design rows (the Jacobian of the energy's design row), and they enter the
+objective as a second quadratic term of the energy's parameters.
 """
 
 from __future__ import annotations
@@ -27,10 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from metatomic.torch import ModelOutput, System
+from metatomic.torch import (
+    ModelOutput,
+    System,
+    systems_to_torch,
+    unit_conversion_factor,
+)
 
 from .data import read_structures, reference_value
-from .engine import RotatedEvaluator, prepare_systems
+from .engine import RotatedEvaluator, _prepare, _rotated_copies, prepare_systems
 from .grid import O3Grid
 from .models import LoadedModel, load_model
 
@@ -167,10 +178,17 @@ class _Target:
     (identity, or the symmetric parametrization of a stress)"""
     label_key: str
     weight: float = 1.0
+    forces: _ForceTerm | None = None
+    """the conservative forces of an energy trained with position gradients"""
 
     @property
     def n_parameters(self) -> int:
         return self.output_map.shape[1] * (self.readout.n_features + 2)
+
+    def loss_scale(self, info, shape) -> torch.Tensor:
+        """metatrain's per-target scale of one structure, shaped ``shape``
+        (``(n_samples, *components, n_properties)``)."""
+        return info.loss_scales[self.name].reshape(shape)
 
     @property
     def n_components(self) -> int:
@@ -184,6 +202,36 @@ class _Target:
     def expand(self, parameters: torch.Tensor) -> torch.Tensor:
         reduced = parameters.reshape(self.output_map.shape[1], -1)
         return self.output_map @ reduced
+
+
+@dataclass
+class _ForceTerm:
+    """The conservative forces ``-dE/dr`` of an energy target: a second quadratic
+    term in the energy's readout parameters, with its own labels and loss weight
+    (metatrain's weight of the energy's ``positions`` gradient)."""
+
+    target: _Target
+    label_key: str
+    weight: float = 1.0
+    rank: int = 1
+    per_structure: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.name}/forces"
+
+    @property
+    def n_properties(self) -> int:
+        return self.target.n_properties
+
+    @property
+    def n_parameters(self) -> int:
+        return self.target.n_parameters
+
+    def loss_scale(self, info, shape) -> torch.Tensor:
+        # metatrain divides gradients by the scale of the energy they derive from
+        scale = info.loss_scales[self.target.name].reshape(-1)
+        return scale.expand(shape)
 
 
 def _make_target(pet, name: str, label_key: str | None, weight: float) -> _Target:
@@ -462,6 +510,194 @@ class _Stream:
             yield structure, chunk.rotations, rotations, designs
 
 
+# atoms per model call when computing force designs (one backward pass per column)
+_FORCE_ATOMS_PER_BATCH = 512
+
+
+class _ForceStream:
+    """Per rotated copies of one structure: the design of the conservative forces
+    of every energy target trained with them, such that the forces (model units)
+    are ``design @ parameters + offset``.
+
+    The energy of a copy is ``E = offset + D theta`` with ``D`` built from the sums
+    over atoms of the last-layer features and of the cutoff factors, so the forces
+    are ``-(dD/dr) theta - d offset/dr``. ``dD/dr`` is taken by backward passes of
+    the feature columns summed over the copies of a batch (the copies are
+    independent, so each copy's positions receive its own derivative), batched
+    over the columns; the cutoff-factor column, which the model exposes detached,
+    by differentiating the energy's gradient with respect to an edge bias.
+    ``d offset/dr`` (position-dependent additive models such as ZBL, if any; the
+    composition baseline does not depend on positions) is the model's own force
+    minus ``-(dD/dr) theta``.
+    """
+
+    def __init__(self, model, grid, terms, systems, infos, batch_size, progress):
+        self.model = model
+        self.terms = terms
+        self.systems = systems
+        self.infos = infos
+        self.extended = _with_identity(grid)
+        self.rotations = self.extended.rotations.to(
+            dtype=model.dtype, device=model.device
+        )
+        self.batch_size = batch_size
+        self.progress = progress
+        self.thetas = {
+            term.name: term.target.reduce(term.target.readout.theta().detach())
+            for term in terms
+        }
+
+    def __iter__(self):
+        requests = {}
+        for term in self.terms:
+            name = term.target.name
+            requests[_PETReadout.features_name(name)] = ModelOutput(sample_kind="atom")
+            requests[name] = ModelOutput(sample_kind="system")
+        n_rotations = len(self.extended)
+        total = len(self.systems) * n_rotations
+        largest = max(max(len(system), 1) for system in self.systems)
+        per_batch = self.batch_size or max(1, _FORCE_ATOMS_PER_BATCH // largest)
+        prepared = [_prepare(system) for system in self.systems]
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="copy", desc="force designs")
+        for start in range(0, total, per_batch):
+            stop = min(start + per_batch, total)
+            # (structure, first rotation, last rotation) segments of this batch
+            segments = []
+            position = start
+            while position < stop:
+                structure, first = divmod(position, n_rotations)
+                last = min(n_rotations, first + stop - position)
+                segments.append((structure, first, last))
+                position += last - first
+            with torch.enable_grad():
+                chunks = self._designs(prepared, segments, requests)
+            for (structure, first, last), designs in zip(segments, chunks, strict=True):
+                indices = torch.arange(first, last)
+                yield structure, indices, self.extended.rotations[indices], designs
+            if bar is not None:
+                bar.update(stop - start)
+        if bar is not None:
+            bar.close()
+
+    def _designs(self, prepared, segments, requests) -> list[dict]:
+        copies, positions = [], []
+        for structure, first, last in segments:
+            segment, leaves = _rotated_copies(
+                prepared[structure], self.rotations[first:last], differentiable=True
+            )
+            copies += segment
+            positions += [leaf for leaf, _ in leaves]
+        # the model's cutoff-factor output is detached: the position dependence of
+        # the edge-bias column comes from the bias gradient of the energy
+        biases = [
+            t.target.readout.edge_layers[0][t.target.readout.key].bias
+            for t in self.terms
+        ]
+        previous = [bias.requires_grad for bias in biases]
+        for bias in biases:
+            bias.requires_grad_(True)
+        try:
+            return self._designs_from(segments, copies, positions, requests, biases)
+        finally:
+            for bias, flag in zip(biases, previous, strict=True):
+                bias.requires_grad_(flag)
+
+    def _designs_from(self, segments, copies, positions, requests, biases):
+        outputs = self.model(copies, requests, None)
+        chunks: list[dict] = [{} for _ in segments]
+        for term, bias in zip(self.terms, biases, strict=True):
+            target = term.target
+            name = target.name
+            energy = outputs[name].block().values
+            # dE_total/d b_edge = sum_c scale * C_c, a function of every copy's
+            # positions; the copies being independent, its position gradient is
+            # scale * dC_c/dr_c for each copy
+            (bias_gradient,) = torch.autograd.grad(
+                energy.sum(), bias, create_graph=True, retain_graph=True
+            )
+            features = outputs[_PETReadout.features_name(name)].block().values
+            # totals over copies whose position gradients are per-copy quantities:
+            # the summed features, scale * C and the energy
+            totals = torch.cat(
+                [features.sum(dim=0), bias_gradient.sum()[None], energy.sum()[None]]
+            )
+            # per copy (n_atoms, 3, K + 2)
+            gradients = _per_copy_gradients(totals, positions)
+            n_features = features.shape[-1]
+            offset_in_batch = 0
+            for index, (structure, first, last) in enumerate(segments):
+                n_copies = last - first
+                stacked = torch.stack(
+                    gradients[offset_in_batch : offset_in_batch + n_copies]
+                )
+                offset_in_batch += n_copies
+                scales = self.infos[structure].full_scales[name][0]  # (n_outputs,)
+                coordination = stacked[..., n_features] / scales.sum()
+                jacobian = torch.cat(
+                    [
+                        stacked[..., :n_features],
+                        # the constant column of the node biases has no derivative
+                        torch.zeros_like(coordination)[..., None],
+                        coordination[..., None],
+                    ],
+                    dim=-1,
+                )  # (c, n_atoms, 3, n_features + 2)
+                model_forces = -stacked[..., -1]
+                # design[c, i, a, o, q, k] = -scale[o] map[o, q] dX[c, k]/dr[c, i, a]
+                design = -torch.einsum(
+                    "o,oq,ciak->ciaoqk", scales, target.output_map, jacobian
+                )
+                design = design.reshape(
+                    n_copies, stacked.shape[1], 3, target.n_properties, -1
+                )
+                offset = model_forces[..., None] - design @ self.thetas[term.name]
+                chunks[index][term.name] = (design.detach(), offset.detach())
+        return chunks
+
+
+def _per_copy_gradients(totals: torch.Tensor, positions) -> list[torch.Tensor]:
+    """Gradients of every entry of ``totals`` (``(K,)``, sums over independent
+    copies) with respect to each copy's positions: one ``(n_atoms, 3, K)`` float64
+    tensor per copy. One batched backward pass (``is_grads_batched``), or one pass
+    per entry where batching is not supported."""
+    eye = torch.eye(len(totals), dtype=totals.dtype, device=totals.device)
+    try:
+        gradients = torch.autograd.grad(
+            totals,
+            positions,
+            grad_outputs=eye,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:
+        columns = [
+            torch.autograd.grad(
+                totals[index], positions, retain_graph=True, allow_unused=True
+            )
+            for index in range(len(totals))
+        ]
+        gradients = [
+            torch.stack(
+                [
+                    torch.zeros_like(leaf) if column[index] is None else column[index]
+                    for column in columns
+                ]
+            )
+            for index, leaf in enumerate(positions)
+        ]
+    return [
+        torch.zeros(*leaf.shape, len(totals), dtype=torch.float64, device=leaf.device)
+        if gradient is None
+        else gradient.movedim(0, -1).to(torch.float64)
+        for leaf, gradient in zip(positions, gradients, strict=True)
+    ]
+
+
 def _unbiased_factor(grid: O3Grid) -> float:
     """``R / (R - 1)`` for Monte-Carlo grids (unbiased variance), 1 for
     quadrature grids."""
@@ -489,7 +725,7 @@ class _NormalEquations:
     """Streaming accumulation of the quadratic forms of ``L_mu`` and ``L_sigma`` of
     one target, in float64."""
 
-    def __init__(self, target: _Target, labels, infos, grid: O3Grid):
+    def __init__(self, target: _Target | _ForceTerm, labels, infos, grid: O3Grid):
         size = target.n_parameters + 1
         self.target = target
         self.labels = labels
@@ -511,8 +747,8 @@ class _NormalEquations:
             self._first = None
             self._second = None
             self._weight = 0.0
-        scale = self.infos[structure].loss_scales[target.name]
-        scale = scale.reshape(1, *design.shape[1:-1], 1)
+        scale = target.loss_scale(self.infos[structure], design.shape[1:-1])
+        scale = scale[None, ..., None]
         design = _back_rotate(design, target.rank, rotations)
         offset = _back_rotate(offset, target.rank, rotations)
         rows = torch.cat([design, offset[..., None]], dim=-1) / scale
@@ -555,16 +791,19 @@ class _NormalEquations:
         return _Quadratic(self.mu, self.count), _Quadratic(self.sigma, self.count)
 
 
-def _solve(target: _Target, mu: _Quadratic, sigma: _Quadratic, gammas, ridge):
-    """Minimizers of ``weight * (L_mu + gamma L_sigma) + ridge ||theta||^2``.
+def _solve(target: _Target, terms, gammas, ridge):
+    """Minimizers of ``sum_terms weight * (L_mu + gamma L_sigma) + ridge ||theta||^2``.
 
+    :param terms: ``(weight, mu, sigma)`` of every quadratic term in the target's
+        parameters (its values, and its forces when it has them)
     :return: ``(n_gamma, n_parameters)``
     """
     size = target.n_parameters
     solutions = []
     for gamma in gammas:
-        matrix = target.weight * (
-            mu.matrix / mu.count + gamma * sigma.matrix / sigma.count
+        matrix = sum(
+            weight * (mu.matrix / mu.count + gamma * sigma.matrix / sigma.count)
+            for weight, mu, sigma in terms
         )
         hessian = matrix[:size, :size] + ridge * torch.eye(size, dtype=torch.float64)
         hessian = 0.5 * (hessian + hessian.T)
@@ -677,23 +916,28 @@ class RetrainResult:
     objective: torch.Tensor
     """``(n_gamma,)`` training objective ``L`` at each solution"""
     training_mse: dict[str, torch.Tensor]
-    """per target, ``(n_gamma,)`` ``L_mu`` on the training structures"""
+    """per term (see ``terms``), ``(n_gamma,)`` ``L_mu`` on the training
+    structures"""
     training_equivariance: dict[str, torch.Tensor]
-    """per target, ``(n_gamma,)`` ``L_sigma`` on the training structures"""
+    """per term, ``(n_gamma,)`` ``L_sigma`` on the training structures"""
     parameters: dict[str, torch.Tensor]
     """per target, ``(n_gamma, n_parameters)`` free readout parameters"""
     validation_rmse: dict[str, torch.Tensor] = field(default_factory=dict)
-    """per target, ``(n_gamma,)`` RMSE against the validation labels"""
+    """per term, ``(n_gamma,)`` RMSE against the validation labels"""
     validation_equivariance_rmse: dict[str, torch.Tensor] = field(default_factory=dict)
-    """per target, ``(n_gamma,)`` mean over validation structures of the
+    """per term, ``(n_gamma,)`` mean over validation structures of the
     per-structure equivariance RMSE (as :py:func:`equivariance_rmse`)"""
     validation_predictions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    """per target, one ``(n_gamma, n_samples, *components, n_properties)`` tensor per
+    """per term, one ``(n_gamma, n_samples, *components, n_properties)`` tensor per
     validation structure: the solver's predictions on the unrotated structures"""
     checkpoints: list[Path] = field(default_factory=list)
     """the written checkpoints, one per gamma (empty without an output directory)"""
     grid: O3Grid | None = None
     ridge: float = 0.0
+    terms: list[str] = field(default_factory=list)
+    """the terms of the objective: every target and, for an energy trained with
+    forces, ``"<target>/forces"`` (the keys of the per-term dictionaries above;
+    ``parameters`` is keyed by target)"""
 
     def table(self) -> list[dict[str, float]]:
         """One row per gamma: the objective and, per target, the training
@@ -701,7 +945,7 @@ class RetrainResult:
         rows = []
         for index, gamma in enumerate(self.gammas):
             row = {"gamma": gamma, "objective": float(self.objective[index])}
-            for name in self.targets:
+            for name in self.terms or self.targets:
                 row[f"{name} train L_mu"] = float(self.training_mse[name][index])
                 row[f"{name} train L_sigma"] = float(
                     self.training_equivariance[name][index]
@@ -749,18 +993,24 @@ def retrain_last_layer(
     :param validation: validation structures (same formats), optional
     :param gammas: values of the equivariance weight ``gamma >= 0``
     :param targets: targets to retrain (default: every energy, non-conservative force
-        and non-conservative stress target of the model)
+        and non-conservative stress target of the model); an energy trained with
+        conservative forces brings its forces along
     :param grid: rotations on which ``L_sigma`` is estimated (default:
         ``O3Grid.random(n_rotations, seed)``)
     :param n_rotations: number of random rotations when ``grid`` is not given
     :param seed: seed of the random rotations
     :param ridge: coefficient of the ridge term (in loss units)
-    :param weights: per-target loss weights ``w_t`` (default: the ``weight`` of
-        each target in the checkpoint's ``loss`` training options, or 1)
-    :param label_keys: per-target name of the label in the ASE structures
-        (defaults: ``energy``, ``forces``, ``stress``)
-    :param ignore_gradients: retrain an energy target that was trained with forces
-        or stress (its gradients) on energies alone instead of refusing
+    :param weights: per-term loss weights ``w_t`` keyed by target, or by
+        ``"<target>/forces"`` for the conservative forces of an energy (default:
+        the ``weight`` of each target, and of its ``gradients: positions``, in the
+        checkpoint's ``loss`` training options, or 1)
+    :param label_keys: per-term name of the label in the ASE structures
+        (defaults: ``energy``, ``forces`` for non-conservative and conservative
+        forces, ``stress``)
+    :param ignore_gradients: retrain an energy target that was trained with its
+        gradients on energies alone. Without it, an energy trained with forces
+        (position gradients) is retrained on energies and forces, and one trained
+        with stress (strain gradients) is refused
     :param output: directory for ``gamma-<value>.ckpt``, ``pareto.csv``,
         ``pareto.md`` and ``pareto.png``; written atomically
     :param force: replace a non-empty ``output`` directory
@@ -784,14 +1034,16 @@ def retrain_last_layer(
     original = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
 
     names = _select_targets(pet, targets)
-    _check_gradients(pet, names, ignore_gradients)
-    default_weights = _loss_weights(original)
+    with_forces = _check_gradients(pet, names, ignore_gradients)
+    default_weights, default_force_weights = _loss_weights(original)
     weights = dict(weights or {})
     label_keys = dict(label_keys or {})
+    known_terms = names + [f"{name}/forces" for name in with_forces]
     for name in list(weights) + list(label_keys):
-        if name not in names:
+        if name not in known_terms:
             raise ValueError(
-                f"weights or label_keys name '{name}', which is not retrained"
+                f"weights or label_keys name '{name}', which is not retrained "
+                f"(terms: {known_terms})"
             )
     specs = [
         _make_target(
@@ -802,6 +1054,17 @@ def retrain_last_layer(
         )
         for name in names
     ]
+    for target in specs:
+        if target.name in with_forces:
+            _add_forces(
+                target,
+                label_keys.get(f"{target.name}/forces"),
+                weights.get(
+                    f"{target.name}/forces",
+                    default_force_weights.get(target.name, 1.0),
+                ),
+            )
+    force_terms = [t.forces for t in specs if t.forces is not None]
     if grid is None:
         grid = O3Grid.random(n_rotations, seed=seed)
     if not isinstance(grid, O3Grid):
@@ -810,45 +1073,63 @@ def retrain_last_layer(
         raise ValueError("the grid needs at least two rotations to estimate L_sigma")
 
     train_frames = _read_frames(train, "training")
-    train_labels = {t.name: _labels(train_frames, t, "training") for t in specs}
+    train_labels = {
+        t.name: _labels(train_frames, t, "training") for t in specs + force_terms
+    }
     _check_enough_data(specs, train_labels, gammas, ridge)
     validation_frames = None
     if validation is not None:
         validation_frames = _read_frames(validation, "validation")
         validation_labels = {
-            t.name: _labels(validation_frames, t, "validation") for t in specs
+            t.name: _labels(validation_frames, t, "validation")
+            for t in specs + force_terms
         }
 
     # ---- one pass over the training structures: normal equations
     systems = prepare_systems(train_frames, model)
     infos = _structure_infos(model, systems, specs)
     equations = {
-        t.name: _NormalEquations(t, train_labels[t.name], infos, grid) for t in specs
+        t.name: _NormalEquations(t, train_labels[t.name], infos, grid)
+        for t in specs + force_terms
     }
-    stream = _Stream(model, grid, specs, systems, infos, batch_size, progress)
-    for structure, indices, rotations, designs in stream:
-        for name, (design, offset) in designs.items():
-            equations[name].add(structure, indices, rotations, design, offset)
+    streams = [_Stream(model, grid, specs, systems, infos, batch_size, progress)]
+    if len(force_terms) != 0:
+        streams.append(
+            _ForceStream(model, grid, force_terms, systems, infos, batch_size, progress)
+        )
+    for stream in streams:
+        for structure, indices, rotations, designs in stream:
+            for name, (design, offset) in designs.items():
+                equations[name].add(structure, indices, rotations, design, offset)
 
     # ---- every gamma: one solve per target
     parameters = {}
     objective = torch.zeros(len(gammas), dtype=torch.float64)
     training_mse, training_equivariance = {}, {}
+    gamma_values = torch.tensor(gammas, dtype=torch.float64)
     for target in specs:
-        mu, sigma = equations[target.name].quadratics()
-        solutions = _solve(target, mu, sigma, gammas, ridge)
+        terms = [target] if target.forces is None else [target, target.forces]
+        quadratics = [(t, *equations[t.name].quadratics()) for t in terms]
+        solutions = _solve(
+            target,
+            [(t.weight, mu, sigma) for t, mu, sigma in quadratics],
+            gammas,
+            ridge,
+        )
         parameters[target.name] = solutions
-        training_mse[target.name] = mu.value(solutions)
-        training_equivariance[target.name] = sigma.value(solutions)
-        objective += target.weight * (
-            training_mse[target.name]
-            + torch.tensor(gammas, dtype=torch.float64)
-            * training_equivariance[target.name]
-        ) + ridge * solutions.square().sum(dim=1)
+        for term, mu, sigma in quadratics:
+            training_mse[term.name] = mu.value(solutions)
+            training_equivariance[term.name] = sigma.value(solutions)
+            objective += term.weight * (
+                training_mse[term.name]
+                + gamma_values * training_equivariance[term.name]
+            )
+        objective += ridge * solutions.square().sum(dim=1)
 
     result = RetrainResult(
         gammas=gammas,
         targets=names,
+        terms=[name for t in specs for name in _term_names(t)],
         objective=objective,
         training_mse=training_mse,
         training_equivariance=training_equivariance,
@@ -867,10 +1148,24 @@ def retrain_last_layer(
             )
             for t in specs
         }
-        stream = _Stream(model, grid, specs, systems, infos, batch_size, progress)
-        for structure, indices, rotations, designs in stream:
-            for name, (design, offset) in designs.items():
-                evaluations[name].add(structure, indices, rotations, design, offset)
+        for term in force_terms:
+            evaluations[term.name] = _Evaluation(
+                term,
+                validation_labels[term.name],
+                parameters[term.target.name],
+                grid.weights,
+            )
+        streams = [_Stream(model, grid, specs, systems, infos, batch_size, progress)]
+        if len(force_terms) != 0:
+            streams.append(
+                _ForceStream(
+                    model, grid, force_terms, systems, infos, batch_size, progress
+                )
+            )
+        for stream in streams:
+            for structure, indices, rotations, designs in stream:
+                for name, (design, offset) in designs.items():
+                    evaluations[name].add(structure, indices, rotations, design, offset)
         for name, evaluation in evaluations.items():
             result.validation_rmse[name] = evaluation.rmse()
             result.validation_equivariance_rmse[name] = (
@@ -962,31 +1257,68 @@ def _select_targets(pet, targets) -> list[str]:
     return names
 
 
-def _check_gradients(pet, names, ignore_gradients: bool) -> None:
+def _check_gradients(pet, names, ignore_gradients: bool) -> list[str]:
+    """The targets whose conservative forces enter the objective (those trained
+    with position gradients, unless ``ignore_gradients``)."""
+    with_forces = []
     for name in names:
-        gradients = pet.dataset_info.targets[name].gradients
-        if len(gradients) != 0 and not ignore_gradients:
+        gradients = list(pet.dataset_info.targets[name].gradients)
+        if len(gradients) == 0 or ignore_gradients:
+            continue
+        unsupported = [g for g in gradients if g != "positions"]
+        if len(unsupported) != 0:
             raise ValueError(
-                f"target '{name}' was trained with its gradients {gradients} "
-                "(conservative forces/stress), which closed-form retraining does not "
-                "fit; pass ignore_gradients=True (--ignore-gradients) to retrain on "
-                "its values alone"
+                f"target '{name}' was trained with its gradients {unsupported} "
+                "(conservative stress), which closed-form retraining does not fit; "
+                "pass ignore_gradients=True (--ignore-gradients) to retrain on its "
+                "values alone"
             )
+        with_forces.append(name)
+    return with_forces
 
 
-def _loss_weights(original: dict) -> dict[str, float]:
+def _add_forces(target: _Target, label_key: str | None, weight: float) -> None:
+    if target.rank != 0 or not target.per_structure or target.n_properties != 1:
+        raise ValueError(
+            f"target '{target.name}' has position gradients but is not a "
+            "single-property per-structure energy; pass ignore_gradients=True "
+            "(--ignore-gradients) to retrain on its values alone"
+        )
+    target.forces = _ForceTerm(
+        target=target,
+        label_key=DEFAULT_LABEL_KEYS["non_conservative_force"]
+        if label_key is None
+        else label_key,
+        weight=float(weight),
+    )
+
+
+def _term_names(target: _Target) -> list[str]:
+    return [target.name] + ([] if target.forces is None else [target.forces.name])
+
+
+def _loss_weights(original: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-target loss weights of the checkpoint's training options, and the
+    weights of their ``positions`` gradients."""
     loss = (original.get("train_hypers") or {}).get("loss")
-    weights = {}
+    weights, force_weights = {}, {}
     if isinstance(loss, dict):
         for name, options in loss.items():
-            if isinstance(options, dict) and "weight" in options:
+            if not isinstance(options, dict):
+                continue
+            if "weight" in options:
                 weights[name] = float(options["weight"])
-    return weights
+            positions = (options.get("gradients") or {}).get("positions")
+            if isinstance(positions, dict) and "weight" in positions:
+                force_weights[name] = float(positions["weight"])
+    return weights, force_weights
 
 
 def _check_enough_data(specs, labels, gammas, ridge) -> None:
     for target in specs:
-        n_values = sum(value.numel() for value in labels[target.name])
+        n_values = sum(
+            value.numel() for name in _term_names(target) for value in labels[name]
+        )
         if ridge == 0 and min(gammas) == 0 and n_values < target.n_parameters:
             raise ValueError(
                 f"too few training structures for target '{target.name}': "
@@ -1004,6 +1336,7 @@ def retraining_objective(
     ridge: float = 0.0,
     weights: dict[str, float] | None = None,
     label_keys: dict[str, str] | None = None,
+    ignore_gradients: bool = False,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """The retraining objective evaluated by ordinary forward passes of ``model``.
@@ -1012,7 +1345,9 @@ def retraining_objective(
     :py:func:`retrain_last_layer` minimizes: it rotates the structures, calls the
     model and back-transforms its outputs, with autograd enabled, so that its
     gradient with respect to the readout parameters can be taken (gradient-based
-    retraining, optimality checks).
+    retraining, optimality checks). The conservative forces of an energy trained
+    with position gradients are computed by automatic differentiation of the
+    energy through the positions (and neighbour lists), keeping the graph.
 
     :param model: a metatrain PET (in memory) or a path to its checkpoint
     :param train: training structures with labels (see :py:func:`retrain_last_layer`)
@@ -1021,8 +1356,10 @@ def retraining_objective(
     :param targets: targets in the objective (default as in
         :py:func:`retrain_last_layer`)
     :param ridge: coefficient of the ridge term
-    :param weights: per-target weights (default 1)
-    :param label_keys: per-target label names
+    :param weights: per-term weights (default 1), keyed by target or
+        ``"<target>/forces"``
+    :param label_keys: per-term label names (forces: ``forces`` by default)
+    :param ignore_gradients: leave the forces of energies trained with them out
     :param batch_size: structures per model call
     :return: scalar float64 tensor
     """
@@ -1031,25 +1368,47 @@ def retraining_objective(
     loaded = load_model(model) if not isinstance(model, LoadedModel) else model
     pet = _as_pet(loaded)
     names = _select_targets(pet, targets)
+    with_forces = _check_gradients(pet, names, ignore_gradients)
     weights = dict(weights or {})
     label_keys = dict(label_keys or {})
     specs = [
         _make_target(pet, n, label_keys.get(n), weights.get(n, 1.0)) for n in names
     ]
+    for t in specs:
+        if t.name in with_forces:
+            key = f"{t.name}/forces"
+            _add_forces(t, label_keys.get(key), weights.get(key, 1.0))
+    force_terms = [t.forces for t in specs if t.forces is not None]
     frames = _read_frames(train, "training")
-    labels = {t.name: _labels(frames, t, "training") for t in specs}
-    factor = _unbiased_factor(grid)
+    labels = {t.name: _labels(frames, t, "training") for t in specs + force_terms}
+    unbiased_factor = _unbiased_factor(grid)
     rotations = torch.cat([torch.eye(3, dtype=torch.float64)[None], grid.rotations])
 
-    copies, owners = [], []
-    for index, frame in enumerate(frames):
+    copies, positions = [], []
+    for frame in frames:
         for rotation in rotations.numpy():
             rotated = frame.copy()
             rotated.calc = None
             rotated.set_cell(frame.cell.array @ rotation.T, scale_atoms=False)
             rotated.positions = frame.positions @ rotation.T
-            copies.append(rotated)
-            owners.append(index)
+            if len(force_terms) == 0:
+                copies.append(rotated)
+                continue
+            # positions requiring gradients before the neighbour lists are computed,
+            # so that the lists carry them too
+            # in the model's length unit, as prepare_systems does for ase.Atoms
+            length_factor = unit_conversion_factor("angstrom", loaded.length_unit)
+            system = systems_to_torch(rotated, dtype=loaded.dtype)
+            leaf = (system.positions * length_factor).detach().requires_grad_(True)
+            copies.append(
+                System(
+                    types=system.types,
+                    positions=leaf,
+                    cell=system.cell * length_factor,
+                    pbc=system.pbc,
+                )
+            )
+            positions.append(leaf)
     systems = prepare_systems(copies, loaded)
     infos = _structure_infos(loaded, prepare_systems(frames, loaded), specs)
     requests = {
@@ -1057,9 +1416,18 @@ def retraining_objective(
         for t in specs
     }
     predictions: dict[str, list[torch.Tensor]] = {t.name: [] for t in specs}
+    for term in force_terms:
+        predictions[term.name] = []
     for start in range(0, len(systems), batch_size):
         batch = systems[start : start + batch_size]
         outputs = pet(batch, requests, None)
+        for term in force_terms:
+            energy = outputs[term.target.name].block().values.sum()
+            gradients = torch.autograd.grad(
+                energy, positions[start : start + batch_size], create_graph=True
+            )
+            for gradient in gradients:
+                predictions[term.name].append(-gradient.to(torch.float64)[..., None])
         for t in specs:
             block = outputs[t.name].block()
             system_index = block.samples.column("system")
@@ -1070,7 +1438,7 @@ def retraining_objective(
 
     total = torch.zeros((), dtype=torch.float64)
     n_copies = len(rotations)
-    for t in specs:
+    for t in specs + force_terms:
         squared_error = torch.zeros((), dtype=torch.float64)
         variance = torch.zeros((), dtype=torch.float64)
         count = 0
@@ -1078,15 +1446,15 @@ def retraining_objective(
             values = torch.stack(
                 predictions[t.name][index * n_copies : (index + 1) * n_copies]
             )
-            scale = infos[index].loss_scales[t.name].reshape(values.shape[1:])
+            scale = t.loss_scale(infos[index], values.shape[1:])
             residual = (values[0] - labels[t.name][index]) / scale
             squared_error = squared_error + residual.square().sum()
             count += residual.numel()
             back = _back_rotate(values[1:], t.rank, grid.rotations) / scale
             mean = torch.einsum("c,c...->...", grid.weights, back)
             spread = torch.einsum("c,c...->...", grid.weights, (back - mean).square())
-            variance = variance + factor * spread.sum()
+            variance = variance + unbiased_factor * spread.sum()
         total = total + t.weight * (squared_error + gamma * variance) / count
-        if ridge != 0:
+        if ridge != 0 and isinstance(t, _Target):
             total = total + ridge * t.reduce(t.readout.theta()).square().sum()
     return total
