@@ -43,6 +43,7 @@ from metatomic.torch import (
 from .data import read_structures, reference_value
 from .engine import RotatedEvaluator, _prepare, _rotated_copies, prepare_systems
 from .grid import O3Grid
+from .irreps import BlockLayout, undo_rotation
 from .models import LoadedModel, load_model
 
 
@@ -429,13 +430,17 @@ def _requests(targets) -> dict[str, ModelOutput]:
     return requests
 
 
+# how a Cartesian target of each rank transforms, for irreps.undo_rotation
+_CARTESIAN_LAYOUTS = {
+    0: BlockLayout("invariant"),
+    1: BlockLayout("vector", 1, 1, ("xyz",)),
+    2: BlockLayout("matrix", 0, 1, ("xyz_1", "xyz_2")),
+}
+
+
 def _back_rotate(values: torch.Tensor, rank: int, rotations: torch.Tensor):
     """``rho(g)^-1`` on the component axes of ``(c, n_samples, *components, ...)``."""
-    if rank == 0:
-        return values
-    if rank == 1:
-        return torch.einsum("cba,csb...->csa...", rotations, values)
-    return torch.einsum("cai,cbj,csab...->csij...", rotations, rotations, values)
+    return undo_rotation(values, _CARTESIAN_LAYOUTS[rank], rotations, [], None)
 
 
 class _Stream:
