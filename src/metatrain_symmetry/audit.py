@@ -69,8 +69,7 @@ def force_output(model: LoadedModel) -> str | None:
     ``non_conservative_force``, else ``"forces"`` when the model has an energy.
     """
     outputs = model.outputs
-    info = getattr(model.module, "dataset_info", None)
-    energy_target = getattr(info, "targets", {}).get("energy")
+    energy_target = model.targets.get("energy")
     if energy_target is not None and "positions" in energy_target.gradients:
         return "forces"
     for name in ("non_conservative_force", "non_conservative_forces"):

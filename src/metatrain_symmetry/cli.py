@@ -12,13 +12,8 @@ from .data import read_structures
 def _analyze(args) -> None:
     import metatrain_symmetry as msym
 
-    from .report import (
-        atomic_directory,
-        check_output_directory,
-        plot_spectra,
-        save_result,
-        summary_table,
-    )
+    from ._utils import atomic_directory, check_output_directory
+    from .report import plot_spectra, save_result, summary_table
 
     output = check_output_directory(args.output, args.force)
     model = msym.load_model(args.model)
@@ -53,8 +48,8 @@ def _analyze(args) -> None:
 def _dynamics(args) -> None:
     import metatrain_symmetry as msym
 
+    from ._utils import atomic_directory, check_output_directory
     from .dynamics import dynamics_markdown, save_dynamics
-    from .report import atomic_directory, check_output_directory
 
     if len(args.paths) < 2:
         raise ValueError(
@@ -162,8 +157,8 @@ def _add_dynamics_command(commands) -> None:
 
 
 def _demo(args) -> None:
+    from ._utils import check_output_directory
     from .demo import run_demo
-    from .report import check_output_directory
 
     output = check_output_directory(args.output, args.force)
     run_demo(output, epochs=args.epochs, gamma=args.gamma)
@@ -172,7 +167,7 @@ def _demo(args) -> None:
 def _retrain(args) -> None:
     import metatrain_symmetry as msym
 
-    from .report import check_output_directory
+    from ._utils import check_output_directory
 
     output = check_output_directory(args.output, args.force)
     if args.grid_degree is not None and args.n_rotations is not None:
@@ -258,8 +253,8 @@ def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
 def _audit(args) -> None:
     import metatrain_symmetry as msym
 
+    from ._utils import atomic_directory, check_output_directory
     from .audit import audit, sha256_of_file, write_audit_report
-    from .report import atomic_directory, check_output_directory
 
     output = check_output_directory(args.output, args.force)
     if args.device == "cuda":

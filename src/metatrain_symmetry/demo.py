@@ -143,9 +143,10 @@ def run_demo(output: Path, epochs: int = 20, gamma: float = 10.0) -> None:
 
     import metatrain_symmetry as msym
 
+    from ._utils import atomic_directory
     from .audit import audit, write_audit_report
     from .dynamics import layer_features
-    from .report import atomic_directory, plot_spectra
+    from .report import plot_spectra
 
     if epochs < 1:
         raise ValueError(f"--epochs must be positive, got {epochs}")

@@ -288,14 +288,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _default_outputs(model: LoadedModel) -> list[str]:
-    targets = getattr(getattr(model.module, "dataset_info", None), "targets", None)
-    if targets:
-        return [name for name in targets if name in model.outputs]
-    return [
-        name
-        for name in model.outputs
-        if not name.startswith("mtt::aux::") and name not in ("feature", "features")
-    ]
+    return [name for name in model.targets if name in model.outputs]
 
 
 def _features(model: LoadedModel, features: Sequence[str] | str | None) -> list[str]:

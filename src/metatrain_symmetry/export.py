@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from metatomic.torch import AtomisticModel, ModelMetadata
 
+from ._utils import atomic_file
 from .audit import AuditResult, audit, sha256_of_file
 from .data import read_structures
 from .grid import O3Grid
@@ -159,23 +159,9 @@ def export_audited(
     model = with_extra_metadata(model, extra)
     if symmetrize:
         model = symmetrize_model(model, grid_degree)
-    _save_atomically(model, output)
+    with atomic_file(output) as temporary:
+        model.save(str(temporary))
     return result
-
-
-def _save_atomically(model: AtomisticModel, output: Path) -> None:
-    output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{output.stem}-", suffix=".pt", dir=output.parent
-    )
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def read_audit(model: AtomisticModel | str | os.PathLike) -> dict | None:

@@ -47,7 +47,16 @@ BASE_LOSSES = ("mse", "mae", "huber")
 
 DEFAULTS = {"base": "mse", "gamma": 1.0, "n_rotations": 2}
 
-_GENERIC_OPTIONS = ("type", "weight", "reduction", "gradients")
+# left to metatrain, including its energy shorthands for the gradient entries
+_GENERIC_OPTIONS = (
+    "type",
+    "weight",
+    "reduction",
+    "gradients",
+    "forces",
+    "stress",
+    "virial",
+)
 _OPTIONS = (*DEFAULTS, "delta")
 
 

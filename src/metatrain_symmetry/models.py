@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -61,6 +62,34 @@ def _is_per_structure(name: str) -> bool:
 ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]  # noqa: UP007
 
 
+@dataclass(frozen=True)
+class ModelTarget:
+    """A quantity a model was trained to predict.
+
+    Read from metatrain's record of its training targets when the model has one
+    (checkpoints, exported metatrain models in any process), else from the
+    model's declared outputs.
+    """
+
+    name: str
+    """the output name, e.g. ``"energy"``"""
+    quantity: str
+    """the physical quantity, e.g. ``"energy"`` (empty when unknown)"""
+    unit: str
+    """the unit of the values, e.g. ``"eV"`` (empty when unknown)"""
+    sample_kind: str
+    """``"system"`` (one value per structure), ``"atom"`` or ``"atom_pair"``"""
+    gradients: tuple[str, ...] = ()
+    """gradients the model was trained on: ``"positions"`` (conservative forces),
+    ``"strain"`` (stress)"""
+    components: tuple[str, ...] | None = None
+    """names of the component axes: ``()`` for a scalar, ``("xyz",)`` for a
+    Cartesian vector, ``("xyz_1", "xyz_2")`` for a rank-2 tensor; ``None`` when
+    unknown"""
+    n_properties: int | None = None
+    """number of properties per component, ``None`` when unknown"""
+
+
 class LoadedModel:
     """A model ready for rotational analysis.
 
@@ -82,6 +111,7 @@ class LoadedModel:
         self.metadata = metadata
         self.source = source
         self._features: list[str] | None = None
+        self._targets: dict[str, ModelTarget] | None = None
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -118,20 +148,45 @@ class LoadedModel:
             return "atom"
         if name == "stress":
             return "system"
-        targets = {}
-        # a scripted module's dataset_info can only be read where its TorchScript
-        # class was defined, i.e. in the process that exported it
-        if not isinstance(self.module, torch.jit.ScriptModule):
-            dataset_info = getattr(self.module, "dataset_info", None)
-            targets = getattr(dataset_info, "targets", {})
-        if name in targets:
-            return targets[name].sample_kind
+        target = self.targets.get(name)
+        if target is not None:
+            return target.sample_kind
+        return self._declared_sample_kind(name)
+
+    def _declared_sample_kind(self, name: str) -> str:
         declared = self.outputs.get(name)
         if declared is not None and declared.sample_kind != "atom":
             return declared.sample_kind
         if name.split("/", 1)[0] in _PER_ATOM_QUANTITIES:
             return "atom"
         return "system" if declared is None or _is_per_structure(name) else "atom"
+
+    @property
+    def targets(self) -> dict[str, ModelTarget]:
+        """The quantities the model was trained to predict, by name.
+
+        For metatrain models (checkpoints and exported models, read in any
+        process) these are the training targets with their units, sample kinds
+        and the gradients they were trained on. For other models, every declared
+        output except auxiliary ones (``mtt::aux::*``) and features, with no
+        gradients.
+        """
+        if self._targets is None:
+            recorded = _recorded_targets(self.module)
+            if recorded is None:
+                recorded = {
+                    name: ModelTarget(
+                        name=name,
+                        quantity=output.quantity,
+                        unit=output.unit,
+                        sample_kind=self._declared_sample_kind(name),
+                    )
+                    for name, output in self.outputs.items()
+                    if not name.startswith("mtt::aux::")
+                    and name not in ("feature", "features")
+                }
+            self._targets = recorded
+        return dict(self._targets)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -344,6 +399,110 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
             exported.module, exported.capabilities(), exported.metadata()
         )
     return LoadedModel(model, capabilities)
+
+
+# ------------------------------------------------------------ training targets
+# TorchScript method added to a scripted metatrain model to read its training
+# targets: the Python classes of metatrain's DatasetInfo only exist in the process
+# that scripted the model, so the record must be read from inside TorchScript
+_TARGETS_METHOD = "metatrain_symmetry_training_targets"
+_TARGETS_SOURCE = f"""
+def {_TARGETS_METHOD}(
+    self,
+) -> Dict[str, Tuple[str, str, List[str], List[str], List[str], int]]:
+    result: Dict[str, Tuple[str, str, List[str], List[str], List[str], int]] = {{}}
+    for name, info in self.dataset_info.targets.items():
+        block = info.layout.block(0)
+        gradients: List[str] = []
+        if info.is_scalar:
+            gradients = block.gradients_list()
+        components: List[str] = []
+        for component in block.components:
+            components.append(component.names[0])
+        result[name] = (
+            info.quantity,
+            info.unit,
+            block.samples.names,
+            gradients,
+            components,
+            len(block.properties),
+        )
+    return result
+"""
+
+
+def _recorded_targets(module: torch.nn.Module) -> dict[str, ModelTarget] | None:
+    """metatrain's record of the training targets of ``module`` (its
+    ``dataset_info``), or ``None`` for models without one."""
+    owner = next(
+        (m for m in module.modules() if _has_dataset_info(m)),
+        None,
+    )
+    if owner is None:
+        return None
+    if not isinstance(owner, torch.jit.ScriptModule):
+        records = {}
+        for name, info in owner.dataset_info.targets.items():
+            block = info.layout.block(0)
+            records[name] = (
+                info.quantity,
+                info.unit,
+                block.samples.names,
+                info.gradients,
+                [component.names[0] for component in block.components],
+                len(block.properties),
+            )
+        return _model_targets(records)
+    try:
+        if not owner._c._has_method(_TARGETS_METHOD):
+            owner.define(_TARGETS_SOURCE)
+        records = getattr(owner, _TARGETS_METHOD)()
+    except RuntimeError as error:
+        warnings.warn(
+            "could not read the training targets of this exported metatrain model "
+            f"({str(error).strip().splitlines()[0]}); using its declared outputs",
+            stacklevel=4,
+        )
+        return None
+    return _model_targets(records)
+
+
+def _model_targets(records: dict) -> dict[str, ModelTarget]:
+    return {
+        name: ModelTarget(
+            name=name,
+            quantity=quantity,
+            unit=unit,
+            sample_kind=_sample_kind_of(sample_names),
+            gradients=tuple(sorted(gradients)),
+            components=tuple(components),
+            n_properties=int(n_properties),
+        )
+        for name, (
+            quantity,
+            unit,
+            sample_names,
+            gradients,
+            components,
+            n_properties,
+        ) in records.items()
+    }
+
+
+def _has_dataset_info(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):
+        # reading the attribute itself fails outside the scripting process
+        return module._c.hasattr("dataset_info")
+    return hasattr(module, "dataset_info") and hasattr(module.dataset_info, "targets")
+
+
+def _sample_kind_of(sample_names: list[str]) -> str:
+    """The sample kind of a target from its sample names, as metatrain reads it."""
+    if "atom" in sample_names:
+        return "atom"
+    if "first_atom" in sample_names:
+        return "atom_pair"
+    return "system"
 
 
 # ------------------------------------------------------------- internal features

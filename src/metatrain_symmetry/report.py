@@ -1,55 +1,17 @@
 """Write analysis results to disk: TensorMaps, a summary table and a spectrum plot.
 
-Everything is written into a temporary directory next to the destination and moved
-into place at the end, so a failed or interrupted run leaves no partial output.
+Callers write into :py:func:`~metatrain_symmetry._utils.atomic_directory`, so a
+failed or interrupted run leaves no partial output.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import metatensor.torch as mts
 import torch
 
 from .diagnostics import AnalysisResult
-
-
-class OutputDirectoryError(ValueError):
-    pass
-
-
-def check_output_directory(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite a non-empty directory unless ``force`` is set."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputDirectoryError(f"output '{path}' exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise OutputDirectoryError(
-            f"output directory '{path}' exists and is not empty; choose another "
-            "one or pass --force to replace it"
-        )
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``path`` only on success."""
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        yield staging
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def file_stem(name: str) -> str:
@@ -162,14 +124,16 @@ def write_pareto_tables(result, csv_path: Path, markdown_path: Path) -> None:
         "|" + "---|" * len(columns),
     ]
     for row in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                f"{row[c]:g}" if c == "gamma" else f"{row[c]:.4e}" for c in columns
-            )
-            + " |"
-        )
+        lines.append("| " + " | ".join(_table_cell(c, row[c]) for c in columns) + " |")
     markdown_path.write_text("\n".join(lines) + "\n")
+
+
+def _table_cell(column: str, value: float | int) -> str:
+    if column == "gamma":
+        return f"{value:g}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4e}"
 
 
 def plot_pareto(result, path: Path) -> None:

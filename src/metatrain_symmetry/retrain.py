@@ -235,17 +235,18 @@ class _ForceTerm:
         return scale.expand(shape)
 
 
-def _make_target(pet, name: str, label_key: str | None, weight: float) -> _Target:
-    targets = pet.dataset_info.targets
+def _make_target(
+    model: LoadedModel, name: str, label_key: str | None, weight: float
+) -> _Target:
+    targets = model.targets
     if name not in targets:
         raise ValueError(
             f"unknown target '{name}': the checkpoint was trained on {sorted(targets)}"
         )
     info = targets[name]
-    readout = _PETReadout(pet, name)
-    block = info.layout.block()
-    axes = tuple(c.names[0] for c in block.components)
-    n_properties = len(block.properties)
+    readout = _PETReadout(model.module, name)
+    axes = info.components
+    n_properties = info.n_properties
     if axes == ():
         rank = 0
     elif axes == ("xyz",):
@@ -796,15 +797,26 @@ class _NormalEquations:
         return _Quadratic(self.mu, self.count), _Quadratic(self.sigma, self.count)
 
 
-def _solve(target: _Target, terms, gammas, ridge):
-    """Minimizers of ``sum_terms weight * (L_mu + gamma L_sigma) + ridge ||theta||^2``.
+def _solve(
+    target: _Target, terms, gammas, ridge: float, trained: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimizers of ``sum_terms weight * (L_mu + gamma L_sigma) + ridge ||theta||^2``
+    closest to the trained readout.
+
+    Directions of the parameter space that the objective does not determine (a
+    bias whose contribution is the same in every structure, a feature that is
+    constant or a combination of others) keep their trained values: the solution
+    is ``trained + delta``, with ``delta`` the minimum-norm change, which is the
+    limit gradient descent from the trained readout reaches.
 
     :param terms: ``(weight, mu, sigma)`` of every quadratic term in the target's
         parameters (its values, and its forces when it has them)
-    :return: ``(n_gamma, n_parameters)``
+    :param trained: ``(n_parameters,)`` the trained readout
+    :return: the solutions ``(n_gamma, n_parameters)`` and the number of
+        undetermined directions at each gamma, ``(n_gamma,)`` int64
     """
     size = target.n_parameters
-    solutions = []
+    solutions, undetermined = [], []
     for gamma in gammas:
         matrix = sum(
             weight * (mu.matrix / mu.count + gamma * sigma.matrix / sigma.count)
@@ -812,30 +824,43 @@ def _solve(target: _Target, terms, gammas, ridge):
         )
         hessian = matrix[:size, :size] + ridge * torch.eye(size, dtype=torch.float64)
         hessian = 0.5 * (hessian + hessian.T)
-        gradient = matrix[:size, size]
-        # Jacobi scaling: the rank test and the solve do not depend on the units of
-        # the individual features (bias columns are much larger than the others)
-        diagonal = torch.diagonal(hessian)
-        if bool(torch.any(diagonal <= 0)):
-            _raise_singular(target, gamma, size, int((diagonal > 0).sum()))
-        inverse_scale = diagonal.rsqrt()
-        scaled = hessian * inverse_scale[:, None] * inverse_scale[None, :]
-        eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
-        tolerance = _SINGULAR_RCOND * float(eigenvalues[-1])
-        if float(eigenvalues[0]) <= tolerance:
-            _raise_singular(target, gamma, size, int((eigenvalues > tolerance).sum()))
-        rhs = -gradient * inverse_scale
-        solution = eigenvectors @ ((eigenvectors.T @ rhs) / eigenvalues)
-        solutions.append(solution * inverse_scale)
-    return torch.stack(solutions)
+        # stationarity of the objective at trained + delta: hessian @ delta = rhs
+        rhs = -(matrix[:size, size] + hessian @ trained)
+        delta, n_null = _minimum_norm_solution(hessian, rhs)
+        solutions.append(trained + delta)
+        undetermined.append(n_null)
+    return torch.stack(solutions), torch.tensor(undetermined, dtype=torch.int64)
 
 
-def _raise_singular(target: _Target, gamma: float, size: int, rank: int):
-    raise ValueError(
-        f"the normal equations of target '{target.name}' at gamma={gamma:g} are "
-        f"singular (rank {rank} for {size} readout parameters): use more or more "
-        "varied structures, a larger gamma, or a ridge > 0"
+def _minimum_norm_solution(
+    hessian: torch.Tensor, rhs: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The minimum-norm ``x`` solving ``hessian @ x = rhs`` on the range of a
+    symmetric positive semi-definite ``hessian`` ``(P, P)``, and the dimension of
+    its numerical null space."""
+    # Jacobi scaling: the rank test does not depend on the units of the individual
+    # features (bias columns are much larger than the others); columns with no
+    # weight at all stay unscaled and fall in the null space
+    diagonal = torch.diagonal(hessian)
+    active = diagonal > torch.finfo(torch.float64).eps * diagonal.max().clamp(min=0)
+    inverse_scale = torch.where(active, diagonal, 1.0).rsqrt()
+    scaled = hessian * inverse_scale[:, None] * inverse_scale[None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+    tolerance = _SINGULAR_RCOND * float(eigenvalues[-1].clamp(min=0))
+    determined = eigenvalues > tolerance
+    if not bool(determined.any()):
+        return torch.zeros_like(rhs), hessian.shape[0]
+    basis = eigenvectors[:, determined]
+    solution = inverse_scale * (
+        basis @ ((basis.T @ (inverse_scale * rhs)) / eigenvalues[determined])
     )
+    null = eigenvectors[:, ~determined]
+    if null.shape[1] != 0:
+        # the scaled null space, back in the model's parameters: remove the
+        # solution's component along it (in the model's own metric)
+        orthonormal, _ = torch.linalg.qr(inverse_scale[:, None] * null)
+        solution = solution - orthonormal @ (orthonormal.T @ solution)
+    return solution, int(null.shape[1])
 
 
 class _Evaluation:
@@ -927,6 +952,10 @@ class RetrainResult:
     """per term, ``(n_gamma,)`` ``L_sigma`` on the training structures"""
     parameters: dict[str, torch.Tensor]
     """per target, ``(n_gamma, n_parameters)`` free readout parameters"""
+    undetermined: dict[str, torch.Tensor] = field(default_factory=dict)
+    """per target, ``(n_gamma,)`` int64: how many directions of the readout
+    parameters the objective leaves undetermined (they keep their trained
+    values)"""
     validation_rmse: dict[str, torch.Tensor] = field(default_factory=dict)
     """per term, ``(n_gamma,)`` RMSE against the validation labels"""
     validation_equivariance_rmse: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -945,11 +974,14 @@ class RetrainResult:
     ``parameters`` is keyed by target)"""
 
     def table(self) -> list[dict[str, float]]:
-        """One row per gamma: the objective and, per target, the training
-        ``L_mu`` and ``L_sigma`` and the validation errors when available."""
+        """One row per gamma: the objective, per target the number of undetermined
+        readout directions and, per term, the training ``L_mu`` and ``L_sigma``
+        and the validation errors when available."""
         rows = []
         for index, gamma in enumerate(self.gammas):
             row = {"gamma": gamma, "objective": float(self.objective[index])}
+            for name, counts in self.undetermined.items():
+                row[f"{name} undetermined directions"] = int(counts[index])
             for name in self.terms or self.targets:
                 row[f"{name} train L_mu"] = float(self.training_mse[name][index])
                 row[f"{name} train L_sigma"] = float(
@@ -1023,7 +1055,7 @@ def retrain_last_layer(
     :param progress: show progress bars
     :return: the solutions and their errors
     """
-    from .report import atomic_directory, check_output_directory
+    from ._utils import atomic_directory, check_output_directory
 
     gammas = _check_gammas(gammas)
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
@@ -1038,8 +1070,8 @@ def retrain_last_layer(
     pet = _as_pet(model)
     original = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
 
-    names = _select_targets(pet, targets)
-    with_forces = _check_gradients(pet, names, ignore_gradients)
+    names = _select_targets(model, targets)
+    with_forces = _check_gradients(model, names, ignore_gradients)
     default_weights, default_force_weights = _loss_weights(original)
     weights = dict(weights or {})
     label_keys = dict(label_keys or {})
@@ -1052,7 +1084,7 @@ def retrain_last_layer(
             )
     specs = [
         _make_target(
-            pet,
+            model,
             name,
             label_keys.get(name),
             weights.get(name, default_weights.get(name, 1.0)),
@@ -1081,7 +1113,6 @@ def retrain_last_layer(
     train_labels = {
         t.name: _labels(train_frames, t, "training") for t in specs + force_terms
     }
-    _check_enough_data(specs, train_labels, gammas, ridge)
     validation_frames = None
     if validation is not None:
         validation_frames = _read_frames(validation, "validation")
@@ -1110,16 +1141,17 @@ def retrain_last_layer(
     # ---- every gamma: one solve per target
     parameters = {}
     objective = torch.zeros(len(gammas), dtype=torch.float64)
-    training_mse, training_equivariance = {}, {}
+    training_mse, training_equivariance, undetermined = {}, {}, {}
     gamma_values = torch.tensor(gammas, dtype=torch.float64)
     for target in specs:
         terms = [target] if target.forces is None else [target, target.forces]
         quadratics = [(t, *equations[t.name].quadratics()) for t in terms]
-        solutions = _solve(
+        solutions, undetermined[target.name] = _solve(
             target,
             [(t.weight, mu, sigma) for t, mu, sigma in quadratics],
             gammas,
             ridge,
+            target.reduce(target.readout.theta().detach()),
         )
         parameters[target.name] = solutions
         for term, mu, sigma in quadratics:
@@ -1139,6 +1171,7 @@ def retrain_last_layer(
         training_mse=training_mse,
         training_equivariance=training_equivariance,
         parameters=parameters,
+        undetermined=undetermined,
         grid=grid,
         ridge=ridge,
     )
@@ -1237,8 +1270,8 @@ def _check_gammas(gammas) -> list[float]:
 _SUPPORTED = ("energy", "non_conservative_force", "non_conservative_stress")
 
 
-def _select_targets(pet, targets) -> list[str]:
-    known = list(pet.dataset_info.targets)
+def _select_targets(model: LoadedModel, targets) -> list[str]:
+    known = list(model.targets)
     if targets is None:
         names = [name for name in known if name in _SUPPORTED]
         if len(names) == 0:
@@ -1262,12 +1295,12 @@ def _select_targets(pet, targets) -> list[str]:
     return names
 
 
-def _check_gradients(pet, names, ignore_gradients: bool) -> list[str]:
+def _check_gradients(model: LoadedModel, names, ignore_gradients: bool) -> list[str]:
     """The targets whose conservative forces enter the objective (those trained
     with position gradients, unless ``ignore_gradients``)."""
     with_forces = []
     for name in names:
-        gradients = list(pet.dataset_info.targets[name].gradients)
+        gradients = list(model.targets[name].gradients)
         if len(gradients) == 0 or ignore_gradients:
             continue
         unsupported = [g for g in gradients if g != "positions"]
@@ -1319,19 +1352,6 @@ def _loss_weights(original: dict) -> tuple[dict[str, float], dict[str, float]]:
     return weights, force_weights
 
 
-def _check_enough_data(specs, labels, gammas, ridge) -> None:
-    for target in specs:
-        n_values = sum(
-            value.numel() for name in _term_names(target) for value in labels[name]
-        )
-        if ridge == 0 and min(gammas) == 0 and n_values < target.n_parameters:
-            raise ValueError(
-                f"too few training structures for target '{target.name}': "
-                f"{n_values} reference values for {target.n_parameters} readout "
-                "parameters at gamma=0; add structures or pass a ridge > 0"
-            )
-
-
 def retraining_objective(
     model,
     train,
@@ -1372,12 +1392,12 @@ def retraining_objective(
         model = load_model(model)
     loaded = load_model(model) if not isinstance(model, LoadedModel) else model
     pet = _as_pet(loaded)
-    names = _select_targets(pet, targets)
-    with_forces = _check_gradients(pet, names, ignore_gradients)
+    names = _select_targets(loaded, targets)
+    with_forces = _check_gradients(loaded, names, ignore_gradients)
     weights = dict(weights or {})
     label_keys = dict(label_keys or {})
     specs = [
-        _make_target(pet, n, label_keys.get(n), weights.get(n, 1.0)) for n in names
+        _make_target(loaded, n, label_keys.get(n), weights.get(n, 1.0)) for n in names
     ]
     for t in specs:
         if t.name in with_forces:

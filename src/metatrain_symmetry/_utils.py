@@ -1,0 +1,77 @@
+"""Helpers shared by several modules: atomic output files and directories.
+
+Every file and directory the package writes appears only once complete (it is
+written under a temporary name next to its destination and renamed), and gets the
+permissions the user's umask gives any new file or directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputDirectoryError(ValueError):
+    """The output directory cannot be written without losing existing files."""
+
+
+def check_output_directory(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite a non-empty directory unless ``force`` is set."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirectoryError(f"output '{path}' exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputDirectoryError(
+            f"output directory '{path}' exists and is not empty; choose another "
+            "one or pass --force to replace it"
+        )
+    return path
+
+
+def _umask() -> int:
+    # the only portable way to read the umask is to set it; set it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only on success."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        # mkdtemp makes a private directory: give it the mode of a new directory
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name that replaces ``path`` only on success."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent
+    )
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        # mkstemp makes a private file: give it the mode of a new file
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
