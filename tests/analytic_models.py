@@ -18,7 +18,7 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
   variance ``|x_1 x x_2|^2 / 3`` per component
 """
 
-from typing import Optional
+from typing import Dict, List, Optional  # noqa: UP035
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -161,12 +161,13 @@ class PairPotential(torch.nn.Module):
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
         return [self.options]
 
+    # typing's generics: metatomic's AtomisticModel checks these annotations
     def forward(
         self,
-        systems: list[System],
-        outputs: dict[str, ModelOutput],
+        systems: List[System],  # noqa: UP006
+        outputs: Dict[str, ModelOutput],  # noqa: UP006
         selected_atoms: Optional[Labels] = None,
-    ) -> dict[str, TensorMap]:
+    ) -> Dict[str, TensorMap]:  # noqa: UP006
         energies: list[torch.Tensor] = []
         for system in systems:
             vectors = system.get_neighbor_list(self.options).values.squeeze(-1)
@@ -182,7 +183,9 @@ class PairPotential(torch.nn.Module):
             components=[],
             properties=Labels(["energy"], torch.tensor([[0]])),
         )
-        return {"energy": TensorMap(Labels.single(), [block])}
+        # not Labels.single(): TorchScript cannot save modules calling it
+        keys = Labels(["_"], torch.tensor([[0]]))
+        return {"energy": TensorMap(keys, [block])}
 
 
 def pair_capabilities() -> ModelCapabilities:

@@ -1,6 +1,7 @@
 """Closed-form last-layer retraining: optimality, agreement with gradient training
 and ``mtt train``, the accuracy/equivariance trade-off, round trips and bad input."""
 
+import csv
 import subprocess
 import sys
 
@@ -98,22 +99,23 @@ def retrained(trained, tmp_path_factory):
     return result, output, grid
 
 
-def readout_parameters(model):
+def readout_parameters(model, targets=TARGETS):
     for parameter in model.module.parameters():
         parameter.requires_grad_(False)
     parameters = []
-    for target in TARGETS:
+    for target in targets:
         parameters += _PETReadout(model.module, target).parameters()
     for parameter in parameters:
         parameter.requires_grad_(True)
     return parameters
 
 
-def objective_and_gradient(checkpoint, train, gamma, grid):
+def objective_and_gradient(checkpoint, train, gamma, grid, targets=None, ridge=RIDGE):
+    targets = TARGETS if targets is None else targets
     model = msym.load_model(checkpoint)
-    parameters = readout_parameters(model)
+    parameters = readout_parameters(model, targets)
     value = msym.retraining_objective(
-        model, train, gamma, grid, targets=TARGETS, ridge=RIDGE
+        model, train, gamma, grid, targets=targets, ridge=ridge
     )
     gradient = torch.autograd.grad(value, parameters)
     return float(value.detach()), torch.cat([g.reshape(-1) for g in gradient])
@@ -266,23 +268,91 @@ def test_bad_input(trained, tmp_path):
     directory, train, _ = trained
     checkpoint = directory / "model.ckpt"
     output = tmp_path / "out"
-    with pytest.raises(ValueError, match="too few training structures"):
-        msym.retrain_last_layer(checkpoint, train[:3], gammas=[0.0], output=output)
-    with pytest.raises(ValueError, match="singular"):
-        msym.retrain_last_layer(
-            checkpoint,
-            train[:3],
-            gammas=[1e-12],
-            targets=["energy"],
-            grid=msym.O3Grid.random(2),
-            output=output,
-        )
     with pytest.raises(ValueError, match="unknown target 'dipole'"):
         msym.retrain_last_layer(checkpoint, train, targets=["dipole"], output=output)
     with pytest.raises(ValueError, match="gamma must be"):
         msym.retrain_last_layer(checkpoint, train, gammas=[-1.0], output=output)
     assert not output.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def effective_readout_hessian(checkpoint, train, grid):
+    """The trained readout ``theta`` of the energy of ``checkpoint`` and the
+    Hessian of the retraining objective (gamma = 0, no ridge) with respect to it,
+    from forward passes and autograd."""
+    model = msym.load_model(checkpoint)
+    for parameter in model.module.parameters():
+        parameter.requires_grad_(False)
+    readout = _PETReadout(model.module, "energy")
+    parameters = readout.parameters()
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    # the effective readout is linear in the layers' parameters: J maps them to it
+    theta = readout.theta().reshape(-1)
+    jacobian = torch.stack(
+        [flat(torch.autograd.grad(v, parameters, retain_graph=True)) for v in theta]
+    )
+    value = msym.retraining_objective(model, train, 0.0, grid, targets=["energy"])
+    gradient = flat(torch.autograd.grad(value, parameters, create_graph=True))
+    hessian = torch.stack(
+        [flat(torch.autograd.grad(g, parameters, retain_graph=True)) for g in gradient]
+    )
+    # H_layers = J^T H_theta J, and J J^+ = 1
+    inverse = torch.linalg.pinv(jacobian)
+    return theta.detach(), inverse.T @ hessian @ inverse
+
+
+def test_fixed_composition_without_ridge(trained, tmp_path):
+    """Copper cells of one composition leave readout directions undetermined:
+    they keep their trained values and the rest is optimal."""
+    directory, train, _ = trained
+    grid = msym.O3Grid.random(2, seed=3)
+    result = msym.retrain_last_layer(
+        directory / "model.ckpt",
+        train[:6],
+        gammas=[0.0],
+        targets=["energy"],
+        grid=grid,
+        output=tmp_path / "out",
+    )
+    n_undetermined = int(result.undetermined["energy"][0])
+    assert n_undetermined > 0
+    assert (
+        "energy undetermined directions" in (tmp_path / "out" / "pareto.md").read_text()
+    )
+    with open(tmp_path / "out" / "pareto.csv") as file:
+        row = next(csv.DictReader(file))
+    assert int(row["energy undetermined directions"]) == n_undetermined
+
+    trained_theta, hessian = effective_readout_hessian(
+        directory / "model.ckpt", train[:6], grid
+    )
+    retrained_theta, _ = effective_readout_hessian(
+        tmp_path / "out" / "gamma-0.ckpt", train[:6], grid
+    )
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (hessian + hessian.T))
+    null = eigenvectors[:, eigenvalues < 1e-12 * eigenvalues[-1]]
+    assert null.shape[1] == n_undetermined
+    change = retrained_theta - trained_theta
+    # no change along the directions the data cannot determine (a solution from
+    # zero would change them by about the norm of the trained readout) ...
+    assert float((null.T @ change).norm()) < 1e-6 * float(change.norm())
+    assert float((null.T @ trained_theta).norm()) > 0.1 * float(trained_theta.norm())
+
+    # ... while the objective decreases and is stationary
+    value, gradient = objective_and_gradient(
+        tmp_path / "out" / "gamma-0.ckpt", train[:6], 0.0, grid, ["energy"], 0.0
+    )
+    initial_value, initial_gradient = objective_and_gradient(
+        directory / "model.ckpt", train[:6], 0.0, grid, ["energy"], 0.0
+    )
+    assert value <= initial_value
+    assert abs(value - float(result.objective[0])) < 1e-8 * initial_value
+    assert gradient.norm() < 1e-6 * initial_gradient.norm()
 
 
 def test_cli_end_to_end(trained, tmp_path):
@@ -455,6 +525,7 @@ def test_conservative_stress_is_refused():
         length_unit="Angstrom", atomic_types=[29], targets={"energy": energy}
     )
     pet = PET(get_default_hypers("pet")["model"], info)
+    model = msym.load_model(pet)
     with pytest.raises(ValueError, match=r"\['strain'\] \(conservative stress\)"):
-        _check_gradients(pet, ["energy"], ignore_gradients=False)
-    assert _check_gradients(pet, ["energy"], ignore_gradients=True) == []
+        _check_gradients(model, ["energy"], ignore_gradients=False)
+    assert _check_gradients(model, ["energy"], ignore_gradients=True) == []

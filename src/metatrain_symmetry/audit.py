@@ -255,6 +255,14 @@ def audit(
     names = outputs + features
     _check_outputs(loaded, outputs)
     loaded.check_names(names)
+    for name in outputs:
+        needed = max((lam for lam, _ in expected_irreps(name) or []), default=0)
+        if isinstance(max_lambda, int) and max_lambda < needed:
+            raise ValueError(
+                f"max_lambda={max_lambda} is below the lambda={needed} that "
+                f"'{name}' should carry, so its leakage cannot be measured: pass "
+                f"max_lambda={needed} (--max-lambda {needed}) or more"
+            )
 
     references = {
         name: [_read_target(atoms, key, index) for index, atoms in enumerate(frames)]

@@ -498,7 +498,7 @@ def _split_by_copy(tensor, copy_counts: list[int], name: str):
                 )
             chunk_values = values[row : row + count * n_rows]
             chunk_samples = sample_values[row : row + count * n_rows][:, other_columns]
-            chunk_samples = chunk_samples.reshape(count, n_rows, -1)
+            chunk_samples = chunk_samples.reshape(count, n_rows, len(other_columns))
             if not bool(torch.all(chunk_samples == chunk_samples[:1])):
                 raise ValueError(
                     f"output '{name}' has different samples for different rotations "

@@ -69,6 +69,13 @@ def with_extra_metadata(model: AtomisticModel, extra: dict[str, str]) -> Atomist
     return AtomisticModel(model.module, new_metadata, model.capabilities())
 
 
+def is_symmetrized(model: AtomisticModel) -> bool:
+    """Whether ``model`` already predicts O(3) averages (a symmetrized export)."""
+    return any(
+        name.startswith("o3::variance::") for name in model.capabilities().outputs
+    )
+
+
 def symmetrize_model(
     model: AtomisticModel, grid_degree: int | None = None, batch_size: int = 32
 ) -> AtomisticModel:
@@ -122,6 +129,11 @@ def export_audited(
     if output.is_dir():
         raise ValueError(f"output '{output}' is a directory")
     model = load_for_export(checkpoint)
+    if symmetrize and is_symmetrized(model):
+        raise ValueError(
+            f"'{checkpoint}' already predicts O(3) averages; export it without "
+            "--symmetrize (symmetrize=False)"
+        )
     if isinstance(data, (str, os.PathLike)):
         data_path = data
         frames = read_structures(data)

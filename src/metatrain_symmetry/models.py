@@ -105,11 +105,13 @@ class LoadedModel:
         capabilities: ModelCapabilities | None,
         metadata: ModelMetadata | None = None,
         source: str | None = None,
+        neighbor_lists: list[NeighborListOptions] | None = None,
     ):
         self.module = module.eval()
         self.capabilities = capabilities
         self.metadata = metadata
         self.source = source
+        self._neighbor_lists = neighbor_lists
         self._features: list[str] | None = None
         self._targets: dict[str, ModelTarget] | None = None
 
@@ -222,6 +224,10 @@ class LoadedModel:
 
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
         """Neighbour lists the model needs, gathered from all its sub-modules."""
+        if self._neighbor_lists is not None:
+            # what the AtomisticModel that wrapped the module found: the methods
+            # of a scripted module that its forward does not call are gone
+            return list(self._neighbor_lists)
         if isinstance(self.module, AtomisticModel):
             return self.module.requested_neighbor_lists()
         options: list[NeighborListOptions] = []
@@ -384,7 +390,12 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
     if isinstance(model, AtomisticModel) or (
         isinstance(model, torch.jit.ScriptModule) and hasattr(model, "capabilities")
     ):
-        return LoadedModel(model.module, model.capabilities(), model.metadata())
+        return LoadedModel(
+            model.module,
+            model.capabilities(),
+            model.metadata(),
+            neighbor_lists=model.requested_neighbor_lists(),
+        )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             "model must be a file path, an AtomisticModel or a torch.nn.Module "
@@ -396,7 +407,10 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
         # its internal features remain reachable
         exported = model.export()
         return LoadedModel(
-            exported.module, exported.capabilities(), exported.metadata()
+            exported.module,
+            exported.capabilities(),
+            exported.metadata(),
+            neighbor_lists=exported.requested_neighbor_lists(),
         )
     return LoadedModel(model, capabilities)
 

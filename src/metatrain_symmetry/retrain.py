@@ -149,6 +149,12 @@ class _PETReadout:
 
 def _as_pet(model: LoadedModel) -> torch.nn.Module:
     module = model.module
+    name = f"'{model.source}'" if model.source is not None else "the model"
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ValueError(
+            f"{name} is an exported model, whose weights cannot be changed: retrain "
+            "the metatrain checkpoint (.ckpt) it was exported from"
+        )
     if not (
         type(module).__module__.startswith("metatrain.pet")
         and hasattr(module, "backend")
@@ -156,7 +162,7 @@ def _as_pet(model: LoadedModel) -> torch.nn.Module:
     ):
         raise ValueError(
             "closed-form retraining needs a metatrain PET checkpoint (.ckpt); "
-            f"got a {type(module).__name__}"
+            f"{name} is a {type(module).__name__}"
         )
     return module
 
