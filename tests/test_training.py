@@ -336,3 +336,53 @@ def test_bad_options_are_rejected_before_loading_data(tmp_path):
     output = process.stdout + process.stderr
     assert option in output
     assert "Setting up training set" not in output
+
+
+# every spelling of a penalised energy's gradients that docs/src/training.rst shows
+GRADIENT_SPELLINGS = {
+    "gradients": "gradients: {positions: {type: equivariance, gamma: 1.0}, "
+    "strain: {type: equivariance, gamma: 1.0}}",
+    "shorthands": "forces: {type: equivariance, gamma: 1.0}, "
+    "stress: {type: equivariance, gamma: 1.0}",
+    "types only": "forces: equivariance, virial: equivariance",
+}
+
+
+@pytest.fixture(scope="module")
+def spelling_runs(tmp_path_factory):
+    """The same penalised training with conservative forces and stress, with the
+    gradient entries spelled in each way metatrain accepts."""
+    from ase.calculators.emt import EMT
+
+    root = tmp_path_factory.mktemp("spellings")
+    frames = make_dataset(6, seed=1)
+    for atoms in frames:
+        atoms.calc = EMT()
+        atoms.info["stress"] = atoms.get_stress(voigt=False)
+        atoms.calc = None
+    ase.io.write(root / "train.xyz", frames[:4])
+    ase.io.write(root / "validation.xyz", frames[4:])
+    targets = "energy: {key: energy, unit: eV, forces: false, stress: false}"
+    with_gradients = (
+        "energy: {key: energy, unit: eV, forces: {key: forces}, stress: {key: stress}}"
+    )
+    started = {}
+    for name, gradients in GRADIENT_SPELLINGS.items():
+        loss = f"loss:\n  energy: {{type: equivariance, gamma: 1.0, {gradients}}}\n"
+        options = (
+            pet_options(loss, epochs=1)
+            .replace(TARGETS, f"    {with_gradients}\n")
+            .replace(targets, with_gradients)
+        )
+        started[root / name] = start(root / name, options)
+    finish(started)
+    return root
+
+
+def test_every_gradient_spelling_trains_the_same(spelling_runs):
+    rows = {name: metrics(spelling_runs / name) for name in GRADIENT_SPELLINGS}
+    reference = rows["gradients"]
+    assert float(reference[0]["training L_sigma(energy::positions)"]) > 0
+    assert float(reference[0]["training L_sigma(energy::strain)"]) > 0
+    for name, other in rows.items():
+        assert other == reference, name
