@@ -364,7 +364,7 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
 # (module file, function) pairs whose cumulative time --profile reports
 PROFILED = (
     ("models.py", "__call__", "model forward (LoadedModel.__call__)"),
-    ("engine.py", "_rotated_copies", "engine._rotated_copies"),
+    ("engine.py", "rotated_copies", "engine.rotated_copies"),
     ("engine.py", "_split_by_copy", "engine._split_by_copy"),
     ("engine.py", "prepare_systems", "engine.prepare_systems"),
     ("grid.py", "wigner_matrices", "O3Grid.wigner_matrices"),

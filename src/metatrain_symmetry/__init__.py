@@ -6,7 +6,7 @@ from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
 from .export import export_audited, read_audit
 from .grid import O3Grid
-from .models import LoadedModel, load_model
+from .models import LoadedModel, ModelTarget, load_model
 from .retrain import RetrainResult, retrain_last_layer, retraining_objective
 from .visualize import chemiscope_dataset, write_html_viewer
 
@@ -17,6 +17,7 @@ __all__ = [
     "AnalysisResult",
     "AuditResult",
     "LoadedModel",
+    "ModelTarget",
     "O3Grid",
     "RetrainResult",
     "TrainingDynamics",

@@ -76,12 +76,20 @@ class StructureChunk:
 
 
 @dataclass
-class _PreparedSystem:
+class PreparedSystem:
+    """What rotated copies of a system are made from: its detached positions and
+    cell, and the neighbour lists and data attached to it. Make one with
+    :py:func:`prepare_rotations` once per system, then any number of copies with
+    :py:func:`rotated_copies`."""
+
     positions: torch.Tensor
+    """``(n_atoms, 3)``"""
     cell: torch.Tensor
+    """``(3, 3)``"""
     types: torch.Tensor
     pbc: torch.Tensor
     neighbors: list[tuple[object, TensorBlock]]
+    """``(options, neighbour list)`` pairs"""
     data: dict[str, object]
 
 
@@ -186,7 +194,7 @@ class RotatedEvaluator:
         n_rotations = len(self.grid)
         per_batch = self.copies_per_batch(systems)
         total = len(systems) * n_rotations
-        prepared = [_prepare(system) for system in systems]
+        prepared = [prepare_rotations(system) for system in systems]
         derived = [name for name in outputs if name in DERIVED_OUTPUTS]
         if "stress" in derived:
             _check_periodic(systems)
@@ -217,7 +225,7 @@ class RotatedEvaluator:
                 batch_systems: list[System] = []
                 leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
                 for structure, first, last in segments:
-                    copies, copy_leaves = _rotated_copies(
+                    copies, copy_leaves = rotated_copies(
                         prepared[structure],
                         self._rotations[first:last],
                         differentiable=len(derived) != 0,
@@ -263,15 +271,17 @@ def rotated_systems(system: System, rotations: torch.Tensor) -> list[System]:
         on its device
     :return: the ``n`` rotated systems
     """
-    return _rotated_copies(_prepare(system), rotations)[0]
+    return rotated_copies(prepare_rotations(system), rotations)[0]
 
 
-def _prepare(system: System) -> _PreparedSystem:
+def prepare_rotations(system: System) -> PreparedSystem:
+    """Take from ``system`` (with the neighbour lists the model needs) what its
+    rotated copies are made from."""
     neighbors = []
     for options in system.known_neighbor_lists():
         neighbors.append((options, system.get_neighbor_list(options)))
     data = {name: system.get_data(name) for name in system.known_data()}
-    return _PreparedSystem(
+    return PreparedSystem(
         positions=system.positions.detach(),
         cell=system.cell.detach(),
         types=system.types,
@@ -281,10 +291,12 @@ def _prepare(system: System) -> _PreparedSystem:
     )
 
 
-def _rotated_copies(
-    system: _PreparedSystem, rotations: torch.Tensor, differentiable: bool = False
-) -> tuple[list[System], list[torch.Tensor]]:
-    """One rotated ``System`` per matrix in ``rotations`` (``(n, 3, 3)``).
+def rotated_copies(
+    system: PreparedSystem, rotations: torch.Tensor, differentiable: bool = False
+) -> tuple[list[System], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One rotated ``System`` per matrix in ``rotations`` (``(n, 3, 3)``, in the
+    system's dtype and on its device), with its neighbour lists and data rotated
+    along (never recomputed).
 
     With ``differentiable=True`` the positions of every copy require gradients and
     are multiplied, with the cell, by ``1 + strain`` for a zero ``(3, 3)`` strain

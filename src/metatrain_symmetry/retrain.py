@@ -41,7 +41,12 @@ from metatomic.torch import (
 )
 
 from .data import read_structures, reference_value
-from .engine import RotatedEvaluator, _prepare, _rotated_copies, prepare_systems
+from .engine import (
+    RotatedEvaluator,
+    prepare_rotations,
+    prepare_systems,
+    rotated_copies,
+)
 from .grid import O3Grid
 from .irreps import BlockLayout, undo_rotation
 from .models import LoadedModel, load_model
@@ -569,7 +574,7 @@ class _ForceStream:
         total = len(self.systems) * n_rotations
         largest = max(max(len(system), 1) for system in self.systems)
         per_batch = self.batch_size or max(1, _FORCE_ATOMS_PER_BATCH // largest)
-        prepared = [_prepare(system) for system in self.systems]
+        prepared = [prepare_rotations(system) for system in self.systems]
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -598,7 +603,7 @@ class _ForceStream:
     def _designs(self, prepared, segments, requests) -> list[dict]:
         copies, positions = [], []
         for structure, first, last in segments:
-            segment, leaves = _rotated_copies(
+            segment, leaves = rotated_copies(
                 prepared[structure], self.rotations[first:last], differentiable=True
             )
             copies += segment
