@@ -14,6 +14,11 @@ For an output ``t`` and a grid of elements ``g`` with weights ``w_g``:
 
 Every moment is accumulated in float64, centred on the first rotated copy so that
 ``E[x^2] - E[x]^2`` does not lose digits when the mean is large.
+
+On random grids the weighted sums are replaced by unbiased Monte-Carlo estimates
+over the independent pairs ``(R, -R)`` of the grid, with standard errors (see
+:py:mod:`metatrain_symmetry.estimators`); exact grids take the path above
+unchanged.
 """
 
 from __future__ import annotations
@@ -45,13 +50,13 @@ from .models import LoadedModel, ModelLike, load_model
 
 
 _EPSILON = torch.finfo(torch.float64).eps
+_TINY = torch.finfo(torch.float64).tiny
 # independent pairs (R, -R) a random grid needs: two for an unbiased estimate of a
 # squared mean, four for the variance of that estimate
 _MIN_PAIRS = 4
 # relative standard error of a random grid's estimate of <||u||^2> above which the
 # linearized normalized spectrum (a ratio of estimates) is not trusted
 _NORM_TOLERANCE = 0.1
-_TINY = torch.finfo(torch.float64).tiny
 
 # largest angular momentum of metatomic's standard Cartesian quantities
 _STANDARD_LAMBDA = {
@@ -74,6 +79,11 @@ class AnalysisResult:
 
     All TensorMaps have a ``"system"`` sample dimension indexing the input
     structures, followed by the output's own sample dimensions.
+
+    On a random grid (``estimated`` is true), ``variance``,
+    ``character_projection`` and ``spectrum`` hold unbiased Monte-Carlo estimates
+    (projections and spectra can be negative where the true value is close to
+    zero), and the ``*_error`` maps their standard errors.
     """
 
     variance: dict[str, TensorMap]
