@@ -6,6 +6,16 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
 * ``mtt::x_z``: ``x_1 . e_z``, a pure (1, +1) function of the rotation
 * ``mtt::x_z_squared``: ``(x_1 . e_z)^2``, 5/9 in (0, +1) and 4/9 in (2, +1)
 * ``mtt::triple``: ``x_1 . (x_2 x x_3)``, a pure pseudoscalar (0, -1)
+* ``mtt::legendre_2``: ``P_2(x_1 . e_z)``, a pure (2, +1) function of the rotation
+* ``mtt::legendre_1_3``: ``sqrt(3 * 0.84) P_1(x_1 . e_z) + sqrt(7 * 0.16) P_3(x_1 .
+  e_z)``, 0.84 in (1, +1) and 0.16 in (3, +1) (the mean square of ``P_l`` over the
+  sphere is ``1 / (2 l + 1)``)
+* ``mtt::harmonics_2``: the five real spherical harmonics of degree 2 of ``x_1`` as
+  properties, normalized so that their squares add up to one: pure (2, +1), and
+  the same mean square in every orientation
+* ``mtt::harmonics_1_3``: ``sqrt(0.84) x_1`` and ``sqrt(0.16)`` times the seven
+  normalized real spherical harmonics of degree 3 of ``x_1``, as ten properties:
+  0.84 in (1, +1) and 0.16 in (3, +1), with unit mean square in every orientation
 * ``mtt::distance``: ``|r_1 - r_0|``, invariant (0, +1)
 * ``non_conservative_force``: per-atom positions relative to the centroid, an exactly
   equivariant Cartesian vector
@@ -29,6 +39,10 @@ OUTPUTS = {
     "mtt::x_z": ModelOutput(sample_kind="system"),
     "mtt::x_z_squared": ModelOutput(sample_kind="system"),
     "mtt::triple": ModelOutput(sample_kind="system"),
+    "mtt::legendre_2": ModelOutput(sample_kind="system"),
+    "mtt::legendre_1_3": ModelOutput(sample_kind="system"),
+    "mtt::harmonics_2": ModelOutput(sample_kind="system"),
+    "mtt::harmonics_1_3": ModelOutput(sample_kind="system"),
     "mtt::distance": ModelOutput(sample_kind="system"),
     "non_conservative_force": ModelOutput(sample_kind="atom"),
     "mtt::spherical_x": ModelOutput(sample_kind="system"),
@@ -42,6 +56,34 @@ SPHERICAL = {
     "mtt::axial": (-1, "cross"),
     "mtt::axial_as_polar": (1, "cross"),
 }
+
+
+def harmonics(unit: torch.Tensor, degree: int) -> torch.Tensor:
+    """Real spherical harmonics of degree 1, 2 or 3 of a unit vector, scaled so
+    that their squares add up to one (the standard ones times ``sqrt(4 pi / (2 l
+    + 1))``)."""
+    x, y, z = unit[0], unit[1], unit[2]
+    if degree == 1:
+        return torch.stack([y, z, x])
+    if degree == 2:
+        values = [
+            3.0**0.5 * x * y,
+            3.0**0.5 * y * z,
+            (2 * z**2 - x**2 - y**2) / 2,
+            3.0**0.5 * x * z,
+            3.0**0.5 / 2 * (x**2 - y**2),
+        ]
+        return torch.stack(values)
+    values = [
+        (35 / 32) ** 0.5 * y * (3 * x**2 - y**2),
+        105**0.5 / 2 * x * y * z,
+        (21 / 32) ** 0.5 * y * (4 * z**2 - x**2 - y**2),
+        (7 / 16) ** 0.5 * z * (2 * z**2 - 3 * x**2 - 3 * y**2),
+        (21 / 32) ** 0.5 * x * (4 * z**2 - x**2 - y**2),
+        (105 / 16) ** 0.5 * z * (x**2 - y**2),
+        (35 / 32) ** 0.5 * x * (x**2 - 3 * y**2),
+    ]
+    return torch.stack(values) * (4 / 7) ** 0.5
 
 
 class AnalyticModel(torch.nn.Module):
@@ -60,6 +102,10 @@ class AnalyticModel(torch.nn.Module):
             "mtt::x_z": [],
             "mtt::x_z_squared": [],
             "mtt::triple": [],
+            "mtt::legendre_2": [],
+            "mtt::legendre_1_3": [],
+            "mtt::harmonics_2": [],
+            "mtt::harmonics_1_3": [],
             "mtt::distance": [],
         }
         centered: list[torch.Tensor] = []
@@ -72,6 +118,20 @@ class AnalyticModel(torch.nn.Module):
             per_system["mtt::x_z_squared"].append(unit[0, 2] ** 2)
             per_system["mtt::triple"].append(
                 torch.dot(unit[0], torch.linalg.cross(unit[1], unit[2]))
+            )
+            z = unit[0, 2]
+            per_system["mtt::legendre_2"].append((3 * z**2 - 1) / 2)
+            per_system["mtt::legendre_1_3"].append(
+                (3 * 0.84) ** 0.5 * z + (7 * 0.16) ** 0.5 * (5 * z**3 - 3 * z) / 2
+            )
+            per_system["mtt::harmonics_2"].append(harmonics(unit[0], 2))
+            per_system["mtt::harmonics_1_3"].append(
+                torch.cat(
+                    [
+                        0.84**0.5 * harmonics(unit[0], 1),
+                        0.16**0.5 * harmonics(unit[0], 3),
+                    ]
+                )
             )
             per_system["mtt::distance"].append(torch.linalg.norm(vectors[0]))
             # real spherical components of a vector are ordered (y, z, x)
@@ -86,14 +146,18 @@ class AnalyticModel(torch.nn.Module):
         )
         for name, values in per_system.items():
             if name in outputs:
+                stacked = torch.stack(values).reshape(n_systems, -1)
                 results[name] = TensorMap(
                     Labels.single(),
                     [
                         TensorBlock(
-                            values=torch.stack(values).reshape(-1, 1),
+                            values=stacked,
                             samples=system_samples,
                             components=[],
-                            properties=Labels(["value"], torch.tensor([[0]])),
+                            properties=Labels(
+                                ["value"],
+                                torch.arange(stacked.shape[1]).reshape(-1, 1),
+                            ),
                         )
                     ],
                 )

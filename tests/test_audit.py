@@ -126,6 +126,83 @@ def test_summary_statistics_follow_the_analysis(pet_audit):
     assert "`non_conservative_force`" in table and "`energy`" in table
 
 
+def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
+    """On a random grid the spectra and leakages are labelled as estimates with
+    standard errors in every file, and are written unclipped."""
+    import gzip
+
+    from metatrain_symmetry.audit import write_audit_report
+
+    pet, frames, _ = pet_audit
+    result = msym.audit(
+        pet,
+        frames,
+        features=["mtt::feature::gnn_layers.1_node"],
+        max_lambda=2,
+        grid=msym.O3Grid.random(16, seed=4),
+    )
+    analysis = result.analysis
+    assert analysis.estimated
+    summary = result.summary
+    jsonschema.validate(summary, audit_schema())
+    assert summary["grid"]["kind"] == "random" and summary["grid"]["estimated"]
+    for group in ("outputs", "features"):
+        for name, entry in summary[group].items():
+            mean, errors = analysis.mean_spectrum(name)
+            assert entry["mean_spectrum"] == pytest.approx(mean.tolist())
+            assert entry["mean_spectrum_standard_error"] == pytest.approx(
+                errors.tolist()
+            )
+            # channels of the parity absent from the response are exactly zero
+            errors = entry["mean_spectrum_standard_error"]
+            assert min(errors) >= 0 and max(errors) > 0
+    force = summary["outputs"]["non_conservative_force"]
+    leakage = result.leakage("non_conservative_force")
+    assert force["leakage"]["mean"] == pytest.approx(float(leakage.mean()))
+    _, error = analysis.mean_spectrum_sum("non_conservative_force", [(1, 1)])
+    assert force["leakage"]["mean_standard_error"] == pytest.approx(float(error))
+    spectrum_error = analysis.spectrum_error["non_conservative_force"].block().values
+    torch.testing.assert_close(
+        result.leakage_error("non_conservative_force"), spectrum_error[:, 2]
+    )
+
+    write_audit_report(result, frames, tmp_path)
+    written = json.loads((tmp_path / "audit.json").read_text())
+    jsonschema.validate(written, audit_schema())
+    assert written["files"]["spectra_standard_errors"] == "spectra_errors.mts"
+    errors = mts.load(str(tmp_path / "spectra_errors.mts"))
+    spectra = mts.load(str(tmp_path / "spectra.mts"))
+    assert errors.keys == spectra.keys
+    for index, name in enumerate(written["files"]["spectra_entries"]):
+        assert torch.equal(
+            spectra.block({"entry": index}).values,
+            analysis.spectrum[name].block().values,
+        )
+        assert torch.equal(
+            errors.block({"entry": index}).values,
+            analysis.spectrum_error[name].block().values,
+        )
+    markdown = (tmp_path / "audit.md").read_text()
+    assert "Monte-Carlo estimates from 8 random rotations" in markdown
+    assert "±" in markdown
+    assert (tmp_path / "tensors" / "energy.spectrum_error.mts").exists()
+    with gzip.open(tmp_path / "audit.chemiscope.json.gz") as file:
+        properties = json.load(file)["properties"]
+    assert "energy: leakage standard error" in properties
+    assert "energy: spectrum standard error" in properties
+    assert "Monte-Carlo" in properties["energy: spectrum"]["description"]
+
+
+def test_exact_grid_audit_has_no_errors(pet_audit):
+    _, _, result = pet_audit
+    summary = result.summary
+    assert summary["grid"]["estimated"] is False
+    assert summary["outputs"]["energy"]["mean_spectrum_standard_error"] is None
+    assert summary["outputs"]["energy"]["leakage"]["mean_standard_error"] is None
+    assert result.leakage_error("energy") is None
+    assert "±" not in audit_markdown(summary)
+
+
 def test_deviation_is_prediction_minus_average(pet_audit):
     _, frames, result = pet_audit
     average = result.analysis.average["non_conservative_force"].block()

@@ -1,3 +1,4 @@
+import hashlib
 import warnings
 
 import ase
@@ -31,13 +32,18 @@ def analytic_model():
 
 
 def test_analytic_spectra(analytic_model, molecules):
-    result = msym.analyze(analytic_model, molecules, ANALYTIC, max_lambda=4)
     expected = {
         "mtt::x_z": {(1, 1): 1.0},
         "mtt::x_z_squared": {(0, 1): 5 / 9, (2, 1): 4 / 9},
         "mtt::triple": {(0, -1): 1.0},
         "mtt::distance": {(0, 1): 1.0},
+        "mtt::legendre_2": {(2, 1): 1.0},
+        "mtt::legendre_1_3": {(1, 1): 0.84, (3, 1): 0.16},
+        "mtt::harmonics_2": {(2, 1): 1.0},
+        "mtt::harmonics_1_3": {(1, 1): 0.84, (3, 1): 0.16},
     }
+    result = msym.analyze(analytic_model, molecules, list(expected), max_lambda=4)
+    assert not result.estimated and result.spectrum_error == {}
     for name, pure in expected.items():
         spectrum = spectrum_of(result, name)
         for irrep, values in spectrum.items():
@@ -135,6 +141,195 @@ def test_equivariance_rmse_reduces_per_structure(analytic_model, molecules):
     result = msym.analyze(analytic_model, molecules, ["mtt::x_z"], max_lambda=1)
     rmse = msym.equivariance_rmse(result.variance["mtt::x_z"])
     assert torch.allclose(rmse, torch.full((3,), (1 / 3) ** 0.5, dtype=torch.float64))
+
+
+# exact spectra of analytic outputs whose mean square is the same in every
+# orientation, so that the normalization of their random-grid spectra is exact
+PURE_SPECTRA = {
+    "mtt::triple": {(0, -1): 1.0},
+    "mtt::harmonics_2": {(2, 1): 1.0},
+    "mtt::harmonics_1_3": {(1, 1): 0.84, (3, 1): 0.16},
+}
+IRREPS = [(lam, sigma) for lam in range(5) for sigma in (1, -1)]
+N_SEEDS = 40
+
+
+@pytest.fixture(scope="module")
+def random_spectra():
+    """Spectra of :py:data:`PURE_SPECTRA` estimated with ``O3Grid.random(16)`` on
+    ``N_SEEDS`` seeds, for three structures: per output, the per-structure
+    estimates and errors ``(seeds, structures, irreps)`` and the dataset means and
+    their errors ``(seeds, irreps)``."""
+    rng = np.random.default_rng(3)
+    frames = [ase.Atoms("CHHH", positions=rng.normal(size=(4, 3))) for _ in range(3)]
+    model = msym.load_model(AnalyticModel(), capabilities=capabilities())
+    collected = {name: ([], [], [], []) for name in PURE_SPECTRA}
+    for seed in range(N_SEEDS):
+        result = msym.analyze(
+            model,
+            frames,
+            list(PURE_SPECTRA),
+            max_lambda=4,
+            grid=msym.O3Grid.random(16, seed=seed),
+        )
+        assert result.estimated
+        for name, lists in collected.items():
+            mean, mean_error = result.mean_spectrum(name)
+            for target, value in zip(
+                lists,
+                (
+                    result.spectrum[name].block().values,
+                    result.spectrum_error[name].block().values,
+                    mean,
+                    mean_error,
+                ),
+                strict=True,
+            ):
+                target.append(value)
+    return {
+        name: [torch.stack(values) for values in lists]
+        for name, lists in collected.items()
+    }
+
+
+def test_random_spectra_are_unbiased(random_spectra):
+    # the plug-in estimate of the squared mean puts about (2 lambda + 1)^2 / N in
+    # every channel of the right parity (6 in (3, +1) for the triple product)
+    for name, pure in PURE_SPECTRA.items():
+        _, _, means, mean_errors = random_spectra[name]
+        average = means.mean(dim=0)
+        # the seeds are independent: the error of the average of their estimates
+        error = mean_errors.square().mean(dim=0).sqrt() / N_SEEDS**0.5
+        for column, irrep in enumerate(IRREPS):
+            expected = pure.get(irrep, 0.0)
+            deviation = abs(float(average[column]) - expected)
+            assert deviation <= 4 * float(error[column]) + 1e-10, (
+                name,
+                irrep,
+                float(average[column]),
+                float(error[column]),
+            )
+
+
+def test_random_spectrum_errors_match_spread(random_spectra):
+    """The reported standard errors match the spread of the estimates over seeds.
+
+    With 40 seeds the sample standard deviation of these heavy-tailed estimates
+    has a relative error of about 15 %, so single channels must agree within a
+    factor 1.6 and the channels of one output pooled together within 25 %; an
+    error that ignores the pairing of rotations with their inversions or the
+    fourth-order correction is off by a factor about 1.4 in most channels.
+    """
+    for name in PURE_SPECTRA:
+        values, errors, means, mean_errors = random_spectra[name]
+        for estimates, reported in ((values, errors), (means, mean_errors)):
+            spread = estimates.var(dim=0)
+            predicted = reported.square().mean(dim=0)
+            resolved = spread > 1e-20
+            # channels that the parity separates exactly have no error
+            assert float(predicted[~resolved].max()) < 1e-16
+            ratio = (predicted[resolved] / spread[resolved]).sqrt()
+            assert float(ratio.min()) > 1 / 1.6 and float(ratio.max()) < 1.6, (
+                name,
+                ratio,
+            )
+            pooled = (predicted[resolved].sum() / spread[resolved].sum()).sqrt()
+            assert 0.8 < float(pooled) < 1.25, (name, float(pooled))
+
+
+def test_random_equivariance_error_is_unbiased(analytic_model, molecules):
+    """``(R x)_z^2`` declared invariant has ``A = 1/5 - 1/9``. Its values at a
+    rotation and at its inversion are equal, so the plug-in variance over 8
+    elements (4 independent pairs) is biased low by ``A / 4``."""
+    n_seeds = 200
+    values, errors = [], []
+    for seed in range(n_seeds):
+        with warnings.catch_warnings():
+            # the spectrum's normalization is noisy here, and not tested
+            warnings.simplefilter("ignore", UserWarning)
+            result = msym.analyze(
+                analytic_model,
+                molecules[:2],
+                ["mtt::x_z_squared"],
+                max_lambda=0,
+                grid=msym.O3Grid.random(8, seed=seed),
+            )
+        values.append(result.variance["mtt::x_z_squared"].block().values.reshape(-1))
+        errors.append(
+            result.variance_error["mtt::x_z_squared"].block().values.reshape(-1)
+        )
+    values, errors = torch.stack(values), torch.stack(errors)
+    expected = 1 / 5 - 1 / 9
+    error = errors.square().mean(dim=0).sqrt() / n_seeds**0.5
+    assert bool(((values.mean(dim=0) - expected).abs() < 3 * error).all()), (
+        values.mean(dim=0),
+        error,
+    )
+    # the test resolves the bias of the plug-in estimate
+    assert float(error.max()) < expected / 4 / 3.5
+    ratio = (errors.square().mean(dim=0) / values.var(dim=0)).sqrt()
+    assert bool(((ratio > 0.7) & (ratio < 1.4)).all()), ratio
+    # equivariant outputs have no error
+    result = msym.analyze(
+        analytic_model,
+        molecules,
+        ["mtt::spherical_x"],
+        max_lambda=1,
+        grid=msym.O3Grid.random(16, seed=1),
+    )
+    assert float(result.variance["mtt::spherical_x"].block().values.max()) < 1e-20
+
+
+def test_exact_grid_results_are_unchanged(analytic_model, molecules, monkeypatch):
+    """Exact grids keep the values of the implementation before random-grid
+    estimates existed, to the last bit (SHA-256 of the float64 values)."""
+    import metatrain_symmetry.diagnostics as diagnostics
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("exact grids do not estimate")
+
+    for function in (
+        "factored_u_statistic",
+        "pair_u_covariance",
+        "paired_mean_square_deviation",
+    ):
+        monkeypatch.setattr(diagnostics, function, forbidden)
+    names = [
+        "mtt::x_z_squared",
+        "mtt::triple",
+        "mtt::axial_as_polar",
+        "non_conservative_force",
+    ]
+    result = msym.analyze(
+        analytic_model, molecules, names, max_lambda=2, grid=msym.O3Grid(5)
+    )
+    assert not result.estimated
+    assert result.variance_error == {} and result.spectrum_covariance == {}
+    expected = {
+        "variance": "0d98a71b1215be2bb013ab50e5686dba250c1e05d1b91c2cee0536876154754d",
+        "character_projection": (
+            "fd8bc51daad2439c8255faed8de534558546b2d33d331332eae5c2755a9ad10c"
+        ),
+        "average": "78fc3fafd782169ab3326f7eb0ecacdb566364a7995d2a1d02e4208a9d322fea",
+        "spectrum": "2314896b664f9c0deb163f93e8c7940cbb775780613a3bf991acb276c40bb45b",
+    }
+    for quantity, digest in expected.items():
+        hashed = hashlib.sha256()
+        for name in names:
+            for block in getattr(result, quantity)[name].blocks():
+                hashed.update(block.values.contiguous().numpy().tobytes())
+        assert hashed.hexdigest() == digest, quantity
+
+
+def test_random_grid_needs_four_pairs(analytic_model, molecules):
+    with pytest.raises(ValueError, match="at least 8 elements"):
+        msym.analyze(
+            analytic_model,
+            molecules,
+            ["mtt::x_z"],
+            max_lambda=1,
+            grid=msym.O3Grid.random(6),
+        )
 
 
 def test_random_grid_estimates(analytic_model, molecules):

@@ -36,7 +36,7 @@ from .grid import O3Grid
 from .models import FEATURE_PREFIX, LoadedModel, ModelLike, load_model
 
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 """Version of the ``audit.json`` schema; the major number changes when a field
 changes meaning or disappears."""
 
@@ -129,11 +129,16 @@ class AuditResult:
         irreps = expected_irreps(name)
         if irreps is None:
             return None
-        spectrum = self.analysis.spectrum[name].block().values
-        kept = sum(
-            spectrum[:, 2 * lam + (0 if sigma == 1 else 1)] for lam, sigma in irreps
-        )
+        kept, _ = self.analysis.spectrum_sum(name, irreps)
         return 1.0 - kept
+
+    def leakage_error(self, name: str) -> torch.Tensor | None:
+        """Standard error of :py:meth:`leakage`, ``(n_structures,)``; ``None`` on
+        exact grids or when no irrep is expected."""
+        irreps = expected_irreps(name)
+        if irreps is None:
+            return None
+        return self.analysis.spectrum_sum(name, irreps)[1]
 
     def structure_errors(self, name: str) -> torch.Tensor | None:
         """Per-structure RMSE of the unrotated prediction of ``name`` against its
@@ -448,6 +453,7 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
             "degree": grid.degree,
             "n_elements": len(grid),
             "inversion": bool(grid.inversion),
+            "estimated": bool(analysis.estimated),
         },
         "max_lambda": analysis.max_lambda,
         "irreps": irreps,
@@ -466,7 +472,7 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
             "target": None,
             "equivariance_rmse": equivariance,
             "leakage": None,
-            "mean_spectrum": _mean_spectrum(analysis, name),
+            **_mean_spectrum(analysis, name),
         }
         if name in result.references:
             error = _errors(result.predictions[name], result.references[name])
@@ -487,15 +493,18 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
                 )
         leakage = result.leakage(name)
         if leakage is not None:
+            irreps = expected_irreps(name)
+            _, error = analysis.mean_spectrum_sum(name, irreps)
             entry["leakage"] = {
-                "irreps": [list(irrep) for irrep in expected_irreps(name)],
+                "irreps": [list(irrep) for irrep in irreps],
                 **_statistics(leakage),
+                "mean_standard_error": None if error is None else _number(error),
             }
         summary["outputs"][name] = entry
     for name in result.features:
         summary["features"][name] = {
             "equivariance_rmse": _statistics(analysis.equivariance_rmse(name)),
-            "mean_spectrum": _mean_spectrum(analysis, name),
+            **_mean_spectrum(analysis, name),
         }
     return summary
 
@@ -510,9 +519,14 @@ def _derived_unit(name: str, model: LoadedModel) -> str:
     return f"{energy.unit}/{length}^3"
 
 
-def _mean_spectrum(analysis: AnalysisResult, name: str) -> list:
-    values = analysis.spectrum[name].block().values.mean(dim=0)
-    return [_number(value) for value in values]
+def _mean_spectrum(analysis: AnalysisResult, name: str) -> dict:
+    values, errors = analysis.mean_spectrum(name)
+    return {
+        "mean_spectrum": [_number(value) for value in values],
+        "mean_spectrum_standard_error": (
+            None if errors is None else [_number(error) for error in errors]
+        ),
+    }
 
 
 def _errors(predictions, references) -> dict:
@@ -552,7 +566,13 @@ def audit_markdown(summary: dict) -> str:
     def number(value) -> str:
         return "n/a" if value is None else f"{value:.4g}"
 
+    def estimate(value, error) -> str:
+        if error is None:
+            return number(value)
+        return f"{number(value)} ± {number(error)}"
+
     irreps = summary["irreps"]
+    estimated = summary["grid"].get("estimated", False)
     irrep_names = [f"({lam},{'+' if sigma == 1 else '-'})" for lam, sigma in irreps]
     model = summary["model"]
     grid = summary["grid"]
@@ -572,6 +592,17 @@ def audit_markdown(summary: dict) -> str:
         f"{grid['n_elements']} elements; spectra up to lambda = "
         f"{summary['max_lambda']}",
         f"- schema version {summary['schema_version']}",
+    ]
+    if estimated:
+        lines += [
+            "",
+            f"Spectra and leakages are Monte-Carlo estimates from "
+            f"{grid['n_elements'] // 2} random rotations and their inversions, "
+            "given as value ± one standard error. They are unbiased, so they can "
+            "be negative where the true value is close to zero; use an exact grid "
+            "(`--grid-degree`) for precise spectra.",
+        ]
+    lines += [
         "",
         "## Outputs",
         "",
@@ -599,7 +630,8 @@ def audit_markdown(summary: dict) -> str:
             f"{number(equivariance['max'])} | "
             f"{number(equivariance.get('fraction_of_mae'))} | "
             f"{number(equivariance.get('fraction_of_rmse'))} | "
-            f"{number(leakage.get('mean'))} | {number(leakage.get('max'))} |"
+            f"{estimate(leakage.get('mean'), leakage.get('mean_standard_error'))} | "
+            f"{number(leakage.get('max'))} |"
         )
     lines += [
         "",
@@ -610,9 +642,15 @@ def audit_markdown(summary: dict) -> str:
     ]
     for group in ("outputs", "features"):
         for name, entry in summary[group].items():
+            errors = entry.get("mean_spectrum_standard_error")
+            if errors is None:
+                errors = [None] * len(entry["mean_spectrum"])
             lines.append(
                 f"| `{name}` | "
-                + " | ".join(number(v) for v in entry["mean_spectrum"])
+                + " | ".join(
+                    estimate(value, error)
+                    for value, error in zip(entry["mean_spectrum"], errors, strict=True)
+                )
                 + " |"
             )
     return "\n".join(lines) + "\n"
@@ -639,10 +677,32 @@ def spectra_tensormap(result: AuditResult) -> TensorMap:
     return TensorMap(keys, blocks)
 
 
+def spectra_error_tensormap(result: AuditResult) -> TensorMap | None:
+    """Standard errors of :py:func:`spectra_tensormap`, with the same metadata;
+    ``None`` on exact grids."""
+    if not result.analysis.estimated:
+        return None
+    names = result.outputs + result.features
+    blocks = []
+    for name in names:
+        block = result.analysis.spectrum_error[name].block()
+        blocks.append(
+            TensorBlock(
+                values=block.values,
+                samples=block.samples,
+                components=[],
+                properties=block.properties,
+            )
+        )
+    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
+    return TensorMap(keys, blocks)
+
+
 def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
     """Write every audit file into ``directory`` (which must exist): ``audit.json``,
-    ``audit.md``, ``spectra.mts``, ``spectra.png``, ``audit.chemiscope.json.gz``,
-    ``audit.html`` and the full analysis TensorMaps under ``tensors/``.
+    ``audit.md``, ``spectra.mts`` (and on random grids ``spectra_errors.mts``),
+    ``spectra.png``, ``audit.chemiscope.json.gz``, ``audit.html`` and the full
+    analysis TensorMaps under ``tensors/``.
 
     Callers wanting all-or-nothing output write into
     ``report.atomic_directory(...)``.
@@ -652,15 +712,19 @@ def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -
 
     directory = Path(directory)
     summary = dict(result.summary)
+    errors = spectra_error_tensormap(result)
     summary["files"] = {
         "spectra": "spectra.mts",
         "spectra_entries": result.outputs + result.features,
+        "spectra_standard_errors": None if errors is None else "spectra_errors.mts",
     }
     (directory / "audit.json").write_text(
         json.dumps(summary, indent=2, allow_nan=False) + "\n"
     )
     (directory / "audit.md").write_text(audit_markdown(summary))
     mts.save(str(directory / "spectra.mts"), spectra_tensormap(result))
+    if errors is not None:
+        mts.save(str(directory / "spectra_errors.mts"), errors)
     tensors = directory / "tensors"
     tensors.mkdir()
     save_result(result.analysis, tensors)

@@ -14,10 +14,16 @@ For an output ``t`` and a grid of elements ``g`` with weights ``w_g``:
 
 Every moment is accumulated in float64, centred on the first rotated copy so that
 ``E[x^2] - E[x]^2`` does not lose digits when the mean is large.
+
+On random grids the weighted sums are replaced by unbiased Monte-Carlo estimates
+over the independent pairs ``(R, -R)`` of the grid, with standard errors (see
+:py:mod:`metatrain_symmetry.estimators`); exact grids take the path above
+unchanged.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +32,11 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput
 
 from .engine import RotatedEvaluator, SystemLike, prepare_systems
+from .estimators import (
+    factored_u_statistic,
+    pair_u_covariance,
+    paired_mean_square_deviation,
+)
 from .grid import O3Grid
 from .irreps import (
     BlockLayout,
@@ -40,6 +51,12 @@ from .models import LoadedModel, ModelLike, load_model
 
 _EPSILON = torch.finfo(torch.float64).eps
 _TINY = torch.finfo(torch.float64).tiny
+# independent pairs (R, -R) a random grid needs: two for an unbiased estimate of a
+# squared mean, four for the variance of that estimate
+_MIN_PAIRS = 4
+# relative standard error of a random grid's estimate of <||u||^2> above which the
+# linearized normalized spectrum (a ratio of estimates) is not trusted
+_NORM_TOLERANCE = 0.1
 
 # largest angular momentum of metatomic's standard Cartesian quantities
 _STANDARD_LAMBDA = {
@@ -62,6 +79,11 @@ class AnalysisResult:
 
     All TensorMaps have a ``"system"`` sample dimension indexing the input
     structures, followed by the output's own sample dimensions.
+
+    On a random grid (``estimated`` is true), ``variance``,
+    ``character_projection`` and ``spectrum`` hold unbiased Monte-Carlo estimates
+    (projections and spectra can be negative where the true value is close to
+    zero), and the ``*_error`` maps their standard errors.
     """
 
     variance: dict[str, TensorMap]
@@ -78,11 +100,86 @@ class AnalysisResult:
     grid: O3Grid
     max_lambda: int
     outputs: list[str] = field(default_factory=list)
+    estimated: bool = False
+    """whether the values are Monte-Carlo estimates (a random grid, see
+    :py:meth:`O3Grid.random`) that come with standard errors, rather than
+    exact quadratures"""
+    variance_error: dict[str, TensorMap] = field(default_factory=dict)
+    """standard error of each ``variance`` value, same metadata (random grids
+    only)"""
+    character_projection_error: dict[str, TensorMap] = field(default_factory=dict)
+    """standard error of each ``character_projection`` value, same metadata
+    (random grids only)"""
+    spectrum_error: dict[str, TensorMap] = field(default_factory=dict)
+    """standard error of each ``spectrum`` value, same metadata (random grids
+    only)"""
+    spectrum_covariance: dict[str, torch.Tensor] = field(default_factory=dict)
+    """covariance of each structure's spectrum estimate, ``(n_structures,
+    n_irreps, n_irreps)`` with irreps ordered as the ``spectrum`` properties
+    (random grids only)"""
+    mean_spectrum_covariance: dict[str, torch.Tensor] = field(default_factory=dict)
+    """covariance of the mean spectrum over structures, ``(n_irreps, n_irreps)``;
+    the structures share the grid's rotations, so their errors are correlated and
+    this is not the average of ``spectrum_covariance`` (random grids only)"""
 
     def equivariance_rmse(self, name: str) -> torch.Tensor:
         """Per-structure equivariance RMSE of ``name``:
         ``sqrt(mean(A / (2 lambda + 1)))``, see :py:func:`equivariance_rmse`."""
         return equivariance_rmse(self.variance[name])
+
+    def spectrum_sum(
+        self, name: str, irreps: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-structure sum of the normalized spectrum of ``name`` over some
+        irreps, and its standard error.
+
+        :param irreps: ``(lambda, sigma)`` pairs
+        :return: ``(values, errors)``, both ``(n_structures,)``; ``errors`` is
+            ``None`` on exact grids
+        """
+        selection = self._irrep_selection(irreps)
+        values = self.spectrum[name].block().values @ selection
+        if not self.estimated:
+            return values, None
+        covariance = self.spectrum_covariance[name]
+        variance = torch.einsum("i,sij,j->s", selection, covariance, selection)
+        return values, variance.clamp(min=0.0).sqrt()
+
+    def mean_spectrum(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean of the normalized spectrum of ``name`` over structures, and its
+        standard error.
+
+        :return: ``(values, errors)``, both ``(n_irreps,)`` ordered as the
+            ``spectrum`` properties; ``errors`` is ``None`` on exact grids
+        """
+        values = self.spectrum[name].block().values.mean(dim=0)
+        if not self.estimated:
+            return values, None
+        covariance = self.mean_spectrum_covariance[name]
+        return values, torch.diagonal(covariance).clamp(min=0.0).sqrt()
+
+    def mean_spectrum_sum(
+        self, name: str, irreps: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean over structures of :py:meth:`spectrum_sum` and its standard error
+        (``None`` on exact grids), both scalars."""
+        selection = self._irrep_selection(irreps)
+        values = self.spectrum[name].block().values.mean(dim=0) @ selection
+        if not self.estimated:
+            return values, None
+        covariance = self.mean_spectrum_covariance[name]
+        return values, (selection @ covariance @ selection).clamp(min=0.0).sqrt()
+
+    def _irrep_selection(self, irreps: Sequence[tuple[int, int]]) -> torch.Tensor:
+        selection = torch.zeros(2 * (self.max_lambda + 1), dtype=torch.float64)
+        for o3_lambda, sigma in irreps:
+            if not 0 <= o3_lambda <= self.max_lambda or sigma not in (1, -1):
+                raise ValueError(
+                    f"irrep ({o3_lambda}, {sigma}) is not in the spectrum "
+                    f"(lambda up to {self.max_lambda}, sigma = +1 or -1)"
+                )
+            selection[2 * o3_lambda + (0 if sigma == 1 else 1)] = 1.0
+        return selection
 
 
 def equivariance_rmse(variance: TensorMap) -> torch.Tensor:
@@ -174,6 +271,12 @@ def analyze(
             "analyze needs improper rotations to resolve sigma: use an O3Grid with "
             "inversion=True"
         )
+    if grid.degree is None and len(grid) < 2 * _MIN_PAIRS:
+        raise ValueError(
+            f"a random grid needs at least {2 * _MIN_PAIRS} elements "
+            f"({_MIN_PAIRS} rotations and their inversions) to estimate spectra "
+            f"and their standard errors, got {len(grid)}"
+        )
     model.check_names(names)
     systems = prepare_systems(systems, model)
     model.warn_if_single_precision()
@@ -205,10 +308,17 @@ def analyze(
     _finish_structure(current, accumulators, finished, integrator)
 
     result = AnalysisResult(
-        {}, {}, {}, {}, grid=grid, max_lambda=max_lambda, outputs=names
+        {},
+        {},
+        {},
+        {},
+        grid=grid,
+        max_lambda=max_lambda,
+        outputs=names,
+        estimated=integrator.estimated,
     )
     for name in names:
-        _assemble(name, keys[name], finished[name], result, max_lambda)
+        _assemble(name, keys[name], finished[name], result, max_lambda, integrator)
     return result
 
 
@@ -262,6 +372,26 @@ class _Integrator:
                 start += size
         self.projector = torch.cat(rows, dim=1)  # (N, n_rows)
 
+        # Monte-Carlo grids: the independent samples are the pairs (R_i, -R_i), and
+        # the kernels of the estimates weigh every two pairs by (2 lambda + 1)
+        # chi_lambda(R_i R_j^T) = (2 lambda + 1) tr(D_i^T D_j)
+        self.estimated = grid.degree is None
+        self.n_pairs = len(grid) // 2
+        self.channel_weights: torch.Tensor | None = None
+        """``(max_lambda + 1, M, M)`` on Monte-Carlo grids"""
+        if self.estimated:
+            half = self.n_pairs
+            if not torch.equal(self.rotations[half:], -self.rotations[:half]):
+                raise ValueError(
+                    "a Monte-Carlo grid must list its rotations followed by their "
+                    "inversions, as O3Grid.random does"
+                )
+            weights = []
+            for o3_lambda in range(max_lambda + 1):
+                flat = self.wigner[o3_lambda][:half].reshape(half, -1)
+                weights.append((2 * o3_lambda + 1) * (flat @ flat.T))
+            self.channel_weights = torch.stack(weights)
+
     def wigner_for(self, needed_lambda: int) -> list[torch.Tensor]:
         if needed_lambda > self._wigner_lambda:
             self.wigner = self.grid.wigner_matrices(needed_lambda)
@@ -295,6 +425,11 @@ class _BlockAccumulator:
         self.coefficients: list[torch.Tensor] = []
         self.direct_norm = torch.zeros((), dtype=torch.float64)
         self.total_weight = 0.0
+        # Monte-Carlo grids: (rotation indices, direct, centred back-transformed
+        # values) of every chunk, kept until the structure is complete because the
+        # estimates and their errors pair each rotation with its inversion and
+        # compare every two pairs
+        self.stored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add(self, chunk, rotation_indices: torch.Tensor) -> None:
         integrator = self.integrator
@@ -336,6 +471,8 @@ class _BlockAccumulator:
             "c,c->", weights, values.reshape(values.shape[0], -1).square().sum(dim=1)
         )
         self.total_weight += float(weights.sum())
+        if integrator.estimated:
+            self.stored.append((rotation_indices, values.clone(), centered))
 
     def finish(self, n_grid: int) -> dict:
         """Final per-structure values of every quantity."""
@@ -343,6 +480,8 @@ class _BlockAccumulator:
             raise RuntimeError(
                 f"internal error: weights of '{self.name}' sum to {self.total_weight}"
             )
+        if self.integrator.estimated:
+            return self._finish_estimated()
         average = self.reference + self.first_moment
         mean_parts = decompose(self.first_moment.unsqueeze(0), self.layout)
         direct_parts_shapes = decompose(self.reference.unsqueeze(0), self.layout)
@@ -393,6 +532,103 @@ class _BlockAccumulator:
             "direct_norm": self.direct_norm,
         }
 
+    def _finish_estimated(self) -> dict:
+        """Final per-structure estimates on a Monte-Carlo grid, with their
+        variances, and the pair kernels of the structure's spectrum.
+
+        The ``M`` pairs ``(R_i, -R_i)`` are the independent samples. With ``a_i =
+        u(R_i)`` and ``b_i = u(-R_i)`` for one scalar entry of the direct response,
+        the character coefficient of ``(lambda, sigma)`` is the mean over pairs of
+        ``Y_i = D(R_i)^T h_i`` with ``h_i = (a_i + p b_i) / 2`` and ``p = sigma
+        (-1)^lambda``, so that ``B = (2 lambda + 1) ||E Y||^2`` is estimated by the
+        U-statistic of the kernel ``(2 lambda + 1) chi_lambda(R_i R_j^T) h_i h_j``.
+        """
+        integrator = self.integrator
+        half = integrator.n_pairs
+        indices = torch.cat([item[0] for item in self.stored])
+        order = torch.argsort(indices)
+        values = torch.cat([item[1] for item in self.stored])[order]
+        centered = torch.cat([item[2] for item in self.stored])[order]
+        self.stored = []
+
+        average = self.reference + self.first_moment
+        centered_parts = decompose(centered, self.layout)
+        direct_parts = decompose(values, self.layout)
+        variances, variance_errors = [], []
+        projections, projection_errors = [], []
+        grams = {
+            1: torch.zeros(half, half, dtype=torch.float64),
+            -1: torch.zeros(half, half, dtype=torch.float64),
+        }
+        for centered_part, direct_part in zip(
+            centered_parts, direct_parts, strict=True
+        ):
+            # equivariance error: entries (samples, properties), components summed
+            n_copies, n_samples = centered_part.shape[:2]
+            n_properties = centered_part.shape[-1]
+            grouped = centered_part.reshape(n_copies, n_samples, -1, n_properties)
+            n_components = grouped.shape[2]
+            grouped = grouped.transpose(1, 2).reshape(n_copies, n_components, -1)
+            estimate, variance = paired_mean_square_deviation(
+                grouped[:half], grouped[half:]
+            )
+            # the estimate is a sum of squares (see paired_mean_square_deviation):
+            # negative values are round-off
+            variances.append(
+                estimate.clamp(min=0.0).reshape(n_samples, n_properties) / n_components
+            )
+            variance_errors.append(
+                variance.clamp(min=0.0).sqrt().reshape(n_samples, n_properties)
+                / n_components
+            )
+
+            component_shape = direct_part.shape[1:]
+            flat = direct_part.reshape(n_copies, -1)
+            paired = {
+                1: (flat[:half] + flat[half:]) / 2,
+                -1: (flat[:half] - flat[half:]) / 2,
+            }
+            for parity, pair_values in paired.items():
+                grams[parity] += pair_values @ pair_values.T
+            estimates = {
+                parity: factored_u_statistic(integrator.channel_weights, pair_values)
+                for parity, pair_values in paired.items()
+            }
+            per_irrep, per_irrep_errors = [], []
+            for o3_lambda, sigma, _ in integrator.row_slices:
+                parity = sigma * (-1) ** o3_lambda
+                estimate, variance = estimates[parity]
+                estimate, variance = estimate[o3_lambda], variance[o3_lambda]
+                per_irrep.append((o3_lambda, sigma, estimate.reshape(component_shape)))
+                per_irrep_errors.append(
+                    (
+                        o3_lambda,
+                        sigma,
+                        variance.clamp(min=0.0).sqrt().reshape(component_shape),
+                    )
+                )
+            projections.append(per_irrep)
+            projection_errors.append(per_irrep_errors)
+
+        flat = values.reshape(values.shape[0], -1).square().sum(dim=1)
+        return {
+            "sample_names": self.sample_names,
+            "sample_values": self.sample_values,
+            "components": self.components,
+            "properties": self.properties,
+            "layout": self.layout,
+            "irrep_keys": self.irrep_keys,
+            "average": average,
+            "variances": variances,
+            "projections": projections,
+            "direct_norm": self.direct_norm,
+            "variance_errors": variance_errors,
+            "projection_errors": projection_errors,
+            "grams": grams,
+            # mean square of the direct response in each pair
+            "pair_norms": (flat[:half] + flat[half:]) / 2,
+        }
+
 
 def _sum_components(values: torch.Tensor) -> torch.Tensor:
     """``(c, s, *components, p) -> (c, s, p)``"""
@@ -416,10 +652,18 @@ def _samples(structure: int, names: list[str], values: torch.Tensor) -> torch.Te
     return torch.cat([system, values.to(torch.int32)], dim=1)
 
 
-def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: int):
+def _assemble(
+    name,
+    keys: Labels,
+    finished,
+    result: AnalysisResult,
+    max_lambda: int,
+    integrator: _Integrator,
+):
     """Join per-structure results into TensorMaps."""
     n_blocks = len(keys)
     first = finished[0][1]
+    estimated = integrator.estimated
 
     # average: the output's own metadata
     average_blocks = []
@@ -440,8 +684,8 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
         )
     result.average[name] = TensorMap(keys, average_blocks)
 
-    variance_keys, variance_blocks = [], []
-    projection_keys, projection_blocks = [], []
+    variance_keys, variance_blocks, variance_error_blocks = [], [], []
+    projection_keys, projection_blocks, projection_error_blocks = [], [], []
     spectrum = torch.zeros(len(finished), max_lambda + 1, 2, dtype=torch.float64)
     for index in range(n_blocks):
         info = first[index]
@@ -451,6 +695,15 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
                 [_samples(s, [], b[index]["sample_values"]) for s, b in finished]
             ),
         )
+
+        def block(values, components, samples=samples, info=info):
+            return TensorBlock(
+                values=values,
+                samples=samples,
+                components=components,
+                properties=info["properties"],
+            )
+
         for part, irrep in enumerate(info["layout"].irreps):
             key_names, key_values = info["irrep_keys"][part]
             if irrep.o3_lambda is not None:
@@ -459,15 +712,17 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
                 components = info["components"]
             variance_keys.append((key_names, key_values))
             variance_blocks.append(
-                TensorBlock(
-                    values=torch.cat(
-                        [b[index]["variances"][part] for _, b in finished]
-                    ),
-                    samples=samples,
-                    components=[],
-                    properties=info["properties"],
-                )
+                block(torch.cat([b[index]["variances"][part] for _, b in finished]), [])
             )
+            if estimated:
+                variance_error_blocks.append(
+                    block(
+                        torch.cat(
+                            [b[index]["variance_errors"][part] for _, b in finished]
+                        ),
+                        [],
+                    )
+                )
             projection_names = [n for n in key_names if n != "_"]
             projection_prefix = [
                 v for n, v in zip(key_names, key_values, strict=True) if n != "_"
@@ -480,18 +735,28 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
                     )
                 )
                 projection_blocks.append(
-                    TensorBlock(
-                        values=torch.cat(
+                    block(
+                        torch.cat(
                             [
                                 b[index]["projections"][part][entry][2]
                                 for _, b in finished
                             ]
                         ),
-                        samples=samples,
-                        components=components,
-                        properties=info["properties"],
+                        components,
                     )
                 )
+                if estimated:
+                    projection_error_blocks.append(
+                        block(
+                            torch.cat(
+                                [
+                                    b[index]["projection_errors"][part][entry][2]
+                                    for _, b in finished
+                                ]
+                            ),
+                            components,
+                        )
+                    )
                 for row, (_, blocks) in enumerate(finished):
                     value = blocks[index]["projections"][part][entry][2].sum()
                     spectrum[row, o3_lambda, 0 if sigma == 1 else 1] += value
@@ -500,12 +765,16 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
     result.character_projection[name] = TensorMap(
         _labels(projection_keys), projection_blocks
     )
+    if estimated:
+        result.variance_error[name] = TensorMap(
+            _labels(variance_keys), variance_error_blocks
+        )
+        result.character_projection_error[name] = TensorMap(
+            _labels(projection_keys), projection_error_blocks
+        )
 
     norms = torch.stack(
         [sum(block["direct_norm"] for block in blocks) for _, blocks in finished]
-    )
-    normalized = spectrum / torch.where(norms > 0, norms, torch.ones_like(norms)).view(
-        -1, 1, 1
     )
     properties = Labels(
         ["chi_lambda", "chi_sigma"],
@@ -519,17 +788,106 @@ def _assemble(name, keys: Labels, finished, result: AnalysisResult, max_lambda: 
         ),
     )
     structures = torch.tensor([[s] for s, _ in finished], dtype=torch.int32)
-    result.spectrum[name] = TensorMap(
-        Labels.single(),
-        [
-            TensorBlock(
-                values=normalized.reshape(len(finished), -1),
-                samples=Labels(["system"], structures),
-                components=[],
-                properties=properties,
-            )
-        ],
+
+    def spectrum_map(values: torch.Tensor) -> TensorMap:
+        return TensorMap(
+            Labels.single(),
+            [
+                TensorBlock(
+                    values=values,
+                    samples=Labels(["system"], structures),
+                    components=[],
+                    properties=properties,
+                )
+            ],
+        )
+
+    if not estimated:
+        normalized = spectrum / torch.where(
+            norms > 0, norms, torch.ones_like(norms)
+        ).view(-1, 1, 1)
+        result.spectrum[name] = spectrum_map(normalized.reshape(len(finished), -1))
+        return
+
+    values, covariance, mean_covariance = _estimated_spectra(
+        name, [blocks for _, blocks in finished], norms, integrator
     )
+    result.spectrum[name] = spectrum_map(values)
+    errors = torch.diagonal(covariance, dim1=1, dim2=2).clamp(min=0.0).sqrt()
+    result.spectrum_error[name] = spectrum_map(errors)
+    result.spectrum_covariance[name] = covariance
+    result.mean_spectrum_covariance[name] = mean_covariance
+
+
+def _estimated_spectra(
+    name: str,
+    structures: list[list[dict]],
+    norms: torch.Tensor,
+    integrator: _Integrator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized spectra estimated on a Monte-Carlo grid, and their covariances.
+
+    Per structure, ``B`` of every ``(lambda, sigma)`` is the U-statistic of the
+    pair kernel ``K_ij = (2 lambda + 1) chi_lambda(R_i R_j^T) G^p_ij`` (``G^p`` the
+    Gram matrix of the parity-``p`` pair values over all entries), and the norm
+    ``n = <||u||^2>`` the mean of the pair mean squares ``m_i``, i.e. the
+    U-statistic of ``(m_i + m_j) / 2``. The ratio ``b = B / n`` is linearized: its
+    error is the U-statistic of ``L_ij = (K_ij - b (m_i + m_j) / 2) / n``, whose
+    covariance gives the covariance of the spectrum, and the covariance of ``L``
+    with the norm's own kernel removes the first-order bias of the ratio. All
+    structures share the grid's pairs, so the error of the dataset mean is that
+    of the mean of their ``L``.
+
+    :param structures: per structure, the finished blocks of one output
+    :param name: the output, for warnings
+    :param norms: ``(n_structures,)`` grid means of ``||u||^2``
+    :return: spectra ``(n_structures, n_irreps)``, their covariances
+        ``(n_structures, n_irreps, n_irreps)`` and the covariance of their mean
+        ``(n_irreps, n_irreps)``; irreps ordered as the ``spectrum`` properties
+    """
+    half = integrator.n_pairs
+    channels = [(o3_lambda, sigma) for o3_lambda, sigma, _ in integrator.row_slices]
+    n_irreps = len(channels)
+    values = torch.zeros(len(structures), n_irreps, dtype=torch.float64)
+    covariance = torch.zeros(len(structures), n_irreps, n_irreps, dtype=torch.float64)
+    mean_kernel = torch.zeros(n_irreps, half, half, dtype=torch.float64)
+    norm_errors = []
+    for row, blocks in enumerate(structures):
+        grams = {
+            parity: sum(block["grams"][parity] for block in blocks)
+            for parity in (1, -1)
+        }
+        pair_norms = sum(block["pair_norms"] for block in blocks)
+        norm = float(norms[row]) if float(norms[row]) > 0 else 1.0
+        kernels = torch.stack(
+            [
+                integrator.channel_weights[o3_lambda] * grams[sigma * (-1) ** o3_lambda]
+                for o3_lambda, sigma in channels
+            ]
+        )
+        norm_kernel = (pair_norms.unsqueeze(0) + pair_norms.unsqueeze(1)) / 2
+        raw, _ = pair_u_covariance(kernels)
+        ratio = raw / norm
+        linear = (kernels - ratio.view(-1, 1, 1) * norm_kernel) / norm
+        _, joint = pair_u_covariance(
+            torch.cat([linear, (norm_kernel / norm).unsqueeze(0)])
+        )
+        # E[B / n] = b - Cov(B - b n, n) / n^2 to first order
+        values[row] = ratio + joint[:n_irreps, n_irreps]
+        covariance[row] = joint[:n_irreps, :n_irreps]
+        norm_errors.append(float(joint[n_irreps, n_irreps].clamp(min=0.0).sqrt()))
+        mean_kernel += linear
+    if max(norm_errors) > _NORM_TOLERANCE:
+        warnings.warn(
+            f"the mean square of '{name}' varies strongly with orientation: the grid "
+            f"estimates it with a relative standard error of {max(norm_errors):.0%}, "
+            "so its normalized spectrum and their standard errors hold only to "
+            "first order; use more rotations or an exact grid (O3Grid(degree))",
+            stacklevel=4,
+        )
+    mean_kernel /= len(structures)
+    _, mean_covariance = pair_u_covariance(mean_kernel)
+    return values, covariance, mean_covariance
 
 
 def _labels(entries) -> Labels:

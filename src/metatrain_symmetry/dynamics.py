@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ase
@@ -74,6 +74,10 @@ class TrainingDynamics:
     weights: str = "epoch"
     """which weights of each checkpoint were analysed: ``"epoch"`` (the weights at
     the end of that epoch) or ``"best"`` (the best weights so far)"""
+    spectrum_error: dict[str, torch.Tensor] = field(default_factory=dict)
+    """on a random grid, the standard error of each value of ``spectrum``,
+    ``(n_checkpoints, n_irreps)`` ordered as its properties; empty on exact
+    grids"""
 
     def spectrum_array(self, name: str) -> torch.Tensor:
         """Dataset-mean spectrum of ``name`` as a ``(n_checkpoints, max_lambda + 1,
@@ -194,16 +198,23 @@ def training_dynamics(
             # keep only what the dynamics needs of all but the last checkpoint
             previous = results[-1]
             results[-1] = dataclasses.replace(
-                previous, character_projection={}, average={}
+                previous,
+                character_projection={},
+                average={},
+                character_projection_error={},
             )
         results.append(result)
 
-    spectrum, structure_spectrum, rmse = {}, {}, {}
+    spectrum, structure_spectrum, rmse, errors = {}, {}, {}, {}
     for name in names:
         spectrum[name], structure_spectrum[name] = _stack_spectra(
             [result.spectrum[name] for result in results], epochs
         )
         rmse[name] = torch.stack([result.equivariance_rmse(name) for result in results])
+        if results[-1].estimated:
+            errors[name] = torch.stack(
+                [result.mean_spectrum(name)[1] for result in results]
+            )
     last = results[-1]
     model_order = {name: index for index, name in enumerate(model.features)}
     layer_order = sorted(
@@ -224,6 +235,7 @@ def training_dynamics(
         grid=last.grid,
         max_lambda=max_lambda,
         weights=weights,
+        spectrum_error=errors,
     )
 
 

@@ -111,6 +111,10 @@ class O3Grid:
         With ``inversion=True``, ``n // 2`` rotations are drawn from SO(3) and each
         is paired with its composition with the inversion, so the two cosets are
         sampled equally and ``sigma`` is resolved exactly; ``n`` must then be even.
+        The rotations come first, their inversions after them in the same order.
+        The ``n // 2`` pairs are the independent samples: on this grid
+        :py:func:`~metatrain_symmetry.analyze` returns unbiased estimates with
+        standard errors and needs ``n >= 8``.
 
         :param n: number of samples
         :param seed: seed of the random number generator

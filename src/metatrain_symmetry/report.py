@@ -20,10 +20,15 @@ def file_stem(name: str) -> str:
 
 
 def save_result(result: AnalysisResult, directory: Path) -> None:
-    """Save every TensorMap of ``result`` as ``<name>.<quantity>.mts``."""
+    """Save every TensorMap of ``result`` as ``<name>.<quantity>.mts``, and on
+    random grids their standard errors as ``<name>.<quantity>_error.mts``."""
+    quantities = ["variance", "character_projection", "average", "spectrum"]
+    if result.estimated:
+        quantities += ["variance_error", "character_projection_error"]
+        quantities += ["spectrum_error"]
     for name in result.outputs:
         stem = file_stem(name)
-        for quantity in ("variance", "character_projection", "average", "spectrum"):
+        for quantity in quantities:
             tensor = getattr(result, quantity)[name]
             mts.save(str(directory / f"{stem}.{quantity}.mts"), tensor)
 
@@ -31,8 +36,15 @@ def save_result(result: AnalysisResult, directory: Path) -> None:
 def mean_spectrum(result: AnalysisResult, name: str) -> torch.Tensor:
     """Dataset-mean normalized spectrum, ``(max_lambda + 1, 2)`` with columns
     ``sigma = +1, -1``."""
-    values = result.spectrum[name].block().values.mean(dim=0)
+    values, _ = result.mean_spectrum(name)
     return values.reshape(result.max_lambda + 1, 2)
+
+
+def mean_spectrum_error(result: AnalysisResult, name: str) -> torch.Tensor | None:
+    """Standard error of :py:func:`mean_spectrum` on random grids, same shape;
+    ``None`` on exact grids."""
+    _, errors = result.mean_spectrum(name)
+    return None if errors is None else errors.reshape(result.max_lambda + 1, 2)
 
 
 def summary_table(result: AnalysisResult) -> str:
@@ -51,22 +63,42 @@ def summary_table(result: AnalysisResult) -> str:
     for name in result.outputs:
         rmse = result.equivariance_rmse(name)
         spectrum = mean_spectrum(result, name).reshape(-1)
+        errors = mean_spectrum_error(result, name)
+        if errors is None:
+            cells = [f"{float(v):.4f}" for v in spectrum]
+        else:
+            cells = [
+                f"{float(v):.4f} ± {float(e):.4f}"
+                for v, e in zip(spectrum, errors.reshape(-1), strict=True)
+            ]
         lines.append(
             f"| `{name}` | {float(rmse.mean()):.3e} | {float(rmse.max()):.3e} | "
-            + " | ".join(f"{float(v):.4f}" for v in spectrum)
+            + " | ".join(cells)
             + " |"
         )
+    if result.estimated:
+        lines += [
+            "",
+            f"Spectra are Monte-Carlo estimates from {len(result.grid) // 2} random "
+            "rotations and their inversions (value ± one standard error); they can "
+            "be negative where the true value is close to zero.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
     """Heatmap of mean spectra: one row per output or feature (in the given order,
-    for each labelled result), one column per ``(lambda, sigma)``."""
+    for each labelled result), one column per ``(lambda, sigma)``.
+
+    The colour scale is logarithmic. For random grids, cells whose estimate is
+    within two standard errors of zero (negative estimates included, drawn with
+    the lowest colour) are hatched: their value is not resolved by the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
 
     fig, axes = plt.subplots(
         1,
@@ -100,7 +132,32 @@ def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
             [name.replace("mtt::feature::", "") for name in result.outputs]
         )
         axis.set_xlabel("(lambda, sigma)")
-        axis.set_title(label)
+        title = label
+        if result.estimated:
+            errors = torch.stack(
+                [
+                    mean_spectrum_error(result, name).reshape(-1)
+                    for name in result.outputs
+                ]
+            ).numpy()
+            unresolved = matrix < 2 * errors
+            for row, column in zip(*unresolved.nonzero(), strict=True):
+                axis.add_patch(
+                    Rectangle(
+                        (column - 0.5, row - 0.5),
+                        1,
+                        1,
+                        fill=False,
+                        hatch="///",
+                        edgecolor="white",
+                        linewidth=0,
+                    )
+                )
+            title += (
+                f"\nestimated from {len(result.grid)} random elements; "
+                "hatched: within 2 standard errors of zero"
+            )
+        axis.set_title(title, fontsize="medium")
         fig.colorbar(image, ax=axis, label="mean normalized spectrum")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -47,6 +47,7 @@ from .engine import (
     prepare_systems,
     rotated_copies,
 )
+from .estimators import paired_mean_square_deviation
 from .grid import O3Grid
 from .irreps import BlockLayout, undo_rotation
 from .models import LoadedModel, load_model
@@ -877,14 +878,19 @@ def _minimum_norm_solution(
 class _Evaluation:
     """Errors of several parameter sets of one target, in model units: squared
     errors against the labels on the unrotated structures, and per-structure
-    equivariance RMSEs over the grid (the same reduction as
-    :py:func:`~metatrain_symmetry.equivariance_rmse`)."""
+    equivariance RMSEs over the grid (the same reduction and, on random grids,
+    the same unbiased estimate over pairs of rotations as
+    :py:func:`~metatrain_symmetry.analyze`)."""
 
-    def __init__(self, target: _Target, labels, parameters: torch.Tensor, grid_weights):
+    def __init__(self, target: _Target, labels, parameters: torch.Tensor, grid: O3Grid):
         self.target = target
         self.labels = labels
         self.parameters = parameters.T  # (P, G)
-        self.grid_weights = grid_weights
+        self.grid_weights = grid.weights
+        # random grids pair each rotation with its inversion: with two pairs or
+        # more, the variance is the U-statistic over pairs, as in analyze
+        self.n_pairs = len(grid) // 2 if grid.degree is None and grid.inversion else 0
+        self._stored: list[tuple[torch.Tensor, torch.Tensor]] = []
         n = parameters.shape[0]
         self.squared_error = torch.zeros(n, dtype=torch.float64)
         self.count = 0
@@ -921,11 +927,24 @@ class _Evaluation:
         centered = back - self._reference
         self._first += torch.einsum("c,cmg->mg", weights, centered)
         self._second += torch.einsum("c,cmg->mg", weights, centered.square())
+        if self.n_pairs >= 2:
+            self._stored.append((indices[~identity] - 1, centered))
 
     def finish(self) -> None:
         if self._structure is None or self._reference is None:
             return
-        variance = (self._second - self._first.square()).clamp(min=0.0)
+        if self.n_pairs >= 2:
+            indices = torch.cat([item[0] for item in self._stored])
+            centered = torch.cat([item[1] for item in self._stored])
+            centered = centered[torch.argsort(indices)]
+            self._stored = []
+            half = self.n_pairs
+            # every scalar value on its own: (M, 1, n_values * G)
+            values = centered.reshape(2, half, 1, -1)
+            estimate, _ = paired_mean_square_deviation(values[0], values[1])
+            variance = estimate.clamp(min=0.0).reshape(self._first.shape)
+        else:
+            variance = (self._second - self._first.square()).clamp(min=0.0)
         self.equivariance.append(variance.mean(dim=0).sqrt())
         self._structure = None
         self._reference = None
@@ -1192,9 +1211,7 @@ def retrain_last_layer(
         systems = prepare_systems(validation_frames, model)
         infos = _structure_infos(model, systems, specs)
         evaluations = {
-            t.name: _Evaluation(
-                t, validation_labels[t.name], parameters[t.name], grid.weights
-            )
+            t.name: _Evaluation(t, validation_labels[t.name], parameters[t.name], grid)
             for t in specs
         }
         for term in force_terms:
@@ -1202,7 +1219,7 @@ def retrain_last_layer(
                 term,
                 validation_labels[term.name],
                 parameters[term.target.name],
-                grid.weights,
+                grid,
             )
         streams = [_Stream(model, grid, specs, systems, infos, batch_size, progress)]
         if len(force_terms) != 0:

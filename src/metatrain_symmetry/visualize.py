@@ -36,6 +36,11 @@ SPECTRUM_PARAMETER = "irrep"
 # the largest deviation arrow is drawn this long (in Angstrom)
 ARROW_LENGTH = 1.0
 
+_ESTIMATE = (
+    "; a Monte-Carlo estimate from a random grid (unbiased, so it can be "
+    "negative), see the matching standard error"
+)
+
 
 def chemiscope_dataset(
     frames: list,
@@ -83,8 +88,19 @@ def chemiscope_dataset(
                 "values": leakage.numpy(),
                 "description": (
                     f"1 - spectral weight of '{name}' at the irrep(s) it should carry"
+                    + (_ESTIMATE if analysis.estimated else "")
                 ),
             }
+            error = result.leakage_error(name)
+            if error is not None:
+                properties[f"{name}: leakage standard error"] = {
+                    "target": "structure",
+                    "values": error.numpy(),
+                    "description": (
+                        f"standard error of the Monte-Carlo estimate of the leakage "
+                        f"of '{name}'"
+                    ),
+                }
         errors = result.structure_errors(name)
         if errors is not None:
             properties[f"{name}: error"] = {
@@ -106,9 +122,20 @@ def chemiscope_dataset(
             "parameters": [SPECTRUM_PARAMETER],
             "description": (
                 f"normalized (lambda, sigma) spectrum of '{name}'; sigma = -1 is "
-                "drawn at lambda + 0.5"
+                "drawn at lambda + 0.5" + (_ESTIMATE if analysis.estimated else "")
             ),
         }
+        if analysis.estimated:
+            errors = analysis.spectrum_error[name].block().values.numpy()
+            properties[f"{name}: spectrum standard error"] = {
+                "target": "structure",
+                "values": errors.reshape(len(frames), n_columns),
+                "parameters": [SPECTRUM_PARAMETER],
+                "description": (
+                    f"standard error of the Monte-Carlo estimate of the spectrum of "
+                    f"'{name}'"
+                ),
+            }
 
     shapes = {}
     environments = None
@@ -212,9 +239,15 @@ def _default_settings(result: AuditResult, force_outputs, shapes) -> dict:
 
 def _description(result: AuditResult) -> str:
     grid = result.summary["grid"]
+    kind = (
+        f"{grid['n_elements']} random elements: spectra and leakages are "
+        "Monte-Carlo estimates with standard errors"
+        if result.analysis.estimated
+        else f"{grid['n_elements']} elements (degree {grid['degree']})"
+    )
     lines = [
-        f"{result.n_structures} structures, O(3) grid of {grid['n_elements']} "
-        f"elements (degree {grid['degree']}), max lambda {result.analysis.max_lambda}.",
+        f"{result.n_structures} structures, O(3) grid of {kind}, max lambda "
+        f"{result.analysis.max_lambda}.",
         "Map: per-structure equivariance RMSE, leakage and error of each output. "
         "Spectra: normalized (lambda, sigma) content of outputs and features. "
         "Arrows: deviation of each force from its rotational average (the longest "
