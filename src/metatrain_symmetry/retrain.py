@@ -530,6 +530,8 @@ class _Stream:
 
 # atoms per model call when computing force designs (one backward pass per column)
 _FORCE_ATOMS_PER_BATCH = 512
+# columns times atoms of one batched backward pass: its memory grows with both
+_BACKWARD_COLUMN_ATOMS = 2048
 
 
 class _ForceStream:
@@ -680,40 +682,58 @@ class _ForceStream:
 def _per_copy_gradients(totals: torch.Tensor, positions) -> list[torch.Tensor]:
     """Gradients of every entry of ``totals`` (``(K,)``, sums over independent
     copies) with respect to each copy's positions: one ``(n_atoms, 3, K)`` float64
-    tensor per copy. One batched backward pass (``is_grads_batched``), or one pass
-    per entry where batching is not supported."""
+    tensor per copy. Batched backward passes (``is_grads_batched``) over groups of
+    entries, sized so that memory stays bounded, or one pass per entry where
+    batching is not supported."""
+    n_atoms = sum(leaf.shape[0] for leaf in positions)
+    per_pass = max(1, _BACKWARD_COLUMN_ATOMS // max(n_atoms, 1))
     eye = torch.eye(len(totals), dtype=totals.dtype, device=totals.device)
+    columns: list[list[torch.Tensor]] = [[] for _ in positions]
+    for start in range(0, len(totals), per_pass):
+        rows = eye[start : start + per_pass]
+        for index, gradient in enumerate(_batched_gradients(totals, positions, rows)):
+            leaf = positions[index]
+            if gradient is None:
+                gradient = torch.zeros(len(rows), *leaf.shape, dtype=leaf.dtype)
+            columns[index].append(gradient.to(device=leaf.device))
+    return [torch.cat(parts).movedim(0, -1).to(torch.float64) for parts in columns]
+
+
+def _batched_gradients(totals, positions, rows) -> list[torch.Tensor | None]:
+    """``rows @ d totals / d positions`` for every leaf, ``(len(rows), *leaf)``."""
     try:
-        gradients = torch.autograd.grad(
-            totals,
-            positions,
-            grad_outputs=eye,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
+        return list(
+            torch.autograd.grad(
+                totals,
+                positions,
+                grad_outputs=rows,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
         )
     except RuntimeError:
-        columns = [
+        per_row = [
             torch.autograd.grad(
-                totals[index], positions, retain_graph=True, allow_unused=True
+                totals,
+                positions,
+                grad_outputs=row,
+                retain_graph=True,
+                allow_unused=True,
             )
-            for index in range(len(totals))
+            for row in rows
         ]
-        gradients = [
-            torch.stack(
+        return [
+            None
+            if all(g[index] is None for g in per_row)
+            else torch.stack(
                 [
-                    torch.zeros_like(leaf) if column[index] is None else column[index]
-                    for column in columns
+                    torch.zeros_like(leaf) if g[index] is None else g[index]
+                    for g in per_row
                 ]
             )
             for index, leaf in enumerate(positions)
         ]
-    return [
-        torch.zeros(*leaf.shape, len(totals), dtype=torch.float64, device=leaf.device)
-        if gradient is None
-        else gradient.movedim(0, -1).to(torch.float64)
-        for leaf, gradient in zip(positions, gradients, strict=True)
-    ]
 
 
 def _unbiased_factor(grid: O3Grid) -> float:
