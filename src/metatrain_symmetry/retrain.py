@@ -530,8 +530,6 @@ class _Stream:
 
 # atoms per model call when computing force designs (one backward pass per column)
 _FORCE_ATOMS_PER_BATCH = 512
-# columns times atoms of one batched backward pass: its memory grows with both
-_BACKWARD_COLUMN_ATOMS = 2048
 
 
 class _ForceStream:
@@ -543,8 +541,8 @@ class _ForceStream:
     over atoms of the last-layer features and of the cutoff factors, so the forces
     are ``-(dD/dr) theta - d offset/dr``. ``dD/dr`` is taken by backward passes of
     the feature columns summed over the copies of a batch (the copies are
-    independent, so each copy's positions receive its own derivative), batched
-    over the columns; the cutoff-factor column, which the model exposes detached,
+    independent, so each copy's positions receive its own derivative), one pass
+    per column; the cutoff-factor column, which the model exposes detached,
     by differentiating the energy's gradient with respect to an edge bias.
     ``d offset/dr`` (position-dependent additive models such as ZBL, if any; the
     composition baseline does not depend on positions) is the model's own force
@@ -682,58 +680,21 @@ class _ForceStream:
 def _per_copy_gradients(totals: torch.Tensor, positions) -> list[torch.Tensor]:
     """Gradients of every entry of ``totals`` (``(K,)``, sums over independent
     copies) with respect to each copy's positions: one ``(n_atoms, 3, K)`` float64
-    tensor per copy. Batched backward passes (``is_grads_batched``) over groups of
-    entries, sized so that memory stays bounded, or one pass per entry where
-    batching is not supported."""
-    n_atoms = sum(leaf.shape[0] for leaf in positions)
-    per_pass = max(1, _BACKWARD_COLUMN_ATOMS // max(n_atoms, 1))
-    eye = torch.eye(len(totals), dtype=totals.dtype, device=totals.device)
+    tensor per copy.
+
+    One backward pass per entry: on CPU this costs less than one ordinary backward
+    pass per entry, while batching the entries (``is_grads_batched``) costs about
+    three times more per entry and multiplies the memory by their number."""
     columns: list[list[torch.Tensor]] = [[] for _ in positions]
-    for start in range(0, len(totals), per_pass):
-        rows = eye[start : start + per_pass]
-        for index, gradient in enumerate(_batched_gradients(totals, positions, rows)):
-            leaf = positions[index]
-            if gradient is None:
-                gradient = torch.zeros(len(rows), *leaf.shape, dtype=leaf.dtype)
-            columns[index].append(gradient.to(device=leaf.device))
-    return [torch.cat(parts).movedim(0, -1).to(torch.float64) for parts in columns]
-
-
-def _batched_gradients(totals, positions, rows) -> list[torch.Tensor | None]:
-    """``rows @ d totals / d positions`` for every leaf, ``(len(rows), *leaf)``."""
-    try:
-        return list(
-            torch.autograd.grad(
-                totals,
-                positions,
-                grad_outputs=rows,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
+    for total in totals:
+        gradients = torch.autograd.grad(
+            total, positions, retain_graph=True, allow_unused=True
         )
-    except RuntimeError:
-        per_row = [
-            torch.autograd.grad(
-                totals,
-                positions,
-                grad_outputs=row,
-                retain_graph=True,
-                allow_unused=True,
+        for index, gradient in enumerate(gradients):
+            columns[index].append(
+                torch.zeros_like(positions[index]) if gradient is None else gradient
             )
-            for row in rows
-        ]
-        return [
-            None
-            if all(g[index] is None for g in per_row)
-            else torch.stack(
-                [
-                    torch.zeros_like(leaf) if g[index] is None else g[index]
-                    for g in per_row
-                ]
-            )
-            for index, leaf in enumerate(positions)
-        ]
+    return [torch.stack(parts, dim=-1).to(torch.float64) for parts in columns]
 
 
 def _unbiased_factor(grid: O3Grid) -> float:
