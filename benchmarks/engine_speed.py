@@ -66,21 +66,12 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import ModelOutput
 from metatomic.torch.o3 import SymmetrizedModel
-from metatrain.pet import PET
-from metatrain.utils.architectures import get_default_hypers
-from metatrain.utils.data import DatasetInfo
-from metatrain.utils.data.target_info import (
-    get_energy_target_info,
-    get_generic_target_info,
-)
 from scipy.spatial.transform import Rotation
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import (
-    RotatedEvaluator,
-    prepare_systems,
-    rotated_systems,
-)
+from metatrain_symmetry.engine import RotatedEvaluator, rotated_systems
+from metatrain_symmetry.systems import prepare_systems
+from metatrain_symmetry.testing import pet_model
 
 
 OUTPUTS = {"energy": "system", "non_conservative_force": "atom"}
@@ -133,28 +124,8 @@ MEMORY_BOX_SIDE = 9
 # ----------------------------------------------------------------- inputs
 def build_model(size: str, device: str) -> msym.LoadedModel:
     """An untrained float64 PET with energy and non-conservative force heads."""
-    torch.manual_seed(0)
-    hypers = get_default_hypers("pet")["model"]
-    hypers.update(num_attention_layers=2, num_gnn_layers=2, **PET_SIZES[size])
-    targets = {
-        "energy": get_energy_target_info(
-            "energy", {"quantity": "energy", "unit": "eV"}
-        ),
-        "non_conservative_force": get_generic_target_info(
-            "non_conservative_force",
-            {
-                "quantity": "force",
-                "unit": "eV/Angstrom",
-                "type": {"cartesian": {"rank": 1}},
-                "num_subtargets": 1,
-                "sample_kind": "atom",
-            },
-        ),
-    }
-    info = DatasetInfo(
-        length_unit="Angstrom", atomic_types=[1, 6, 7, 8], targets=targets
-    )
-    pet = PET(hypers, info).to(torch.float64).eval()
+    hypers = {"num_attention_layers": 2, "num_gnn_layers": 2, **PET_SIZES[size]}
+    pet = pet_model(hypers, atomic_types=[1, 6, 7, 8])
     return msym.load_model(pet, device=device)
 
 

@@ -13,7 +13,6 @@ from analytic_models import AnalyticModel, capabilities
 from metatomic.torch import AtomisticModel, ModelMetadata, ModelOutput
 from metatomic_ase import MetatomicCalculator
 from metatrain.utils.data.target_info import get_energy_target_info
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import (
@@ -24,6 +23,7 @@ from metatrain_symmetry.audit import (
     predict,
 )
 from metatrain_symmetry.cli import main
+from metatrain_symmetry.testing import tiny_pet
 
 
 def exact_model():
@@ -131,7 +131,7 @@ def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
     standard errors in every file, and are written unclipped."""
     import gzip
 
-    from metatrain_symmetry.audit import write_audit_report
+    from metatrain_symmetry.audit_files import write_audit_report
 
     pet, frames, _ = pet_audit
     result = msym.audit(

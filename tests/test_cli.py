@@ -1,23 +1,13 @@
 """End-to-end runs of the ``mtt-symmetry`` command."""
 
-import subprocess
-import sys
-
 import ase.build
 import ase.io
 import metatensor.torch as mts
 import pytest
 import torch
-from pet_models import tiny_pet
 
-
-def mtt_symmetry(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
+from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
+from metatrain_symmetry.testing import tiny_pet
 
 
 @pytest.fixture(scope="module")

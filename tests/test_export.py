@@ -9,7 +9,6 @@ import ase.io
 import jsonschema
 import numpy as np
 import pytest
-from conftest import run_mtt_symmetry
 from metatomic.torch import ModelOutput, load_atomistic_model
 from metatomic_ase import MetatomicCalculator
 
@@ -17,6 +16,7 @@ import metatrain_symmetry as msym
 from metatrain_symmetry.audit import audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.export import AUDIT_METADATA_KEY
+from metatrain_symmetry.testing import run_mtt_symmetry
 
 
 @pytest.fixture(scope="module")

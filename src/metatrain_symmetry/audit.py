@@ -21,44 +21,30 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import metatensor.torch as mts
-import numpy as np
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     ModelOutput,
 )
 
+from ._version import __version__
 from .data import read_structures, reference_value
 from .diagnostics import AnalysisResult, analyze
-from .engine import DERIVED_OUTPUTS, RotatedEvaluator, prepare_systems
+from .engine import RotatedEvaluator
 from .grid import O3Grid
-from .models import FEATURE_PREFIX, LoadedModel, ModelLike, load_model
+from .models import LoadedModel, ModelLike, load_model
+from .quantities import (
+    DERIVED_OUTPUTS,
+    FEATURE_PREFIX,
+    NON_CONSERVATIVE_FORCES,
+    default_label_key,
+    expected_irreps,
+)
+from .systems import prepare_systems
 
 
 SCHEMA_VERSION = "1.1"
 """Version of the ``audit.json`` schema; the major number changes when a field
 changes meaning or disappears."""
-
-# outputs derived from the energy by automatic differentiation
-_FORCE_NAMES = ("forces", "non_conservative_force", "non_conservative_forces")
-_STRESS_NAMES = ("stress", "non_conservative_stress")
-
-
-def expected_irreps(name: str) -> list[tuple[int, int]] | None:
-    """Irreps ``(lambda, sigma)`` that the direct response of an output should carry
-    (energy: ``(0, +1)``; force: ``(1, +1)``; stress: ``(0, +1)`` and ``(2, +1)``),
-    or ``None`` when the output's symmetry is not known from its name."""
-    if name.startswith(FEATURE_PREFIX):
-        return None
-    base = name.split("/", 1)[0]
-    if base.startswith("energy"):
-        return [(0, 1)]
-    if base in _FORCE_NAMES:
-        return [(1, 1)]
-    if base in _STRESS_NAMES:
-        return [(0, 1), (2, 1)]
-    return None
 
 
 def force_output(model: LoadedModel) -> str | None:
@@ -72,7 +58,7 @@ def force_output(model: LoadedModel) -> str | None:
     energy_target = model.targets.get("energy")
     if energy_target is not None and "positions" in energy_target.gradients:
         return "forces"
-    for name in ("non_conservative_force", "non_conservative_forces"):
+    for name in NON_CONSERVATIVE_FORCES:
         if name in outputs:
             return name
     if "energy" in outputs:
@@ -85,10 +71,10 @@ def default_targets(model: LoadedModel) -> dict[str, str]:
     key ``energy``, forces (see :py:func:`force_output`) from the key ``forces``."""
     targets = {}
     if "energy" in model.outputs:
-        targets["energy"] = "energy"
+        targets["energy"] = default_label_key("energy")
     forces = force_output(model)
     if forces is not None:
-        targets[forces] = "forces"
+        targets[forces] = default_label_key(forces)
     return targets
 
 
@@ -382,9 +368,9 @@ def _read_target(atoms, key: str, index: int) -> torch.Tensor:
             "atoms.arrays and calculator results); name the right key with --targets"
         )
     if array.shape == (6,) and key.endswith("stress"):
-        # Voigt order of ASE: xx yy zz yz xz xy
-        xx, yy, zz, yz, xz, xy = array
-        array = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        array = voigt_6_to_full_3x3_stress(array)
     return torch.from_numpy(array.copy()).reshape(-1)
 
 
@@ -423,8 +409,6 @@ def _metadata(model: LoadedModel) -> dict:
 
 
 def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
-    from . import __version__
-
     analysis = result.analysis
     grid = analysis.grid
     declared = model.outputs
@@ -654,82 +638,3 @@ def audit_markdown(summary: dict) -> str:
                 + " |"
             )
     return "\n".join(lines) + "\n"
-
-
-def spectra_tensormap(result: AuditResult) -> TensorMap:
-    """All spectra in one TensorMap: key ``entry`` indexes the audited outputs
-    then features (the order of ``summary["outputs"]`` then
-    ``summary["features"]``); each block has samples ``["system"]`` and properties
-    ``["chi_lambda", "chi_sigma"]``."""
-    names = result.outputs + result.features
-    blocks = []
-    for name in names:
-        block = result.analysis.spectrum[name].block()
-        blocks.append(
-            TensorBlock(
-                values=block.values,
-                samples=block.samples,
-                components=[],
-                properties=block.properties,
-            )
-        )
-    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
-    return TensorMap(keys, blocks)
-
-
-def spectra_error_tensormap(result: AuditResult) -> TensorMap | None:
-    """Standard errors of :py:func:`spectra_tensormap`, with the same metadata;
-    ``None`` on exact grids."""
-    if not result.analysis.estimated:
-        return None
-    names = result.outputs + result.features
-    blocks = []
-    for name in names:
-        block = result.analysis.spectrum_error[name].block()
-        blocks.append(
-            TensorBlock(
-                values=block.values,
-                samples=block.samples,
-                components=[],
-                properties=block.properties,
-            )
-        )
-    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
-    return TensorMap(keys, blocks)
-
-
-def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
-    """Write every audit file into ``directory`` (which must exist): ``audit.json``,
-    ``audit.md``, ``spectra.mts`` (and on random grids ``spectra_errors.mts``),
-    ``spectra.png``, ``audit.chemiscope.json.gz``, ``audit.html`` and the full
-    analysis TensorMaps under ``tensors/``.
-
-    Callers wanting all-or-nothing output write into
-    ``report.atomic_directory(...)``.
-    """
-    from .report import plot_spectra, save_result
-    from .visualize import chemiscope_dataset, write_chemiscope, write_html_viewer
-
-    directory = Path(directory)
-    summary = dict(result.summary)
-    errors = spectra_error_tensormap(result)
-    summary["files"] = {
-        "spectra": "spectra.mts",
-        "spectra_entries": result.outputs + result.features,
-        "spectra_standard_errors": None if errors is None else "spectra_errors.mts",
-    }
-    (directory / "audit.json").write_text(
-        json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    )
-    (directory / "audit.md").write_text(audit_markdown(summary))
-    mts.save(str(directory / "spectra.mts"), spectra_tensormap(result))
-    if errors is not None:
-        mts.save(str(directory / "spectra_errors.mts"), errors)
-    tensors = directory / "tensors"
-    tensors.mkdir()
-    save_result(result.analysis, tensors)
-    label = summary["model"]["name"] or Path(summary["model"]["path"] or "model").name
-    plot_spectra({label: result.analysis}, directory / "spectra.png")
-    dataset = chemiscope_dataset(frames, result)
-    write_chemiscope(dataset, directory / "audit.chemiscope.json.gz")
-    write_html_viewer(dataset, directory / "audit.html")

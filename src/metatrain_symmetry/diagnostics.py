@@ -31,7 +31,8 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput
 
-from .engine import RotatedEvaluator, SystemLike, prepare_systems
+from ._utils import is_integer
+from .engine import RotatedEvaluator
 from .estimators import (
     factored_u_statistic,
     pair_u_covariance,
@@ -47,6 +48,8 @@ from .irreps import (
     undo_rotation,
 )
 from .models import LoadedModel, ModelLike, load_model
+from .quantities import standard_lambda
+from .systems import SystemLike, prepare_systems
 
 
 _EPSILON = torch.finfo(torch.float64).eps
@@ -57,20 +60,6 @@ _MIN_PAIRS = 4
 # relative standard error of a random grid's estimate of <||u||^2> above which the
 # linearized normalized spectrum (a ratio of estimates) is not trusted
 _NORM_TOLERANCE = 0.1
-
-# largest angular momentum of metatomic's standard Cartesian quantities
-_STANDARD_LAMBDA = {
-    "non_conservative_force": 1,
-    "non_conservative_forces": 1,
-    "position": 1,
-    "positions": 1,
-    "velocity": 1,
-    "momentum": 1,
-    "heat_flux": 1,
-    "non_conservative_stress": 2,
-    "forces": 1,
-    "stress": 2,
-}
 
 
 @dataclass
@@ -254,14 +243,10 @@ def analyze(
     """
     model = load_model(model)
     names = _check_names(outputs)
-    if (
-        isinstance(max_lambda, bool)
-        or not isinstance(max_lambda, int)
-        or max_lambda < 0
-    ):
+    if not is_integer(max_lambda) or max_lambda < 0:
         raise ValueError(f"max_lambda must be a non-negative integer, got {max_lambda}")
     if grid is None:
-        target_lambda = max(_STANDARD_LAMBDA.get(name, 0) for name in names)
+        target_lambda = max(standard_lambda(name) for name in names)
         grid = O3Grid(degree=max(2 * max_lambda, 2 * target_lambda + 1))
     if not isinstance(grid, O3Grid):
         raise TypeError(f"grid must be an O3Grid, got {type(grid).__name__}")

@@ -22,10 +22,12 @@ import ase
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
+from ._utils import first_line
 from .diagnostics import AnalysisResult, analyze
-from .engine import SystemLike, is_system
 from .grid import O3Grid
-from .models import FEATURE_PREFIX, LoadedModel, load_model
+from .models import LoadedModel, load_model
+from .quantities import FEATURE_PREFIX
+from .systems import SystemLike, is_system
 
 
 EPOCH_SOURCES = ("checkpoint", "file name", "order")
@@ -268,7 +270,7 @@ def load_checkpoint(
     except Exception as error:
         raise ValueError(
             f"could not read '{path}' as a metatrain checkpoint or an exported model "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({type(error).__name__}: {first_line(error, 'no details')})"
         ) from None
     if not isinstance(checkpoint, dict) or "architecture_name" not in checkpoint:
         raise ValueError(
@@ -282,7 +284,7 @@ def load_checkpoint(
     except Exception as error:
         raise ValueError(
             f"could not build a model from checkpoint '{path}' "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({type(error).__name__}: {first_line(error, 'no details')})"
         ) from None
     model = load_model(module)
     model.source = str(path)
@@ -292,11 +294,6 @@ def load_checkpoint(
 def _architecture(model: LoadedModel) -> str:
     module = model.module
     return getattr(module, "original_name", None) or type(module).__name__
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def _default_outputs(model: LoadedModel) -> list[str]:

@@ -20,13 +20,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-
-if TYPE_CHECKING:
-    from .audit import AuditResult
+from .audit import AuditResult
 
 
 # spectra as chemiscope parameterised properties: one axis carries both lambda and
