@@ -31,6 +31,7 @@ from .data import read_structures, reference_value
 from .diagnostics import AnalysisResult, analyze
 from .engine import RotatedEvaluator
 from .grid import O3Grid
+from .irreps import irrep_name, spectrum_irreps
 from .models import LoadedModel, ModelLike, load_model
 from .quantities import (
     DERIVED_OUTPUTS,
@@ -412,9 +413,7 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
     analysis = result.analysis
     grid = analysis.grid
     declared = model.outputs
-    irreps = [
-        [lam, sigma] for lam in range(analysis.max_lambda + 1) for sigma in (1, -1)
-    ]
+    irreps = [[lam, sigma] for lam, sigma in spectrum_irreps(analysis.max_lambda)]
     summary = {
         "schema_version": SCHEMA_VERSION,
         "generator": {"name": "metatrain-symmetry", "version": __version__},
@@ -557,7 +556,7 @@ def audit_markdown(summary: dict) -> str:
 
     irreps = summary["irreps"]
     estimated = summary["grid"].get("estimated", False)
-    irrep_names = [f"({lam},{'+' if sigma == 1 else '-'})" for lam, sigma in irreps]
+    irrep_names = [irrep_name(lam, sigma) for lam, sigma in irreps]
     model = summary["model"]
     grid = summary["grid"]
     lines = [

@@ -11,9 +11,11 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
+# through the module, so that its functions can be replaced (tests interrupt the
+# last file written)
+from . import visualize
 from .audit import AuditResult, audit_markdown
 from .report import plot_spectra, save_result
-from .visualize import chemiscope_dataset, write_chemiscope, write_html_viewer
 
 
 def spectra_tensormap(result: AuditResult) -> TensorMap:
@@ -21,20 +23,7 @@ def spectra_tensormap(result: AuditResult) -> TensorMap:
     then features (the order of ``summary["outputs"]`` then
     ``summary["features"]``); each block has samples ``["system"]`` and properties
     ``["chi_lambda", "chi_sigma"]``."""
-    names = result.outputs + result.features
-    blocks = []
-    for name in names:
-        block = result.analysis.spectrum[name].block()
-        blocks.append(
-            TensorBlock(
-                values=block.values,
-                samples=block.samples,
-                components=[],
-                properties=block.properties,
-            )
-        )
-    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
-    return TensorMap(keys, blocks)
+    return _by_entry(result, result.analysis.spectrum)
 
 
 def spectra_error_tensormap(result: AuditResult) -> TensorMap | None:
@@ -42,10 +31,14 @@ def spectra_error_tensormap(result: AuditResult) -> TensorMap | None:
     ``None`` on exact grids."""
     if not result.analysis.estimated:
         return None
+    return _by_entry(result, result.analysis.spectrum_error)
+
+
+def _by_entry(result: AuditResult, maps: dict[str, TensorMap]) -> TensorMap:
     names = result.outputs + result.features
     blocks = []
     for name in names:
-        block = result.analysis.spectrum_error[name].block()
+        block = maps[name].block()
         blocks.append(
             TensorBlock(
                 values=block.values,
@@ -87,6 +80,6 @@ def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -
     save_result(result.analysis, tensors)
     label = summary["model"]["name"] or Path(summary["model"]["path"] or "model").name
     plot_spectra({label: result.analysis}, directory / "spectra.png")
-    dataset = chemiscope_dataset(frames, result)
-    write_chemiscope(dataset, directory / "audit.chemiscope.json.gz")
-    write_html_viewer(dataset, directory / "audit.html")
+    dataset = visualize.chemiscope_dataset(frames, result)
+    visualize.write_chemiscope(dataset, directory / "audit.chemiscope.json.gz")
+    visualize.write_html_viewer(dataset, directory / "audit.html")

@@ -25,6 +25,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from ._utils import first_line
 from .diagnostics import AnalysisResult, analyze
 from .grid import O3Grid
+from .irreps import irrep_name, spectrum_irreps
 from .models import LoadedModel, load_model
 from .quantities import FEATURE_PREFIX
 from .systems import SystemLike, is_system
@@ -453,11 +454,7 @@ def plot_layers(dynamics: TrainingDynamics, path: str | os.PathLike) -> None:
 
 
 def _irrep_labels(max_lambda: int) -> list[str]:
-    return [
-        f"({lam},{'+' if sigma == 1 else '-'})"
-        for lam in range(max_lambda + 1)
-        for sigma in (1, -1)
-    ]
+    return [irrep_name(lam, sigma) for lam, sigma in spectrum_irreps(max_lambda)]
 
 
 def dynamics_csv(dynamics: TrainingDynamics) -> str:
@@ -466,8 +463,7 @@ def dynamics_csv(dynamics: TrainingDynamics) -> str:
     header = ["name", "epoch", "checkpoint", "equivariance_rmse_mean"]
     header += [
         f"b_{lam}_{'p' if sigma == 1 else 'm'}"
-        for lam in range(dynamics.max_lambda + 1)
-        for sigma in (1, -1)
+        for lam, sigma in spectrum_irreps(dynamics.max_lambda)
     ]
     lines = [",".join(header)]
     for name in dynamics.names:

@@ -62,6 +62,8 @@ QUANTITIES: dict[str, Quantity] = {
     "mass": Quantity("atom", 0),
     "masses": Quantity("atom", 0),
 }
+"""every known output name (a base name, before any ``/variant``) and what is known
+about it"""
 
 DERIVED_OUTPUTS: tuple[str, ...] = tuple(
     name for name, quantity in QUANTITIES.items() if quantity.derived

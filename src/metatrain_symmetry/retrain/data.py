@@ -100,21 +100,20 @@ def structure_infos(model: LoadedModel, systems: list[System], targets) -> list:
         volume = abs(float(torch.det(system.cell.to(torch.float64))))
         infos.append(
             StructureInfo(
-                full_scales={
-                    t.name: full[t.name]
-                    .block()
-                    .values.to(torch.float64)
-                    .reshape(-1, t.readout.n_outputs)
-                    for t in targets
-                },
-                loss_scales={
-                    t.name: per_target[t.name]
-                    .block()
-                    .values.to(torch.float64)
-                    .reshape(-1, t.readout.n_outputs)
-                    for t in targets
-                },
+                full_scales=_per_target(full, targets),
+                loss_scales=_per_target(per_target, targets),
                 volume=volume if volume > 0 else math.inf,
             )
         )
     return infos
+
+
+def _per_target(scales, targets) -> dict[str, torch.Tensor]:
+    """``(n_samples, n_outputs)`` float64 scales of every target."""
+    return {
+        t.name: scales[t.name]
+        .block()
+        .values.to(torch.float64)
+        .reshape(-1, t.readout.n_outputs)
+        for t in targets
+    }

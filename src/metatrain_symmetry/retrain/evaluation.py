@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators import paired_mean_square_deviation
+from ..estimators import CentredMoments, paired_mean_square_deviation
 from ..grid import O3Grid
 from .designs import back_rotate
 from .result import RetrainResult
@@ -36,13 +36,14 @@ class Evaluation:
         self.equivariance: list[torch.Tensor] = []
         self.predictions: list[torch.Tensor] = []
         self._structure = None
+        self._moments: CentredMoments | None = None
 
     def add(self, structure, info, indices, rotations, design, offset) -> None:
         target = self.target
         if structure != self._structure:
             self.finish()
             self._structure = structure
-            self._reference = None
+            self._moments = CentredMoments()
         # (c, s, *components, p, G)
         prediction = design @ self.parameters + offset[..., None]
         identity = indices == 0
@@ -59,18 +60,13 @@ class Evaluation:
         weights = self.grid_weights[indices[~identity] - 1]
         back = back_rotate(prediction, target.rank, rotations[~identity])
         back = back.reshape(back.shape[0], -1, back.shape[-1])
-        if self._reference is None:
-            self._reference = back[0].clone()
-            self._first = torch.zeros_like(self._reference)
-            self._second = torch.zeros_like(self._reference)
-        centered = back - self._reference
-        self._first += torch.einsum("c,cmg->mg", weights, centered)
-        self._second += torch.einsum("c,cmg->mg", weights, centered.square())
+        centered = self._moments.add(weights, back)
         if self.n_pairs >= 2:
             self._stored.append((indices[~identity] - 1, centered))
 
     def finish(self) -> None:
-        if self._structure is None or self._reference is None:
+        moments = self._moments
+        if self._structure is None or moments is None or moments.reference is None:
             return
         if self.n_pairs >= 2:
             indices = torch.cat([item[0] for item in self._stored])
@@ -81,12 +77,12 @@ class Evaluation:
             # every scalar value on its own: (M, 1, n_values * G)
             values = centered.reshape(2, half, 1, -1)
             estimate, _ = paired_mean_square_deviation(values[0], values[1])
-            variance = estimate.clamp(min=0.0).reshape(self._first.shape)
+            variance = estimate.clamp(min=0.0).reshape(moments.first.shape)
         else:
-            variance = (self._second - self._first.square()).clamp(min=0.0)
+            variance = moments.covariance().clamp(min=0.0)
         self.equivariance.append(variance.mean(dim=0).sqrt())
         self._structure = None
-        self._reference = None
+        self._moments = None
 
     def rmse(self) -> torch.Tensor:
         return (self.squared_error / self.count).sqrt()

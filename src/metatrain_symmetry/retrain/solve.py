@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..estimators import CentredMoments
 from ..grid import O3Grid
 from .designs import back_rotate
 from .result import RetrainResult
@@ -54,17 +55,14 @@ class NormalEquations:
         self.factor = unbiased_factor(grid)
         self._grid_weights = grid.weights
         self._structure = None
-        self._reference = None
+        self._moments: CentredMoments | None = None
 
     def add(self, structure, info, indices, rotations, design, offset) -> None:
         target = self.target
         if structure != self._structure:
             self.finish()
             self._structure = structure
-            self._reference = None
-            self._first = None
-            self._second = None
-            self._weight = 0.0
+            self._moments = CentredMoments(outer=True)
         scale = target.loss_scale(info, design.shape[1:-1])
         scale = scale[None, ..., None]
         design = back_rotate(design, target.rank, rotations)
@@ -82,25 +80,18 @@ class NormalEquations:
         rows = rows[~identity]
         if rows.shape[0] == 0:
             return
-        weights = self._grid_weights[indices[~identity] - 1]
-        if self._reference is None:
-            self._reference = rows[0].clone()
-            self._first = torch.zeros_like(self._reference)
-            self._second = torch.zeros_like(self.sigma)
-        centered = rows - self._reference
-        self._first += torch.einsum("c,cmp->mp", weights, centered)
-        self._second += torch.einsum("c,cmp,cmq->pq", weights, centered, centered)
-        self._weight += float(weights.sum())
+        self._moments.add(self._grid_weights[indices[~identity] - 1], rows)
 
     def finish(self) -> None:
-        if self._structure is None or self._reference is None:
+        moments = self._moments
+        if self._structure is None or moments is None or moments.reference is None:
             return
-        if abs(self._weight - 1.0) > 1e-9:
+        if abs(moments.weight - 1.0) > 1e-9:
             raise RuntimeError(
                 "internal error: grid weights of a structure do not sum to 1"
             )
-        self.sigma += self.factor * (self._second - self._first.T @ self._first)
-        self._reference = None
+        self.sigma += self.factor * moments.covariance()
+        self._moments = None
         self._structure = None
 
     def quadratics(self) -> tuple[Quadratic, Quadratic]:
