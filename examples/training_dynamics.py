@@ -73,20 +73,21 @@ for epoch, row in zip(dynamics.epochs, energy, strict=True):
 # Heatmaps of the spectra against epoch, one row per output or feature and one
 # column per :math:`\sigma`; the colour scale is logarithmic.
 
+
+def show(path, figsize):
+    """Display a written figure."""
+    fig, axis = plt.subplots(figsize=figsize)
+    axis.imshow(plt.imread(path))
+    axis.set_axis_off()
+    plt.show()
+
+
 plot_dynamics(dynamics, directory / "dynamics.png")
-image = plt.imread(directory / "dynamics.png")
-fig, axis = plt.subplots(figsize=(7, 8))
-axis.imshow(image)
-axis.set_axis_off()
-plt.show()
+show(directory / "dynamics.png", (7, 8))
 
 # %%
 # The last checkpoint layer by layer: the node features in the order the model
 # computes them, then the outputs.
 
 plot_layers(dynamics, directory / "layers.png")
-image = plt.imread(directory / "layers.png")
-fig, axis = plt.subplots(figsize=(6, 4))
-axis.imshow(image)
-axis.set_axis_off()
-plt.show()
+show(directory / "layers.png", (6, 4))

@@ -13,7 +13,7 @@ from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
-from metatrain_symmetry.testing import pet_options, tiny_pet
+from metatrain_symmetry.testing import pet_options, tiny_pet, write_dataset
 from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
 
 
@@ -28,8 +28,7 @@ def training(tmp_path_factory):
     """Three epochs of a tiny PET with a checkpoint after every epoch."""
     directory = tmp_path_factory.mktemp("training")
     frames = make_dataset(8)
-    ase.io.write(directory / "train.xyz", frames[:6])
-    ase.io.write(directory / "validation.xyz", frames[6:])
+    write_dataset(directory, frames, 6)
     ase.io.write(directory / "data.xyz", frames[6:])
     (directory / "options.yaml").write_text(OPTIONS)
     process = subprocess.run(

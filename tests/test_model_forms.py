@@ -26,7 +26,11 @@ import pytest
 from ase.calculators.emt import EMT
 
 from metatrain_symmetry.demo import make_dataset
-from metatrain_symmetry.testing import CONSERVATIVE_TARGETS, pet_options
+from metatrain_symmetry.testing import (
+    CONSERVATIVE_TARGETS,
+    pet_options,
+    write_dataset,
+)
 
 
 OPTIONS = pet_options(
@@ -104,8 +108,7 @@ def forms(tmp_path_factory):
     """The model files, written by separate processes, and the structures."""
     root = tmp_path_factory.mktemp("forms")
     frames = make_dataset(10)
-    ase.io.write(root / "train.xyz", frames[:8])
-    ase.io.write(root / "validation.xyz", frames[8:])
+    write_dataset(root, frames, 8)
     ase.io.write(root / "structures.xyz", structure_kinds())
     (root / "options.yaml").write_text(OPTIONS)
     check(run("metatrain", "train", "options.yaml", cwd=root), "mtt train")

@@ -12,7 +12,7 @@ import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
 from metatrain_symmetry.pet import PETReadout
 from metatrain_symmetry.systems import prepare_systems
-from metatrain_symmetry.testing import pet_options
+from metatrain_symmetry.testing import pet_options, write_dataset
 from metatrain_symmetry.testing import run_module as run
 
 
@@ -26,8 +26,7 @@ def trained(tmp_path_factory):
     """A small PET trained for one epoch with ``mtt train`` on EMT copper."""
     directory = tmp_path_factory.mktemp("retrain")
     frames = make_dataset(20)
-    ase.io.write(directory / "train.xyz", frames[:14])
-    ase.io.write(directory / "validation.xyz", frames[14:])
+    write_dataset(directory, frames, 14)
     (directory / "options.yaml").write_text(pet_options(1))
     process = run("metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory)
     assert process.returncode == 0, process.stderr[-2000:]

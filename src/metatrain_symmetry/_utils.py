@@ -114,3 +114,16 @@ def is_integer(value) -> bool:
     import numpy as np
 
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def name_list(values, empty: str, repeated: str) -> list[str]:
+    """A name or a sequence of names as a list; ``ValueError(empty)`` when there
+    are none, ``ValueError(f"{repeated}: {names}")`` when one is repeated."""
+    if isinstance(values, str):
+        values = [values]
+    names = list(values)
+    if len(names) == 0:
+        raise ValueError(empty)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{repeated}: {names}")
+    return names

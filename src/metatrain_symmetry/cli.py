@@ -364,7 +364,7 @@ def _export(args) -> None:
         batch_size=args.batch_size,
         progress=True,
     )
-    from .audit import audit_markdown
+    from .audit_files import audit_markdown
 
     print(audit_markdown(result.summary))
     kind = "O(3)-averaged model" if args.symmetrize else "model"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -187,6 +188,15 @@ def _cartesian_target(make, name: str, quantity: str, rank: int, sample_kind: st
     )
 
 
+def write_dataset(directory, frames, n_train: int) -> None:
+    """Write the first ``n_train`` structures to ``directory/train.xyz`` and the
+    others to ``directory/validation.xyz`` (the files of :py:func:`pet_options`)."""
+    import ase.io
+
+    ase.io.write(Path(directory) / "train.xyz", frames[:n_train])
+    ase.io.write(Path(directory) / "validation.xyz", frames[n_train:])
+
+
 def run_module(module: str, *args, cwd=None) -> subprocess.CompletedProcess:
     """Run ``python -m module args...`` of this environment, capturing its
     output as text."""
@@ -201,3 +211,20 @@ def run_module(module: str, *args, cwd=None) -> subprocess.CompletedProcess:
 def run_mtt_symmetry(*args, cwd=None) -> subprocess.CompletedProcess:
     """Run the ``mtt-symmetry`` command of this environment."""
     return run_module("metatrain_symmetry.cli", *args, cwd=cwd)
+
+
+def check_clean_failure(main, arguments: list[str], directory, capsys, message: str):
+    """Run the command-line entry point ``main(arguments)`` in-process and check
+    that it fails with one error line containing ``message``, writing nothing
+    into ``directory``.
+
+    :param capsys: pytest's ``capsys`` fixture
+    """
+    before = sorted(Path(directory).iterdir())
+    status = main(arguments)
+    after = sorted(Path(directory).iterdir())
+    error = capsys.readouterr().err
+    assert status != 0
+    assert message in error
+    assert len(error.strip().splitlines()) == 1, error
+    assert before == after

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from metatensor.torch import Labels
 from metatomic.torch import ModelOutput
 
-from .._utils import is_integer
+from .._utils import is_integer, name_list
 from ..engine import RotatedEvaluator
 from ..grid import O3Grid
 from ..models import LoadedModel, ModelLike, load_model
@@ -125,14 +125,11 @@ def analyze(
 
 
 def _check_names(outputs) -> list[str]:
-    if isinstance(outputs, str):
-        outputs = [outputs]
-    names = list(outputs)
-    if len(names) == 0:
-        raise ValueError("no outputs requested: name at least one output or feature")
-    if len(set(names)) != len(names):
-        raise ValueError(f"outputs are requested more than once: {names}")
-    return names
+    return name_list(
+        outputs,
+        "no outputs requested: name at least one output or feature",
+        "outputs are requested more than once",
+    )
 
 
 def _request(model: LoadedModel, name: str, per_atom: bool) -> ModelOutput:

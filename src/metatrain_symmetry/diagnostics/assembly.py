@@ -29,6 +29,18 @@ def _samples(structure: int, names: list[str], values: torch.Tensor) -> torch.Te
     return torch.cat([system, values.to(torch.int32)], dim=1)
 
 
+def _joined(finished, index: int, field: str, *path: int) -> torch.Tensor:
+    """One finished quantity of block ``index``, concatenated over structures
+    (``path`` indexes into nested per-irrep lists)."""
+    values = []
+    for _, blocks in finished:
+        value = blocks[index][field]
+        for position in path:
+            value = value[position]
+        values.append(value)
+    return torch.cat(values)
+
+
 def assemble(
     name,
     keys: Labels,
@@ -89,16 +101,11 @@ def assemble(
                 components = info["components"]
             variance_keys.append((key_names, key_values))
             variance_blocks.append(
-                block(torch.cat([b[index]["variances"][part] for _, b in finished]), [])
+                block(_joined(finished, index, "variances", part), [])
             )
             if estimated:
                 variance_error_blocks.append(
-                    block(
-                        torch.cat(
-                            [b[index]["variance_errors"][part] for _, b in finished]
-                        ),
-                        [],
-                    )
+                    block(_joined(finished, index, "variance_errors", part), [])
                 )
             projection_names = [n for n in key_names if n != "_"]
             projection_prefix = [
@@ -111,29 +118,13 @@ def assemble(
                         projection_prefix + [o3_lambda, sigma],
                     )
                 )
-                projection_blocks.append(
-                    block(
-                        torch.cat(
-                            [
-                                b[index]["projections"][part][entry][2]
-                                for _, b in finished
-                            ]
-                        ),
-                        components,
-                    )
-                )
+                values = _joined(finished, index, "projections", part, entry, 2)
+                projection_blocks.append(block(values, components))
                 if estimated:
-                    projection_error_blocks.append(
-                        block(
-                            torch.cat(
-                                [
-                                    b[index]["projection_errors"][part][entry][2]
-                                    for _, b in finished
-                                ]
-                            ),
-                            components,
-                        )
+                    errors = _joined(
+                        finished, index, "projection_errors", part, entry, 2
                     )
+                    projection_error_blocks.append(block(errors, components))
                 for row, (_, blocks) in enumerate(finished):
                     value = blocks[index]["projections"][part][entry][2].sum()
                     spectrum[row, o3_lambda, sigma_index(sigma)] += value

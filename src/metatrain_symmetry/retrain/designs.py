@@ -54,19 +54,30 @@ def back_rotate(values: torch.Tensor, rank: int, rotations: torch.Tensor):
     return undo_rotation(values, CARTESIAN_LAYOUTS[rank], rotations, [], None)
 
 
-class DesignStream:
+class CopyStream:
+    """What the design streams share: the terms, the structures with their
+    scales, the grid preceded by the identity and the trained parameters."""
+
+    def __init__(self, model, grid, terms, systems, infos, batch_size, progress):
+        self.model = model
+        self.terms = terms
+        self.systems = systems
+        self.infos = infos
+        self.extended = with_identity(grid)
+        self.batch_size = batch_size
+        self.progress = progress
+        # designs are built around the trained readout: offsets are exact there
+        self.thetas = {term.name: term.trained_parameters() for term in terms}
+
+
+class DesignStream(CopyStream):
     """Per rotated copy of one structure: the design of every target, such that the
     prediction (model units) is ``design @ parameters + offset``."""
 
     def __init__(self, model, grid, targets, systems, infos, batch_size, progress):
-        self.model = model
+        super().__init__(model, grid, targets, systems, infos, batch_size, progress)
         self.targets = targets
-        self.systems = systems
-        self.infos = infos
-        self.extended = with_identity(grid)
         self.evaluator = RotatedEvaluator(model, self.extended, batch_size)
-        self.progress = progress
-        self.thetas = {t.name: t.reduce(t.readout.theta().detach()) for t in targets}
 
     def __iter__(self):
         requests = requests_of(self.targets)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators import CentredMoments, paired_mean_square_deviation
+from ..estimators import paired_mean_square_deviation
 from ..grid import O3Grid
 from .designs import back_rotate
 from .result import RetrainResult
+from .solve import PerStructure
 from .targets import ForceTerm, Target
 
 
-class Evaluation:
+class Evaluation(PerStructure):
     """Errors of several parameter sets of one target, in model units: squared
     errors against the labels on the unrotated structures, and per-structure
     equivariance RMSEs over the grid (the same reduction and, on random grids,
@@ -22,6 +23,7 @@ class Evaluation:
     def __init__(
         self, target: Target | ForceTerm, labels, parameters: torch.Tensor, grid: O3Grid
     ):
+        super().__init__()
         self.target = target
         self.labels = labels
         self.parameters = parameters.T  # (P, G)
@@ -35,15 +37,10 @@ class Evaluation:
         self.count = 0
         self.equivariance: list[torch.Tensor] = []
         self.predictions: list[torch.Tensor] = []
-        self._structure = None
-        self._moments: CentredMoments | None = None
 
     def add(self, structure, info, indices, rotations, design, offset) -> None:
         target = self.target
-        if structure != self._structure:
-            self.finish()
-            self._structure = structure
-            self._moments = CentredMoments()
+        self._enter(structure)
         # (c, s, *components, p, G)
         prediction = design @ self.parameters + offset[..., None]
         identity = indices == 0
@@ -65,8 +62,8 @@ class Evaluation:
             self._stored.append((indices[~identity] - 1, centered))
 
     def finish(self) -> None:
-        moments = self._moments
-        if self._structure is None or moments is None or moments.reference is None:
+        moments = self._started()
+        if moments is None:
             return
         if self.n_pairs >= 2:
             indices = torch.cat([item[0] for item in self._stored])
@@ -81,8 +78,7 @@ class Evaluation:
         else:
             variance = moments.covariance().clamp(min=0.0)
         self.equivariance.append(variance.mean(dim=0).sqrt())
-        self._structure = None
-        self._moments = None
+        self._done()
 
     def rmse(self) -> torch.Tensor:
         return (self.squared_error / self.count).sqrt()

@@ -9,7 +9,7 @@ from metatomic.torch import ModelOutput
 from .._utils import progress_bar
 from ..engine import batch_segments, prepare_rotations, rotated_copies
 from ..pet import PETReadout
-from .designs import with_identity
+from .designs import CopyStream
 
 
 # atoms per model call when computing force designs (one backward pass per column)
@@ -18,7 +18,7 @@ _FORCE_ATOMS_PER_BATCH = 512
 _BACKWARD_COLUMN_ATOMS = 2048
 
 
-class ForceStream:
+class ForceStream(CopyStream):
     """Per rotated copies of one structure: the design of the conservative forces
     of every energy target trained with them, such that the forces (model units)
     are ``design @ parameters + offset``.
@@ -36,20 +36,10 @@ class ForceStream:
     """
 
     def __init__(self, model, grid, terms, systems, infos, batch_size, progress):
-        self.model = model
-        self.terms = terms
-        self.systems = systems
-        self.infos = infos
-        self.extended = with_identity(grid)
+        super().__init__(model, grid, terms, systems, infos, batch_size, progress)
         self.rotations = self.extended.rotations.to(
             dtype=model.dtype, device=model.device
         )
-        self.batch_size = batch_size
-        self.progress = progress
-        self.thetas = {
-            term.name: term.target.reduce(term.target.readout.theta().detach())
-            for term in terms
-        }
 
     def __iter__(self):
         requests = {}

@@ -41,11 +41,47 @@ class Quadratic:
         return torch.einsum("...p,pq,...q->...", v, self.matrix, v) / self.count
 
 
-class NormalEquations:
+class PerStructure:
+    """Base of the accumulators fed by a design pass: moments of the rotated
+    copies of one structure at a time, finished when the next one starts."""
+
+    outer = False
+    """second moments as outer products (see :py:class:`CentredMoments`)"""
+
+    def __init__(self):
+        self._structure = None
+        self._moments: CentredMoments | None = None
+
+    def _enter(self, structure: int) -> None:
+        if structure != self._structure:
+            self.finish()
+            self._structure = structure
+            self._moments = CentredMoments(outer=self.outer)
+
+    def _started(self) -> CentredMoments | None:
+        """The moments of the current structure, ``None`` when nothing was
+        accumulated."""
+        moments = self._moments
+        if self._structure is None or moments is None or moments.reference is None:
+            return None
+        return moments
+
+    def _done(self) -> None:
+        self._structure = None
+        self._moments = None
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class NormalEquations(PerStructure):
     """Streaming accumulation of the quadratic forms of ``L_mu`` and ``L_sigma`` of
     one target, in float64."""
 
+    outer = True
+
     def __init__(self, target: Target | ForceTerm, labels, grid: O3Grid):
+        super().__init__()
         size = target.n_parameters + 1
         self.target = target
         self.labels = labels
@@ -54,15 +90,10 @@ class NormalEquations:
         self.count = 0
         self.factor = unbiased_factor(grid)
         self._grid_weights = grid.weights
-        self._structure = None
-        self._moments: CentredMoments | None = None
 
     def add(self, structure, info, indices, rotations, design, offset) -> None:
         target = self.target
-        if structure != self._structure:
-            self.finish()
-            self._structure = structure
-            self._moments = CentredMoments(outer=True)
+        self._enter(structure)
         scale = target.loss_scale(info, design.shape[1:-1])
         scale = scale[None, ..., None]
         design = back_rotate(design, target.rank, rotations)
@@ -83,16 +114,15 @@ class NormalEquations:
         self._moments.add(self._grid_weights[indices[~identity] - 1], rows)
 
     def finish(self) -> None:
-        moments = self._moments
-        if self._structure is None or moments is None or moments.reference is None:
+        moments = self._started()
+        if moments is None:
             return
         if abs(moments.weight - 1.0) > 1e-9:
             raise RuntimeError(
                 "internal error: grid weights of a structure do not sum to 1"
             )
         self.sigma += self.factor * moments.covariance()
-        self._moments = None
-        self._structure = None
+        self._done()
 
     def quadratics(self) -> tuple[Quadratic, Quadratic]:
         self.finish()
@@ -187,7 +217,7 @@ def solve_all(
             [(t.weight, mu, sigma) for t, mu, sigma in quadratics],
             gammas,
             ridge,
-            target.reduce(target.readout.theta().detach()),
+            target.trained_parameters(),
         )
         parameters[target.name] = solutions
         for term, mu, sigma in quadratics:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._utils import name_list
 from ..models import LoadedModel
 from ..pet import PETReadout
 from ..quantities import default_label_key
@@ -47,6 +48,10 @@ class Target:
     def n_components(self) -> int:
         return 3**self.rank
 
+    def trained_parameters(self) -> torch.Tensor:
+        """The free parameters of the model's current readout, ``(P,)``."""
+        return self.reduce(self.readout.theta().detach())
+
     def reduce(self, theta: torch.Tensor) -> torch.Tensor:
         """Full ``(n_outputs, n_aug)`` readout to the free parameter vector."""
         pseudo_inverse = torch.linalg.pinv(self.output_map)
@@ -77,6 +82,10 @@ class ForceTerm:
     def target_name(self) -> str:
         """The target whose readout parameters this term depends on."""
         return self.target.name
+
+    def trained_parameters(self) -> torch.Tensor:
+        """The free parameters of the energy's current readout, ``(P,)``."""
+        return self.target.trained_parameters()
 
     @property
     def n_properties(self) -> int:
@@ -224,13 +233,9 @@ def select_targets(model: LoadedModel, targets) -> list[str]:
                 "name the targets explicitly"
             )
         return names
-    if isinstance(targets, str):
-        targets = [targets]
-    names = list(targets)
-    if len(names) == 0:
-        raise ValueError("no targets given: name at least one target")
-    if len(set(names)) != len(names):
-        raise ValueError(f"targets are repeated: {names}")
+    names = name_list(
+        targets, "no targets given: name at least one target", "targets are repeated"
+    )
     for name in names:
         if name not in known:
             raise ValueError(
