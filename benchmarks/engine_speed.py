@@ -220,6 +220,7 @@ def profile_analyze(model, frames, degree, top: int = 12) -> None:
     profiler.disable()
     stats = pstats.Stats(profiler)
     total = max(entry[3] for entry in stats.stats.values())
+    package = Path(msym.__file__).parent
     print(f"    cProfile of analyze: {total:.2f} s in all; package functions by")
     print("    cumulative time:")
     ranked = sorted(
@@ -228,11 +229,10 @@ def profile_analyze(model, frames, degree, top: int = 12) -> None:
             for (filename, line, function), (_, _, _, cumulative, _) in (
                 stats.stats.items()
             )
-            if "metatrain_symmetry" in filename
+            if filename.startswith(str(package))
         ),
         reverse=True,
     )
-    package = Path(msym.__file__).parent
     for cumulative, filename, line, function in ranked[:top]:
         where = f"{Path(filename).relative_to(package)}:{line} {function}"
         print(
