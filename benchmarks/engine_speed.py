@@ -20,11 +20,9 @@ compositions with the inversion, 684 elements; ``max_lambda=4``; outputs
     engine's own helpers and grouped in batches of the size ``analyze`` uses,
     under ``torch.inference_mode()``. The ratio is the cost of everything
     ``analyze`` does besides the model forward passes;
-(c) the peak resident memory added by ``analyze`` on a periodic water box of
-    2187 atoms, against the peak added by one model call on one batch of
-    rotated copies of that box. Each is measured in a fresh subprocess, from the
-    resident set just before the call to the high-water mark after it (the mark
-    is reset through ``/proc/self/clear_refs`` beforehand).
+(c) the peak memory of ``analyze`` on a 2187-atom water box, measured by
+    ``engine_memory.py`` (see there) after the speed cases, unless
+    ``--skip-memory``.
 
 The two speed cases are 16 small molecules of the G2 set (H, C, N and O only)
 and a 192-atom box of 64 randomly oriented water molecules at about 1 g/cm^3.
@@ -51,184 +49,32 @@ Run from the repository root::
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
-import resource
-import subprocess
-import sys
 import time
+from pathlib import Path
 
-import ase
-import ase.build
-import numpy as np
 import torch
-from metatensor.torch import TensorMap
-from metatomic.torch import ModelOutput
-from metatomic.torch.o3 import SymmetrizedModel
-from metatrain.pet import PET
-from metatrain.utils.architectures import get_default_hypers
-from metatrain.utils.data import DatasetInfo
-from metatrain.utils.data.target_info import (
-    get_energy_target_info,
-    get_generic_target_info,
+from engine_common import (
+    MAX_LAMBDA,
+    MOLECULES,
+    OUTPUTS,
+    PET_SIZES,
+    add_model_arguments,
+    build_model,
+    molecules,
+    requests,
+    symmetrized_requests,
+    timed,
+    water_box,
 )
-from scipy.spatial.transform import Rotation
+from engine_memory import report_memory
+from metatensor.torch import TensorMap
+from metatomic.torch.o3 import SymmetrizedModel
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import (
-    RotatedEvaluator,
-    prepare_systems,
-    rotated_systems,
-)
-
-
-OUTPUTS = {"energy": "system", "non_conservative_force": "atom"}
-MAX_LAMBDA = 4
-
-MOLECULES = (
-    "H2O",
-    "CH4",
-    "NH3",
-    "C2H6",
-    "CH3OH",
-    "HCOOH",
-    "C2H4",
-    "CH3CN",
-    "H2CO",
-    "CH3CHO",
-    "CH3CH2OH",
-    "C6H6",
-    "CH3COOH",
-    "C5H5N",
-    "CH3CONH2",
-    "N2H4",
-)
-
-PET_SIZES = {
-    "small": {
-        "d_pet": 32,
-        "d_head": 32,
-        "d_node": 64,
-        "d_feedforward": 64,
-        "num_heads": 2,
-        "cutoff": 3.5,
-    },
-    "medium": {
-        "d_pet": 64,
-        "d_head": 64,
-        "d_node": 128,
-        "d_feedforward": 128,
-        "num_heads": 4,
-        "cutoff": 4.5,
-    },
-}
-
-# 64 water molecules in a cube of 12.42 A are about 1 g/cm^3
-WATER_SPACING = 12.42 / 4
-# molecules per side of the box used for the memory measurement (2187 atoms)
-MEMORY_BOX_SIDE = 9
-
-
-# ----------------------------------------------------------------- inputs
-def build_model(size: str, device: str) -> msym.LoadedModel:
-    """An untrained float64 PET with energy and non-conservative force heads."""
-    torch.manual_seed(0)
-    hypers = get_default_hypers("pet")["model"]
-    hypers.update(num_attention_layers=2, num_gnn_layers=2, **PET_SIZES[size])
-    targets = {
-        "energy": get_energy_target_info(
-            "energy", {"quantity": "energy", "unit": "eV"}
-        ),
-        "non_conservative_force": get_generic_target_info(
-            "non_conservative_force",
-            {
-                "quantity": "force",
-                "unit": "eV/Angstrom",
-                "type": {"cartesian": {"rank": 1}},
-                "num_subtargets": 1,
-                "sample_kind": "atom",
-            },
-        ),
-    }
-    info = DatasetInfo(
-        length_unit="Angstrom", atomic_types=[1, 6, 7, 8], targets=targets
-    )
-    pet = PET(hypers, info).to(torch.float64).eval()
-    return msym.load_model(pet, device=device)
-
-
-def molecules(names) -> list[ase.Atoms]:
-    frames = [ase.build.molecule(name) for name in names]
-    for name, atoms in zip(names, frames, strict=True):
-        if not set(atoms.numbers) <= {1, 6, 7, 8}:
-            raise ValueError(f"{name} has elements outside H, C, N, O")
-    return frames
-
-
-def water_box(per_side: int, seed: int = 0) -> ase.Atoms:
-    """``per_side**3`` randomly oriented water molecules on a cubic lattice, in a
-    periodic cubic cell at about 1 g/cm^3."""
-    rng = np.random.default_rng(seed)
-    water = ase.build.molecule("H2O")
-    water.translate(-water.positions[0])  # oxygen at the origin
-    box = ase.Atoms(cell=np.eye(3) * per_side * WATER_SPACING, pbc=True)
-    for i in range(per_side):
-        for j in range(per_side):
-            for k in range(per_side):
-                molecule = water.copy()
-                rotation = Rotation.random(random_state=rng).as_matrix()
-                site = WATER_SPACING * (np.array([i, j, k]) + 0.5)
-                molecule.positions = molecule.positions @ rotation.T + site
-                box += molecule
-    return box
-
-
-def requests() -> dict[str, ModelOutput]:
-    return {name: ModelOutput(sample_kind=kind) for name, kind in OUTPUTS.items()}
-
-
-def symmetrized_requests() -> dict[str, ModelOutput]:
-    result = {}
-    for name, kind in OUTPUTS.items():
-        for prefix in ("", "o3::variance::", "o3::character_projection::"):
-            result[prefix + name] = ModelOutput(sample_kind=kind)
-    return result
-
-
-# ----------------------------------------------------------------- timing
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds spent by the whole machine (all processes) since boot."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal
-    busy = sum(fields) - fields[3] - fields[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def timed(function, device: torch.device):
-    """Run ``function()`` and return ``(result, (wall, cpu, other))``: wall-clock
-    seconds, CPU seconds of this process, and the average number of cores that
-    other processes kept busy meanwhile (``nan`` where unknown)."""
-    _synchronize(device)
-    busy = _busy_seconds()
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function()
-    _synchronize(device)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    other = float("nan")
-    after = _busy_seconds()
-    if busy is not None and after is not None and wall > 0:
-        other = max(0.0, after - busy - cpu) / wall
-    return result, (wall, cpu, other)
+from metatrain_symmetry.engine import RotatedEvaluator, rotated_systems
+from metatrain_symmetry.systems import prepare_systems
 
 
 def floor_batches(model, systems, grid) -> list[list]:
@@ -362,20 +208,9 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
 
 
 # (module file, function) pairs whose cumulative time --profile reports
-PROFILED = (
-    ("models.py", "__call__", "model forward (LoadedModel.__call__)"),
-    ("engine.py", "rotated_copies", "engine.rotated_copies"),
-    ("engine.py", "_split_by_copy", "engine._split_by_copy"),
-    ("engine.py", "prepare_systems", "engine.prepare_systems"),
-    ("grid.py", "wigner_matrices", "O3Grid.wigner_matrices"),
-    ("diagnostics.py", "add", "diagnostics._BlockAccumulator.add"),
-    ("diagnostics.py", "_finish_structure", "diagnostics._finish_structure"),
-    ("diagnostics.py", "_assemble", "diagnostics._assemble"),
-)
-
-
-def profile_analyze(model, frames, degree) -> None:
-    """Run ``analyze`` once under cProfile and print where its time goes."""
+def profile_analyze(model, frames, degree, top: int = 12) -> None:
+    """Run ``analyze`` once under cProfile and print the functions of the package
+    where its time goes, ranked by cProfile's cumulative time."""
     systems = prepare_systems(frames, model)
     grid = msym.O3Grid(degree=degree)
     max_lambda = min(MAX_LAMBDA, degree // 2)
@@ -383,129 +218,26 @@ def profile_analyze(model, frames, degree) -> None:
     profiler.enable()
     msym.analyze(model, systems, list(OUTPUTS), max_lambda=max_lambda, grid=grid)
     profiler.disable()
-    stats = pstats.Stats(profiler).stats
-    cumulative = {}
-    total = 0.0
-    for (filename, _, function), (_, _, _, cumtime, _) in stats.items():
-        if "metatrain_symmetry" not in filename:
-            continue
-        if filename.endswith("diagnostics.py") and function == "analyze":
-            total = cumtime
-        for module, name, label in PROFILED:
-            if filename.endswith(module) and function == name:
-                cumulative[label] = cumulative.get(label, 0.0) + cumtime
-    print(f"    cProfile of analyze: {total:.2f} s in all")
-    accounted = 0.0
-    for _, _, label in PROFILED:
-        value = cumulative.get(label, 0.0)
-        accounted += value
-        print(f"      {label:<40} {value:7.2f} s  {100 * value / total:5.1f} %")
-    rest = total - accounted
-    print(f"      {'everything else':<40} {rest:7.2f} s  {100 * rest / total:5.1f} %")
-
-
-# ----------------------------------------------------------------- memory
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_worker(mode: str, args) -> None:
-    """Runs in a subprocess: measure the peak memory of one operation and print
-    it as JSON on the last line of stdout."""
-    import gc
-
-    device = torch.device(args.device)
-    model = build_model(args.pet, args.device)
-    side = 4 if args.quick else MEMORY_BOX_SIDE
-    systems = prepare_systems([water_box(side, seed=1)], model)
-    grid = msym.O3Grid(degree=args.memory_degree)
-    max_lambda = min(MAX_LAMBDA, grid.degree // 2)
-    if mode == "call":
-        per_batch = RotatedEvaluator(model, grid).copies_per_batch(systems)
-        rotations = grid.rotations.to(dtype=model.dtype, device=model.device)
-        batch = rotated_systems(systems[0], rotations[:per_batch])
-        outputs = requests()
-
-        def operation():
-            with torch.inference_mode():
-                return model.module(batch, outputs, None)
-
-    else:
-
-        def operation():
-            return msym.analyze(
-                model, systems, list(OUTPUTS), max_lambda=max_lambda, grid=grid
+    stats = pstats.Stats(profiler)
+    total = max(entry[3] for entry in stats.stats.values())
+    package = Path(msym.__file__).parent
+    print(f"    cProfile of analyze: {total:.2f} s in all; package functions by")
+    print("    cumulative time:")
+    ranked = sorted(
+        (
+            (cumulative, filename, line, function)
+            for (filename, line, function), (_, _, _, cumulative, _) in (
+                stats.stats.items()
             )
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_before = torch.cuda.memory_allocated(device)
-    before = _status_kib("VmRSS")
-    resettable = _reset_peak()
-    if not resettable:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result, (wall, _, _) = timed(operation, device)
-    peak = _status_kib("VmHWM") if resettable else None
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    report = {
-        "mode": mode,
-        "atoms": len(systems[0]),
-        "grid": len(grid),
-        "max_lambda": max_lambda,
-        "per_batch": RotatedEvaluator(model, grid).copies_per_batch(systems),
-        "rss_before_mib": before / 1024,
-        "peak_mib": peak / 1024,
-        "increase_mib": (peak - before) / 1024,
-        "exact_reset": resettable,
-        "seconds": wall,
-    }
-    if device.type == "cuda":
-        report["cuda_increase_mib"] = (
-            torch.cuda.max_memory_allocated(device) - cuda_before
-        ) / 2**20
-    del result
-    print(json.dumps(report))
-
-
-def measure_memory(mode: str, args) -> dict:
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--memory-worker",
-        mode,
-        "--memory-degree",
-        str(args.memory_degree),
-        "--device",
-        args.device,
-        "--pet",
-        args.pet,
-    ]
-    if args.quick:
-        command.append("--quick")
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"memory worker '{mode}' failed:\n{completed.stdout}\n{completed.stderr}"
+            if filename.startswith(str(package))
+        ),
+        reverse=True,
+    )
+    for cumulative, filename, line, function in ranked[:top]:
+        where = f"{Path(filename).relative_to(package)}:{line} {function}"
+        print(
+            f"      {where:<48} {cumulative:7.2f} s  {100 * cumulative / total:5.1f} %"
         )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------- report
@@ -560,15 +292,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed runs per case (minimum kept)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="4 molecules, an 81-atom water box and a 192-atom memory box",
-    )
-    parser.add_argument(
-        "--pet", choices=sorted(PET_SIZES), default="small", help="PET model size"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--memory-degree",
         type=int,
@@ -582,12 +306,7 @@ def main() -> None:
         help="also run analyze once per case under cProfile and show where its "
         "time goes",
     )
-    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.memory_worker is not None:
-        memory_worker(args.memory_worker, args)
-        return
 
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -641,31 +360,7 @@ def main() -> None:
     if args.skip_memory:
         print("(c) skipped (--skip-memory)")
     else:
-        reports = {mode: measure_memory(mode, args) for mode in ("call", "analyze")}
-        call, full = reports["call"], reports["analyze"]
-        print(
-            f"(c) peak RSS increase, water box of {full['atoms']} atoms, O3Grid degree "
-            f"{args.memory_degree} ({full['grid']} elements, max_lambda "
-            f"{full['max_lambda']}), {full['per_batch']} copies per batch"
-        )
-        if args.memory_degree != args.degree:
-            print(
-                f"    (degree {args.memory_degree} instead of {args.degree} for (c) "
-                "only, to bound the runtime; the peak is set by one batch)"
-            )
-        for name, report in (("one model call on one batch", call), ("analyze", full)):
-            line = (
-                f"    {name:<28} {report['increase_mib']:8.1f} MiB "
-                f"(RSS before {report['rss_before_mib']:.0f} MiB, "
-                f"{report['seconds']:.1f} s)"
-            )
-            if "cuda_increase_mib" in report:
-                line += f", CUDA peak +{report['cuda_increase_mib']:.1f} MiB"
-            print(line)
-        if not (call["exact_reset"] and full["exact_reset"]):
-            print("    (peak not resettable here: ru_maxrss since process start)")
-        ratio = full["increase_mib"] / max(call["increase_mib"], 1e-9)
-        print(f"    analyze / one call: {ratio:.2f}")
+        report_memory(args, speed_degree=args.degree)
 
     print()
     print(

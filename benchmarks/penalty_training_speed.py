@@ -38,53 +38,17 @@ import time
 from pathlib import Path
 
 
-OPTIONS = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 16
-    d_head: 16
-    d_node: 32
-    d_feedforward: 32
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 8
-    num_epochs: {epochs}
-    learning_rate: 0.003
-    log_interval: 1
-    checkpoint_interval: {epochs}
-    num_workers: 0
-{loss}
-training_set:
-  systems: {{read_from: train.xyz, length_unit: angstrom}}
-  targets: &targets
-    energy: {{key: energy, unit: eV, forces: false, stress: false}}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {{cartesian: {{rank: 1}}}}
-      per_atom: true
-validation_set:
-  systems: {{read_from: validation.xyz, length_unit: angstrom}}
-  targets: *targets
-test_set: 0.0
+PLAIN = """\
+loss:
+  energy: mse
+  non_conservative_force: mse
 """
 
-PLAIN = """\
-    loss:
-      energy: mse
-      non_conservative_force: mse"""
-
 PENALISED = """\
-    loss:
-      energy: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}
-      non_conservative_force: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}"""
+loss:
+  energy: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}
+  non_conservative_force: {{type: equivariance, gamma: 1.0, n_rotations: {R}}}
+"""
 
 
 def epoch_times(directory: Path, options: str) -> tuple[list[float], list[float]]:
@@ -131,6 +95,7 @@ def main() -> None:
 
     from metatrain_symmetry import hooks
     from metatrain_symmetry.demo import make_dataset
+    from metatrain_symmetry.testing import pet_options
 
     torch.set_num_threads(args.threads)
     hooks.register()
@@ -148,7 +113,9 @@ def main() -> None:
                 directory.mkdir()
                 ase.io.write(directory / "train.xyz", frames[: args.structures])
                 ase.io.write(directory / "validation.xyz", frames[args.structures :])
-                options = OPTIONS.format(epochs=args.epochs, loss=loss)
+                options = pet_options(
+                    args.epochs, log_interval=1, training="num_workers: 0\n" + loss
+                )
                 cpu, wall = epoch_times(directory, options)
                 for clock, times in (("cpu", cpu), ("wall", wall)):
                     median = statistics.median(times[1:])

@@ -63,11 +63,8 @@ def forward_backward_seconds(checkpoint: Path, frames, grid) -> float:
     from metatomic.torch import ModelOutput
 
     import metatrain_symmetry as msym
-    from metatrain_symmetry.engine import (
-        prepare_rotations,
-        prepare_systems,
-        rotated_copies,
-    )
+    from metatrain_symmetry.engine import prepare_rotations, rotated_copies
+    from metatrain_symmetry.systems import prepare_systems
 
     model = msym.load_model(checkpoint)
     identity = torch.eye(3, dtype=torch.float64)[None]

@@ -18,15 +18,11 @@ import torch
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
-from metatrain_symmetry.retrain import _PETReadout
+from metatrain_symmetry.pet import PETReadout
+from metatrain_symmetry.testing import tiny_pet
 
 
 def tiny_checkpoint(path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from pet_models import tiny_pet
-
     torch.save(tiny_pet(atomic_types=(29,)).get_checkpoint(), path)
 
 
@@ -64,7 +60,7 @@ def main():
                 parameter.requires_grad_(False)
             parameters = []
             for name in result.targets:
-                parameters += _PETReadout(model.module, name).parameters()
+                parameters += PETReadout(model.module, name).parameters()
             for parameter in parameters:
                 parameter.requires_grad_(True)
             optimizer = torch.optim.LBFGS(

@@ -13,15 +13,9 @@ built in memory with random weights so that the example needs no download; use
 import ase.build
 import matplotlib.pyplot as plt
 import torch
-from metatrain.pet import PET
-from metatrain.utils.architectures import get_default_hypers
-from metatrain.utils.data import DatasetInfo
-from metatrain.utils.data.target_info import (
-    get_energy_target_info,
-    get_generic_target_info,
-)
 
 import metatrain_symmetry as msym
+from metatrain_symmetry.testing import pet_model
 
 
 # %%
@@ -29,23 +23,14 @@ import metatrain_symmetry as msym
 # three unconstrained numbers per atom, so nothing forces them to rotate with the
 # structure.
 
-torch.manual_seed(0)
-hypers = get_default_hypers("pet")["model"]
-hypers.update(d_pet=16, d_head=16, d_node=32, d_feedforward=32, num_gnn_layers=2)
-targets = {
-    "energy": get_energy_target_info("energy", {"quantity": "energy", "unit": "eV"}),
-    "non_conservative_force": get_generic_target_info(
-        "non_conservative_force",
-        {
-            "quantity": "force",
-            "unit": "eV/Angstrom",
-            "type": {"cartesian": {"rank": 1}},
-            "num_subtargets": 1,
-            "sample_kind": "atom",
-        },
-    ),
+hypers = {
+    "d_pet": 16,
+    "d_head": 16,
+    "d_node": 32,
+    "d_feedforward": 32,
+    "num_gnn_layers": 2,
 }
-pet = PET(hypers, DatasetInfo("Angstrom", [1, 6, 8], targets)).to(torch.float64)
+pet = pet_model(hypers, atomic_types=[1, 6, 8])
 model = msym.load_model(pet)
 print(model)
 print(len(model.features), "internal features, for example", model.features[:3])

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
 from metatrain_symmetry.dynamics import plot_dynamics, plot_layers
+from metatrain_symmetry.testing import pet_options
 
 
 # %%
@@ -37,41 +38,7 @@ frames = make_dataset(10)
 ase.io.write(directory / "train.xyz", frames[:8])
 ase.io.write(directory / "validation.xyz", frames[8:])
 
-options = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 8
-    d_head: 8
-    d_node: 16
-    d_feedforward: 16
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 4
-    num_epochs: 3
-    learning_rate: 0.003
-    log_interval: 1
-    checkpoint_interval: 1
-training_set:
-  systems: {read_from: train.xyz, length_unit: angstrom}
-  targets: &targets
-    energy: {key: energy, unit: eV, forces: false, stress: false}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {cartesian: {rank: 1}}
-      per_atom: true
-validation_set:
-  systems: {read_from: validation.xyz, length_unit: angstrom}
-  targets: *targets
-test_set: 0.0
-"""
+options = pet_options(3, width=8, batch_size=4, log_interval=1, checkpoint_interval=1)
 (directory / "options.yaml").write_text(options)
 subprocess.run(
     [sys.executable, "-m", "metatrain", "train", "options.yaml", "-o", "model.pt"],
@@ -106,20 +73,21 @@ for epoch, row in zip(dynamics.epochs, energy, strict=True):
 # Heatmaps of the spectra against epoch, one row per output or feature and one
 # column per :math:`\sigma`; the colour scale is logarithmic.
 
+
+def show(path, figsize):
+    """Display a written figure."""
+    fig, axis = plt.subplots(figsize=figsize)
+    axis.imshow(plt.imread(path))
+    axis.set_axis_off()
+    plt.show()
+
+
 plot_dynamics(dynamics, directory / "dynamics.png")
-image = plt.imread(directory / "dynamics.png")
-fig, axis = plt.subplots(figsize=(7, 8))
-axis.imshow(image)
-axis.set_axis_off()
-plt.show()
+show(directory / "dynamics.png", (7, 8))
 
 # %%
 # The last checkpoint layer by layer: the node features in the order the model
 # computes them, then the outputs.
 
 plot_layers(dynamics, directory / "layers.png")
-image = plt.imread(directory / "layers.png")
-fig, axis = plt.subplots(figsize=(6, 4))
-axis.imshow(image)
-axis.set_axis_off()
-plt.show()
+show(directory / "layers.png", (6, 4))

@@ -5,6 +5,8 @@ import ase
 import numpy as np
 import pytest
 
+from metatrain_symmetry.testing import run_mtt_symmetry
+
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,25 +39,14 @@ def periodic_frames():
     return [bulk, slab]
 
 
-def run_mtt_symmetry(*args, cwd=None):
-    """Run the ``mtt-symmetry`` command of this environment."""
-    import subprocess
-
-    return subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
-
-
 @pytest.fixture(scope="session")
 def audit_inputs(tmp_path_factory):
     """A tiny PET checkpoint and three molecules with energy and force targets."""
     import ase.build
     import ase.io
     import torch
-    from pet_models import tiny_pet
+
+    from metatrain_symmetry.testing import tiny_pet
 
     directory = tmp_path_factory.mktemp("audit-inputs")
     torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")

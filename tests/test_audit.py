@@ -13,17 +13,17 @@ from analytic_models import AnalyticModel, capabilities
 from metatomic.torch import AtomisticModel, ModelMetadata, ModelOutput
 from metatomic_ase import MetatomicCalculator
 from metatrain.utils.data.target_info import get_energy_target_info
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import (
     SCHEMA_VERSION,
-    audit_markdown,
     audit_schema,
     default_targets,
     predict,
 )
+from metatrain_symmetry.audit_files import audit_markdown
 from metatrain_symmetry.cli import main
+from metatrain_symmetry.testing import check_clean_failure, tiny_pet
 
 
 def exact_model():
@@ -131,7 +131,7 @@ def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
     standard errors in every file, and are written unclipped."""
     import gzip
 
-    from metatrain_symmetry.audit import write_audit_report
+    from metatrain_symmetry.audit_files import write_audit_report
 
     pet, frames, _ = pet_audit
     result = msym.audit(
@@ -356,14 +356,8 @@ def test_audit_command_bad_input(audit_inputs, arguments, message, capsys, monke
     """One clear line, non-zero exit, nothing written (run in-process: the
     command's main function is the entry point)."""
     monkeypatch.chdir(audit_inputs)
-    before = sorted(audit_inputs.iterdir())
-    status = main(["audit", *arguments, "-o", "result"])
-    after = sorted(audit_inputs.iterdir())
-    error = capsys.readouterr().err
-    assert status != 0
-    assert message in error
-    assert len(error.strip().splitlines()) == 1, error
-    assert before == after
+    arguments = ["audit", *arguments, "-o", "result"]
+    check_clean_failure(main, arguments, audit_inputs, capsys, message)
 
 
 def test_audit_command_refuses_a_busy_directory(audit_inputs, tmp_path, capsys):

@@ -1,23 +1,13 @@
 """End-to-end runs of the ``mtt-symmetry`` command."""
 
-import subprocess
-import sys
-
 import ase.build
 import ase.io
 import metatensor.torch as mts
 import pytest
 import torch
-from pet_models import tiny_pet
 
-
-def mtt_symmetry(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
+from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
+from metatrain_symmetry.testing import tiny_pet
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +21,20 @@ def inputs(tmp_path_factory):
     return directory
 
 
+# the outputs every command below analyses
+OUTPUTS = ("--outputs", "energy", "non_conservative_force")
+
+
+def analyze_command(model, data, output, *options):
+    return mtt_symmetry("analyze", model, data, "-o", output, *OUTPUTS, *options)
+
+
 def test_analyze_end_to_end(inputs, tmp_path):
     output = tmp_path / "analysis"
-    process = mtt_symmetry(
-        "analyze",
+    process = analyze_command(
         inputs / "model.ckpt",
         inputs / "data.xyz",
-        "-o",
         output,
-        "--outputs",
-        "energy",
-        "non_conservative_force",
         "--features",
         "mtt::feature::gnn_layers.0_node",
         "--max-lambda",
@@ -59,17 +52,8 @@ def test_analyze_end_to_end(inputs, tmp_path):
 def test_analyze_exported_model(inputs, tmp_path):
     # a fresh process knows none of the TorchScript classes of the exporting one
     output = tmp_path / "exported"
-    process = mtt_symmetry(
-        "analyze",
-        inputs / "model.pt",
-        inputs / "data.xyz",
-        "-o",
-        output,
-        "--outputs",
-        "energy",
-        "non_conservative_force",
-        "--max-lambda",
-        "1",
+    process = analyze_command(
+        inputs / "model.pt", inputs / "data.xyz", output, "--max-lambda", "1"
     )
     assert process.returncode == 0, process.stderr
     variance = mts.load(str(output / "non_conservative_force.variance.mts"))

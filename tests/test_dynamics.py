@@ -10,59 +10,17 @@ import metatensor.torch as mts
 import pytest
 import torch
 from metatrain.utils.io import model_from_checkpoint
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
+from metatrain_symmetry.testing import pet_options, tiny_pet, write_dataset
+from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
 
 
-OPTIONS = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 8
-    d_head: 8
-    d_node: 16
-    d_feedforward: 16
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 3
-    num_epochs: 3
-    learning_rate: 0.003
-    log_interval: 1
-    checkpoint_interval: 1
-training_set:
-  systems: {read_from: train.xyz, length_unit: angstrom}
-  targets: &targets
-    energy: {key: energy, unit: eV, forces: false, stress: false}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {cartesian: {rank: 1}}
-      per_atom: true
-validation_set:
-  systems: {read_from: validation.xyz, length_unit: angstrom}
-  targets: *targets
-test_set: 0.0
-"""
+OPTIONS = pet_options(3, width=8, batch_size=3, log_interval=1, checkpoint_interval=1)
 
 LAYERS = ["mtt::feature::gnn_layers.0_node", "mtt::feature::gnn_layers.1_node"]
 NAMES = ["energy", "non_conservative_force", *LAYERS]
-
-
-def mtt_symmetry(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +28,7 @@ def training(tmp_path_factory):
     """Three epochs of a tiny PET with a checkpoint after every epoch."""
     directory = tmp_path_factory.mktemp("training")
     frames = make_dataset(8)
-    ase.io.write(directory / "train.xyz", frames[:6])
-    ase.io.write(directory / "validation.xyz", frames[6:])
+    write_dataset(directory, frames, 6)
     ase.io.write(directory / "data.xyz", frames[6:])
     (directory / "options.yaml").write_text(OPTIONS)
     process = subprocess.run(

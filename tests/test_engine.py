@@ -8,14 +8,11 @@ import pytest
 import torch
 from analytic_models import PairPotential, pair_capabilities
 from metatomic.torch import ModelOutput, System, systems_to_torch
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import (
-    RotatedEvaluator,
-    attach_neighbor_lists,
-    prepare_systems,
-)
+from metatrain_symmetry.engine import RotatedEvaluator
+from metatrain_symmetry.systems import attach_neighbor_lists, prepare_systems
+from metatrain_symmetry.testing import tiny_pet
 
 
 def copper_cell():

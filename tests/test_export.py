@@ -9,7 +9,6 @@ import ase.io
 import jsonschema
 import numpy as np
 import pytest
-from conftest import run_mtt_symmetry
 from metatomic.torch import ModelOutput, load_atomistic_model
 from metatomic_ase import MetatomicCalculator
 
@@ -17,6 +16,7 @@ import metatrain_symmetry as msym
 from metatrain_symmetry.audit import audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.export import AUDIT_METADATA_KEY
+from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +163,7 @@ def test_export_command_bad_input(
     monkeypatch.chdir(audit_inputs)
     if "-o" not in arguments:
         arguments = [*arguments, "-o", "exported.pt"]
-    before = sorted(audit_inputs.iterdir())
-    status = main(["export", *arguments])
-    after = sorted(audit_inputs.iterdir())
-    error = capsys.readouterr().err
-    assert status != 0
-    assert message in error
-    assert len(error.strip().splitlines()) == 1, error
-    assert before == after
+    check_clean_failure(main, ["export", *arguments], audit_inputs, capsys, message)
 
 
 def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):

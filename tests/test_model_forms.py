@@ -26,37 +26,21 @@ import pytest
 from ase.calculators.emt import EMT
 
 from metatrain_symmetry.demo import make_dataset
+from metatrain_symmetry.testing import (
+    CONSERVATIVE_TARGETS,
+    pet_options,
+    write_dataset,
+)
 
 
-OPTIONS = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 8
-    d_head: 8
-    d_node: 16
-    d_feedforward: 16
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 4
-    num_epochs: 2
-    learning_rate: 0.003
-    log_interval: 1
-    checkpoint_interval: 1
-training_set:
-  systems: {read_from: train.xyz, length_unit: angstrom}
-  targets: &targets
-    energy: {key: energy, unit: eV, forces: {key: forces}, stress: false}
-validation_set:
-  systems: {read_from: validation.xyz, length_unit: angstrom}
-  targets: *targets
-test_set: 0.0
-"""
+OPTIONS = pet_options(
+    2,
+    width=8,
+    batch_size=4,
+    log_interval=1,
+    checkpoint_interval=1,
+    targets=CONSERVATIVE_TARGETS,
+)
 
 # a hand-written model saved as an AtomisticModel in its own process
 SAVE_PAIR_POTENTIAL = textwrap.dedent(
@@ -124,8 +108,7 @@ def forms(tmp_path_factory):
     """The model files, written by separate processes, and the structures."""
     root = tmp_path_factory.mktemp("forms")
     frames = make_dataset(10)
-    ase.io.write(root / "train.xyz", frames[:8])
-    ase.io.write(root / "validation.xyz", frames[8:])
+    write_dataset(root, frames, 8)
     ase.io.write(root / "structures.xyz", structure_kinds())
     (root / "options.yaml").write_text(OPTIONS)
     check(run("metatrain", "train", "options.yaml", cwd=root), "mtt train")

@@ -2,10 +2,10 @@ import ase.build
 import pytest
 import torch
 from metatomic.torch import ModelOutput
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import prepare_systems
+from metatrain_symmetry.systems import prepare_systems
+from metatrain_symmetry.testing import tiny_pet
 
 
 CENTER = "mtt::feature::gnn_layers.0.trans.layers.0.center_contraction"

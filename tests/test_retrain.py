@@ -2,8 +2,6 @@
 and ``mtt train``, the accuracy/equivariance trade-off, round trips and bad input."""
 
 import csv
-import subprocess
-import sys
 
 import ase.io
 import pytest
@@ -12,8 +10,10 @@ from metatomic.torch import ModelOutput, System
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
-from metatrain_symmetry.engine import prepare_systems
-from metatrain_symmetry.retrain import _PETReadout
+from metatrain_symmetry.pet import PETReadout
+from metatrain_symmetry.systems import prepare_systems
+from metatrain_symmetry.testing import pet_options, write_dataset
+from metatrain_symmetry.testing import run_module as run
 
 
 GAMMAS = [0.0, 0.1, 1.0, 10.0]
@@ -21,61 +21,13 @@ RIDGE = 1e-6
 TARGETS = ["energy", "non_conservative_force"]
 
 
-# a small PET on EMT copper; {epochs} is filled in by each test
-OPTIONS = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 16
-    d_head: 16
-    d_node: 32
-    d_feedforward: 32
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 8
-    num_epochs: {epochs}
-    learning_rate: 0.003
-    log_interval: 10
-    checkpoint_interval: {epochs}
-training_set:
-  systems: {{read_from: train.xyz, length_unit: angstrom}}
-  targets: &targets
-    energy: {{key: energy, unit: eV, forces: false, stress: false}}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {{cartesian: {{rank: 1}}}}
-      per_atom: true
-validation_set:
-  systems: {{read_from: validation.xyz, length_unit: angstrom}}
-  targets: *targets
-test_set: 0.0
-"""
-
-
-def run(*command, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", *map(str, command)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small PET trained for one epoch with ``mtt train`` on EMT copper."""
     directory = tmp_path_factory.mktemp("retrain")
     frames = make_dataset(20)
-    ase.io.write(directory / "train.xyz", frames[:14])
-    ase.io.write(directory / "validation.xyz", frames[14:])
-    (directory / "options.yaml").write_text(OPTIONS.format(epochs=1))
+    write_dataset(directory, frames, 14)
+    (directory / "options.yaml").write_text(pet_options(1))
     process = run("metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory)
     assert process.returncode == 0, process.stderr[-2000:]
     return directory, frames[:14], frames[14:]
@@ -104,7 +56,7 @@ def readout_parameters(model, targets=TARGETS):
         parameter.requires_grad_(False)
     parameters = []
     for target in targets:
-        parameters += _PETReadout(model.module, target).parameters()
+        parameters += PETReadout(model.module, target).parameters()
     for parameter in parameters:
         parameter.requires_grad_(True)
     return parameters
@@ -194,7 +146,7 @@ def test_agreement_with_mtt_train_heads(trained, retrained, gamma):
     if gamma != 0.0:
         penalty = f"{{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}"
         loss = "".join(f"\n      {name}: {penalty}" for name in TARGETS)
-    options = OPTIONS.format(epochs=3).replace(
+    options = pet_options(3).replace(
         "    checkpoint_interval: 3\n",
         "    checkpoint_interval: 3\n"
         f"    loss:{loss}\n"
@@ -283,7 +235,7 @@ def effective_readout_hessian(checkpoint, train, grid):
     model = msym.load_model(checkpoint)
     for parameter in model.module.parameters():
         parameter.requires_grad_(False)
-    readout = _PETReadout(model.module, "energy")
+    readout = PETReadout(model.module, "energy")
     parameters = readout.parameters()
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -412,7 +364,7 @@ def trained_with_forces(tmp_path_factory):
     ase.io.write(directory / "train.xyz", train)
     ase.io.write(directory / "validation.xyz", validation)
     options = (
-        OPTIONS.format(epochs=1)
+        pet_options(1)
         .replace("forces: false", "forces: true")
         .replace("batch_size: 8", "batch_size: 2")
         .replace("d_head: 16", "d_head: 8")
@@ -473,7 +425,7 @@ def test_conservative_forces(trained_with_forces):
         model = msym.load_model(checkpoint)
         for parameter in model.module.parameters():
             parameter.requires_grad_(False)
-        parameters = _PETReadout(model.module, "energy").parameters()
+        parameters = PETReadout(model.module, "energy").parameters()
         for parameter in parameters:
             parameter.requires_grad_(True)
         value = msym.retraining_objective(
@@ -513,7 +465,7 @@ def test_conservative_stress_is_refused():
     from metatrain.utils.data import DatasetInfo
     from metatrain.utils.data.target_info import get_energy_target_info
 
-    from metatrain_symmetry.retrain import _check_gradients
+    from metatrain_symmetry.retrain.targets import check_gradients
 
     energy = get_energy_target_info(
         "energy",
@@ -527,5 +479,5 @@ def test_conservative_stress_is_refused():
     pet = PET(get_default_hypers("pet")["model"], info)
     model = msym.load_model(pet)
     with pytest.raises(ValueError, match=r"\['strain'\] \(conservative stress\)"):
-        _check_gradients(model, ["energy"], ignore_gradients=False)
-    assert _check_gradients(model, ["energy"], ignore_gradients=True) == []
+        check_gradients(model, ["energy"], ignore_gradients=False)
+    assert check_gradients(model, ["energy"], ignore_gradients=True) == []

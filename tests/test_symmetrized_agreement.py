@@ -5,10 +5,10 @@ import metatensor.torch as mts
 import torch
 from metatomic.torch import ModelOutput
 from metatomic.torch.o3 import SymmetrizedModel
-from pet_models import tiny_pet
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import prepare_systems
+from metatrain_symmetry.systems import prepare_systems
+from metatrain_symmetry.testing import tiny_pet
 
 
 FEATURE = "mtt::feature::gnn_layers.1_node"

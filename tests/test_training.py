@@ -16,65 +16,23 @@ import pytest
 import torch
 
 import metatrain_symmetry as msym
+from metatrain_symmetry import testing
 from metatrain_symmetry.demo import make_dataset
 
 
 EPOCHS = 4
-
-TARGETS = """\
-    energy: {key: energy, unit: eV, forces: false, stress: false}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {cartesian: {rank: 1}}
-      per_atom: true
-"""
+# the targets as they stand in the options
+TARGETS = textwrap.indent(testing.PET_TARGETS, " " * 4)
 
 
 def pet_options(loss: str, epochs: int = EPOCHS, training_extra: str = "") -> str:
-    return (
-        textwrap.dedent(
-            f"""\
-            seed: 0
-            base_precision: 64
-            architecture:
-              name: pet
-              model:
-                cutoff: 4.0
-                d_pet: 8
-                d_head: 8
-                d_node: 16
-                d_feedforward: 16
-                num_heads: 2
-                num_attention_layers: 1
-                num_gnn_layers: 1
-              training:
-                batch_size: 2
-                num_epochs: {epochs}
-                learning_rate: 0.003
-                log_interval: 1
-                checkpoint_interval: {epochs}
-            """
-        )
-        + textwrap.indent(training_extra, " " * 4)
-        + textwrap.indent(loss, " " * 4)
-        + textwrap.dedent(
-            """\
-            training_set:
-              systems: {read_from: train.xyz, length_unit: angstrom}
-              targets: &targets
-            """
-        )
-        + TARGETS
-        + textwrap.dedent(
-            """\
-            validation_set:
-              systems: {read_from: validation.xyz, length_unit: angstrom}
-              targets: *targets
-            test_set: 0.0
-            """
-        )
+    return testing.pet_options(
+        epochs,
+        width=8,
+        gnn_layers=1,
+        batch_size=2,
+        log_interval=1,
+        training=training_extra + loss,
     )
 
 

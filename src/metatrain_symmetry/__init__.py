@@ -1,7 +1,9 @@
 """Measure, train and audit the rotational symmetry of machine-learning
 interatomic potentials in the metatensor ecosystem."""
 
-from .audit import AuditResult, audit, audit_schema, write_audit_report
+from ._version import __version__
+from .audit import AuditResult, audit, audit_schema
+from .audit_files import write_audit_report
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
 from .export import export_audited, read_audit
@@ -11,9 +13,8 @@ from .retrain import RetrainResult, retrain_last_layer, retraining_objective
 from .visualize import chemiscope_dataset, write_html_viewer
 
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AnalysisResult",
     "AuditResult",
     "LoadedModel",

@@ -1,4 +1,5 @@
-"""Helpers shared by several modules: atomic output files and directories.
+"""Helpers shared by several modules: atomic output files and directories,
+progress bars, argument checks and error messages.
 
 Every file and directory the package writes appears only once complete (it is
 written under a temporary name next to its destination and renamed), and gets the
@@ -75,3 +76,54 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool) -> Iterator:
+    """A tqdm progress bar over ``total`` rotated copies (or one that shows
+    nothing when not ``enabled``), closed on exit."""
+    if not enabled:
+        yield _NoProgress()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="copy", desc=description)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def first_line(error: BaseException, default: str | None = None) -> str:
+    """The first line of an error's message; when it has none, ``default`` or
+    else the error's type."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if default is None else default
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), ``True`` and ``False``
+    excluded."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def name_list(values, empty: str, repeated: str) -> list[str]:
+    """A name or a sequence of names as a list; ``ValueError(empty)`` when there
+    are none, ``ValueError(f"{repeated}: {names}")`` when one is repeated."""
+    if isinstance(values, str):
+        values = [values]
+    names = list(values)
+    if len(names) == 0:
+        raise ValueError(empty)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{repeated}: {names}")
+    return names

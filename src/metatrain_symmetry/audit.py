@@ -21,44 +21,31 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import metatensor.torch as mts
-import numpy as np
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     ModelOutput,
 )
 
+from ._version import __version__
 from .data import read_structures, reference_value
 from .diagnostics import AnalysisResult, analyze
-from .engine import DERIVED_OUTPUTS, RotatedEvaluator, prepare_systems
+from .engine import RotatedEvaluator
 from .grid import O3Grid
-from .models import FEATURE_PREFIX, LoadedModel, ModelLike, load_model
+from .irreps import spectrum_irreps
+from .models import LoadedModel, ModelLike, load_model
+from .quantities import (
+    DERIVED_OUTPUTS,
+    FEATURE_PREFIX,
+    NON_CONSERVATIVE_FORCES,
+    default_label_key,
+    expected_irreps,
+)
+from .systems import prepare_systems
 
 
 SCHEMA_VERSION = "1.1"
 """Version of the ``audit.json`` schema; the major number changes when a field
 changes meaning or disappears."""
-
-# outputs derived from the energy by automatic differentiation
-_FORCE_NAMES = ("forces", "non_conservative_force", "non_conservative_forces")
-_STRESS_NAMES = ("stress", "non_conservative_stress")
-
-
-def expected_irreps(name: str) -> list[tuple[int, int]] | None:
-    """Irreps ``(lambda, sigma)`` that the direct response of an output should carry
-    (energy: ``(0, +1)``; force: ``(1, +1)``; stress: ``(0, +1)`` and ``(2, +1)``),
-    or ``None`` when the output's symmetry is not known from its name."""
-    if name.startswith(FEATURE_PREFIX):
-        return None
-    base = name.split("/", 1)[0]
-    if base.startswith("energy"):
-        return [(0, 1)]
-    if base in _FORCE_NAMES:
-        return [(1, 1)]
-    if base in _STRESS_NAMES:
-        return [(0, 1), (2, 1)]
-    return None
 
 
 def force_output(model: LoadedModel) -> str | None:
@@ -72,7 +59,7 @@ def force_output(model: LoadedModel) -> str | None:
     energy_target = model.targets.get("energy")
     if energy_target is not None and "positions" in energy_target.gradients:
         return "forces"
-    for name in ("non_conservative_force", "non_conservative_forces"):
+    for name in NON_CONSERVATIVE_FORCES:
         if name in outputs:
             return name
     if "energy" in outputs:
@@ -85,10 +72,10 @@ def default_targets(model: LoadedModel) -> dict[str, str]:
     key ``energy``, forces (see :py:func:`force_output`) from the key ``forces``."""
     targets = {}
     if "energy" in model.outputs:
-        targets["energy"] = "energy"
+        targets["energy"] = default_label_key("energy")
     forces = force_output(model)
     if forces is not None:
-        targets[forces] = "forces"
+        targets[forces] = default_label_key(forces)
     return targets
 
 
@@ -382,9 +369,9 @@ def _read_target(atoms, key: str, index: int) -> torch.Tensor:
             "atoms.arrays and calculator results); name the right key with --targets"
         )
     if array.shape == (6,) and key.endswith("stress"):
-        # Voigt order of ASE: xx yy zz yz xz xy
-        xx, yy, zz, yz, xz, xy = array
-        array = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        array = voigt_6_to_full_3x3_stress(array)
     return torch.from_numpy(array.copy()).reshape(-1)
 
 
@@ -423,14 +410,10 @@ def _metadata(model: LoadedModel) -> dict:
 
 
 def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
-    from . import __version__
-
     analysis = result.analysis
     grid = analysis.grid
     declared = model.outputs
-    irreps = [
-        [lam, sigma] for lam in range(analysis.max_lambda + 1) for sigma in (1, -1)
-    ]
+    irreps = [[lam, sigma] for lam, sigma in spectrum_irreps(analysis.max_lambda)]
     summary = {
         "schema_version": SCHEMA_VERSION,
         "generator": {"name": "metatrain-symmetry", "version": __version__},
@@ -558,178 +541,3 @@ def audit_schema() -> dict:
         .read_text(encoding="utf8")
     )
     return json.loads(text)
-
-
-def audit_markdown(summary: dict) -> str:
-    """The audit summary as Markdown tables."""
-
-    def number(value) -> str:
-        return "n/a" if value is None else f"{value:.4g}"
-
-    def estimate(value, error) -> str:
-        if error is None:
-            return number(value)
-        return f"{number(value)} ± {number(error)}"
-
-    irreps = summary["irreps"]
-    estimated = summary["grid"].get("estimated", False)
-    irrep_names = [f"({lam},{'+' if sigma == 1 else '-'})" for lam, sigma in irreps]
-    model = summary["model"]
-    grid = summary["grid"]
-    lines = [
-        "# Symmetry audit",
-        "",
-        f"- model: `{model['path'] or model['name'] or 'in-memory model'}`"
-        + (f" (sha256 `{model['sha256'][:16]}...`)" if model["sha256"] else ""),
-        f"- dataset: {summary['dataset']['n_structures']} structures, "
-        f"{summary['dataset']['n_atoms']} atoms"
-        + (
-            f" from `{summary['dataset']['path']}`"
-            if summary["dataset"]["path"]
-            else ""
-        ),
-        f"- O(3) grid: {grid['kind']}, degree {grid['degree']}, "
-        f"{grid['n_elements']} elements; spectra up to lambda = "
-        f"{summary['max_lambda']}",
-        f"- schema version {summary['schema_version']}",
-    ]
-    if estimated:
-        lines += [
-            "",
-            f"Spectra and leakages are Monte-Carlo estimates from "
-            f"{grid['n_elements'] // 2} random rotations and their inversions, "
-            "given as value ± one standard error. They are unbiased, so they can "
-            "be negative where the true value is close to zero; use an exact grid "
-            "(`--grid-degree`) for precise spectra.",
-        ]
-    lines += [
-        "",
-        "## Outputs",
-        "",
-        "Errors of the prediction on the unrotated structures (of the O(3) average "
-        "in parentheses); equivariance RMSE per structure; leakage = 1 - spectral "
-        "weight at the expected irreps.",
-        "",
-        "| output | target | MAE | RMSE | equivariance RMSE mean | median | max "
-        "| mean / MAE | mean / RMSE | leakage mean | leakage max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in summary["outputs"].items():
-        target = entry["target"] or {}
-        equivariance = entry["equivariance_rmse"]
-        leakage = entry["leakage"] or {}
-        mae = number(target.get("mae"))
-        rmse = number(target.get("rmse"))
-        if target:
-            mae += f" ({number(target['symmetrized_mae'])})"
-            rmse += f" ({number(target['symmetrized_rmse'])})"
-        lines.append(
-            f"| `{name}` [{entry['unit'] or '-'}] | "
-            f"{'`' + target['key'] + '`' if target else 'none'} | {mae} | {rmse} | "
-            f"{number(equivariance['mean'])} | {number(equivariance['median'])} | "
-            f"{number(equivariance['max'])} | "
-            f"{number(equivariance.get('fraction_of_mae'))} | "
-            f"{number(equivariance.get('fraction_of_rmse'))} | "
-            f"{estimate(leakage.get('mean'), leakage.get('mean_standard_error'))} | "
-            f"{number(leakage.get('max'))} |"
-        )
-    lines += [
-        "",
-        "## Mean spectra",
-        "",
-        "| name | " + " | ".join(irrep_names) + " |",
-        "|---|" + "---|" * len(irrep_names),
-    ]
-    for group in ("outputs", "features"):
-        for name, entry in summary[group].items():
-            errors = entry.get("mean_spectrum_standard_error")
-            if errors is None:
-                errors = [None] * len(entry["mean_spectrum"])
-            lines.append(
-                f"| `{name}` | "
-                + " | ".join(
-                    estimate(value, error)
-                    for value, error in zip(entry["mean_spectrum"], errors, strict=True)
-                )
-                + " |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def spectra_tensormap(result: AuditResult) -> TensorMap:
-    """All spectra in one TensorMap: key ``entry`` indexes the audited outputs
-    then features (the order of ``summary["outputs"]`` then
-    ``summary["features"]``); each block has samples ``["system"]`` and properties
-    ``["chi_lambda", "chi_sigma"]``."""
-    names = result.outputs + result.features
-    blocks = []
-    for name in names:
-        block = result.analysis.spectrum[name].block()
-        blocks.append(
-            TensorBlock(
-                values=block.values,
-                samples=block.samples,
-                components=[],
-                properties=block.properties,
-            )
-        )
-    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
-    return TensorMap(keys, blocks)
-
-
-def spectra_error_tensormap(result: AuditResult) -> TensorMap | None:
-    """Standard errors of :py:func:`spectra_tensormap`, with the same metadata;
-    ``None`` on exact grids."""
-    if not result.analysis.estimated:
-        return None
-    names = result.outputs + result.features
-    blocks = []
-    for name in names:
-        block = result.analysis.spectrum_error[name].block()
-        blocks.append(
-            TensorBlock(
-                values=block.values,
-                samples=block.samples,
-                components=[],
-                properties=block.properties,
-            )
-        )
-    keys = Labels(["entry"], torch.arange(len(names), dtype=torch.int32).reshape(-1, 1))
-    return TensorMap(keys, blocks)
-
-
-def write_audit_report(result: AuditResult, frames: Sequence, directory: Path) -> None:
-    """Write every audit file into ``directory`` (which must exist): ``audit.json``,
-    ``audit.md``, ``spectra.mts`` (and on random grids ``spectra_errors.mts``),
-    ``spectra.png``, ``audit.chemiscope.json.gz``, ``audit.html`` and the full
-    analysis TensorMaps under ``tensors/``.
-
-    Callers wanting all-or-nothing output write into
-    ``report.atomic_directory(...)``.
-    """
-    from .report import plot_spectra, save_result
-    from .visualize import chemiscope_dataset, write_chemiscope, write_html_viewer
-
-    directory = Path(directory)
-    summary = dict(result.summary)
-    errors = spectra_error_tensormap(result)
-    summary["files"] = {
-        "spectra": "spectra.mts",
-        "spectra_entries": result.outputs + result.features,
-        "spectra_standard_errors": None if errors is None else "spectra_errors.mts",
-    }
-    (directory / "audit.json").write_text(
-        json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    )
-    (directory / "audit.md").write_text(audit_markdown(summary))
-    mts.save(str(directory / "spectra.mts"), spectra_tensormap(result))
-    if errors is not None:
-        mts.save(str(directory / "spectra_errors.mts"), errors)
-    tensors = directory / "tensors"
-    tensors.mkdir()
-    save_result(result.analysis, tensors)
-    label = summary["model"]["name"] or Path(summary["model"]["path"] or "model").name
-    plot_spectra({label: result.analysis}, directory / "spectra.png")
-    dataset = chemiscope_dataset(frames, result)
-    write_chemiscope(dataset, directory / "audit.chemiscope.json.gz")
-    write_html_viewer(dataset, directory / "audit.html")

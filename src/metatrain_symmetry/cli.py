@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._utils import first_line
 from .data import read_structures
 
 
@@ -254,7 +255,8 @@ def _audit(args) -> None:
     import metatrain_symmetry as msym
 
     from ._utils import atomic_directory, check_output_directory
-    from .audit import audit, sha256_of_file, write_audit_report
+    from .audit import audit, sha256_of_file
+    from .audit_files import write_audit_report
 
     output = check_output_directory(args.output, args.force)
     if args.device == "cuda":
@@ -362,7 +364,7 @@ def _export(args) -> None:
         batch_size=args.batch_size,
         progress=True,
     )
-    from .audit import audit_markdown
+    from .audit_files import audit_markdown
 
     print(audit_markdown(result.summary))
     kind = "O(3)-averaged model" if args.symmetrize else "model"
@@ -508,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         print(f"mtt-symmetry {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

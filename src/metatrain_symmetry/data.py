@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._utils import first_line
+
 
 def read_structures(path: str | os.PathLike, what: str = "data") -> list:
     """Read every structure of a file with ASE.
@@ -29,7 +31,7 @@ def read_structures(path: str | os.PathLike, what: str = "data") -> list:
     try:
         frames = ase.io.read(path, index=":")
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise ValueError(
             f"could not read structures from '{path}' with ASE ({message})"
         ) from error

@@ -17,51 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .testing import pet_options
 
-OPTIONS = """\
-seed: 0
-base_precision: 64
-architecture:
-  name: pet
-  model:
-    cutoff: 4.0
-    d_pet: 16
-    d_head: 16
-    d_node: 32
-    d_feedforward: 32
-    num_heads: 2
-    num_attention_layers: 1
-    num_gnn_layers: 2
-  training:
-    batch_size: 8
-    num_epochs: {epochs}
-    learning_rate: 0.003
-    log_interval: 10
-    checkpoint_interval: {epochs}
-{loss}training_set:
-  systems: {{read_from: ../train.xyz, length_unit: angstrom}}
-  targets: &targets
-    energy: {{key: energy, unit: eV, forces: false, stress: false}}
-    non_conservative_force:
-      key: forces
-      quantity: force
-      unit: eV/A
-      type: {{cartesian: {{rank: 1}}}}
-      per_atom: true
-validation_set:
-  systems: {{read_from: ../validation.xyz, length_unit: angstrom}}
-  targets: *targets
-test_set: 0.0
-"""
 
 PENALTY = """\
-    loss:
-      energy: {{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}
-      non_conservative_force:
-        type: equivariance
-        base: mse
-        gamma: {gamma}
-        n_rotations: 2
+loss:
+  energy: {{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}
+  non_conservative_force:
+    type: equivariance
+    base: mse
+    gamma: {gamma}
+    n_rotations: 2
 """
 
 # the two trainings: (directory name, label, loss section of the options)
@@ -144,7 +110,8 @@ def run_demo(output: Path, epochs: int = 20, gamma: float = 10.0) -> None:
     import metatrain_symmetry as msym
 
     from ._utils import atomic_directory
-    from .audit import audit, write_audit_report
+    from .audit import audit
+    from .audit_files import write_audit_report
     from .dynamics import layer_features
     from .report import plot_spectra
 
@@ -163,8 +130,10 @@ def run_demo(output: Path, epochs: int = 20, gamma: float = 10.0) -> None:
 
         for step, (name, label, loss) in enumerate(RUNS, start=2):
             print(f"[{step}/4] training a small PET ({label}) for {epochs} epochs")
-            options = OPTIONS.format(
-                epochs=epochs, loss=PENALTY.format(gamma=gamma) if loss else ""
+            options = pet_options(
+                epochs,
+                training=PENALTY.format(gamma=gamma) if loss else "",
+                data="../",
             )
             _train(training / name, options)
 

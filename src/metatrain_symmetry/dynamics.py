@@ -22,10 +22,13 @@ import ase
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
+from ._utils import first_line
 from .diagnostics import AnalysisResult, analyze
-from .engine import SystemLike, is_system
 from .grid import O3Grid
-from .models import FEATURE_PREFIX, LoadedModel, load_model
+from .irreps import irrep_name, spectrum_irreps
+from .models import LoadedModel, load_model
+from .quantities import FEATURE_PREFIX
+from .systems import SystemLike, is_system
 
 
 EPOCH_SOURCES = ("checkpoint", "file name", "order")
@@ -268,7 +271,7 @@ def load_checkpoint(
     except Exception as error:
         raise ValueError(
             f"could not read '{path}' as a metatrain checkpoint or an exported model "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({type(error).__name__}: {first_line(error, 'no details')})"
         ) from None
     if not isinstance(checkpoint, dict) or "architecture_name" not in checkpoint:
         raise ValueError(
@@ -282,7 +285,7 @@ def load_checkpoint(
     except Exception as error:
         raise ValueError(
             f"could not build a model from checkpoint '{path}' "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({type(error).__name__}: {first_line(error, 'no details')})"
         ) from None
     model = load_model(module)
     model.source = str(path)
@@ -292,11 +295,6 @@ def load_checkpoint(
 def _architecture(model: LoadedModel) -> str:
     module = model.module
     return getattr(module, "original_name", None) or type(module).__name__
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def _default_outputs(model: LoadedModel) -> list[str]:
@@ -456,11 +454,7 @@ def plot_layers(dynamics: TrainingDynamics, path: str | os.PathLike) -> None:
 
 
 def _irrep_labels(max_lambda: int) -> list[str]:
-    return [
-        f"({lam},{'+' if sigma == 1 else '-'})"
-        for lam in range(max_lambda + 1)
-        for sigma in (1, -1)
-    ]
+    return [irrep_name(lam, sigma) for lam, sigma in spectrum_irreps(max_lambda)]
 
 
 def dynamics_csv(dynamics: TrainingDynamics) -> str:
@@ -469,8 +463,7 @@ def dynamics_csv(dynamics: TrainingDynamics) -> str:
     header = ["name", "epoch", "checkpoint", "equivariance_rmse_mean"]
     header += [
         f"b_{lam}_{'p' if sigma == 1 else 'm'}"
-        for lam in range(dynamics.max_lambda + 1)
-        for sigma in (1, -1)
+        for lam, sigma in spectrum_irreps(dynamics.max_lambda)
     ]
     lines = [",".join(header)]
     for name in dynamics.names:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import metatensor.torch as mts
 import torch
@@ -25,23 +24,17 @@ from metatomic.torch import (
     NeighborListOptions,
     System,
     register_autograd_neighbors,
-    systems_to_torch,
-    unit_conversion_factor,
 )
 from metatomic.torch.o3 import O3Transformations
 
+from ._utils import is_integer, progress_bar
 from .grid import O3Grid
 from .models import LoadedModel
+from .quantities import DERIVED_OUTPUTS
 
 
 # default number of atoms evaluated in one model call, over all rotated copies
 DEFAULT_ATOMS_PER_BATCH = 4096
-
-# outputs the engine derives from the model's energy by automatic differentiation:
-# forces -dE/dr (per atom) and stress (1/V) dE/d(strain) (per structure)
-DERIVED_OUTPUTS = ("forces", "stress")
-
-SystemLike = Union[System, "ase.Atoms"]  # noqa: F821
 
 
 @dataclass
@@ -93,59 +86,6 @@ class PreparedSystem:
     data: dict[str, object]
 
 
-def prepare_systems(systems: Sequence[SystemLike], model: LoadedModel) -> list[System]:
-    """Convert ``ase.Atoms`` or ``System`` inputs to the model's dtype, device and
-    length unit, with the neighbour lists the model requests attached."""
-    if is_system(systems) or not isinstance(systems, (list, tuple)):
-        systems = [systems]
-    dtype, device = model.dtype, model.device
-    prepared: list[System] = []
-    for index, system in enumerate(systems):
-        if is_system(system):
-            system = system.to(dtype=dtype, device=device)
-        else:
-            try:
-                system = systems_to_torch(system, dtype=dtype, device=device)
-            except Exception as error:
-                raise TypeError(
-                    f"structure {index} is a {type(system).__name__}; pass ase.Atoms "
-                    "or metatomic System objects"
-                ) from error
-            factor = unit_conversion_factor("angstrom", model.length_unit)
-            if factor != 1.0:
-                system = System(
-                    types=system.types,
-                    positions=system.positions * factor,
-                    cell=system.cell * factor,
-                    pbc=system.pbc,
-                )
-        prepared.append(system)
-    model.check_systems(prepared)
-    attach_neighbor_lists(model, prepared)
-    return prepared
-
-
-def is_system(value) -> bool:
-    """Whether ``value`` is a metatomic ``System`` (a TorchScript class)."""
-    return isinstance(value, torch.ScriptObject) and hasattr(
-        value, "known_neighbor_lists"
-    )
-
-
-def attach_neighbor_lists(model: LoadedModel, systems: list[System]) -> None:
-    """Compute the neighbour lists ``model`` requests that ``systems`` lack."""
-    from vesin.metatomic import NeighborList
-
-    for options in model.requested_neighbor_lists():
-        calculator = None
-        for system in systems:
-            if any(options == known for known in system.known_neighbor_lists()):
-                continue
-            if calculator is None:
-                calculator = NeighborList(options, model.length_unit, skin=0.0)
-            system.add_neighbor_list(options, calculator.compute(system))
-
-
 class RotatedEvaluator:
     """Stream a model's outputs over rotated copies of structures.
 
@@ -161,11 +101,7 @@ class RotatedEvaluator:
         grid: O3Grid,
         batch_size: int | None = None,
     ):
-        if batch_size is not None and (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or batch_size < 1
-        ):
+        if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         self.model = model
         self.grid = grid
@@ -202,26 +138,11 @@ class RotatedEvaluator:
         if len(derived) != 0 and "energy" not in requests:
             requests["energy"] = ModelOutput(sample_kind="system")
 
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, unit="copy", desc="rotated copies")
-
         # derived outputs need gradients with respect to positions and strain
         context = torch.enable_grad() if derived else torch.inference_mode()
-        with context:
-            for start in range(0, total, per_batch):
-                stop = min(start + per_batch, total)
-                # (structure, first rotation, last rotation) segments of this batch
-                segments = []
-                position = start
-                while position < stop:
-                    structure, first = divmod(position, n_rotations)
-                    last = min(n_rotations, first + stop - position)
-                    segments.append((structure, first, last))
-                    position += last - first
-
+        batches = batch_segments(len(systems), n_rotations, per_batch)
+        with context, progress_bar(total, "rotated copies", progress) as bar:
+            for segments in batches:
                 batch_systems: list[System] = []
                 leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
                 for structure, first, last in segments:
@@ -256,10 +177,29 @@ class RotatedEvaluator:
                             for name in outputs
                         },
                     )
-                if bar is not None:
-                    bar.update(stop - start)
-        if bar is not None:
-            bar.close()
+                bar.update(sum(copy_counts))
+
+
+def batch_segments(
+    n_structures: int, n_rotations: int, per_batch: int
+) -> Iterator[list[tuple[int, int, int]]]:
+    """Cut the ``n_structures * n_rotations`` rotated copies, structure by
+    structure and in grid order, into batches of ``per_batch`` copies.
+
+    :return: per batch, its ``(structure, first rotation, last rotation)``
+        segments (``last`` excluded)
+    """
+    total = n_structures * n_rotations
+    for start in range(0, total, per_batch):
+        stop = min(start + per_batch, total)
+        segments = []
+        position = start
+        while position < stop:
+            structure, first = divmod(position, n_rotations)
+            last = min(n_rotations, first + stop - position)
+            segments.append((structure, first, last))
+            position += last - first
+        yield segments
 
 
 def rotated_systems(system: System, rotations: torch.Tensor) -> list[System]:

@@ -149,3 +149,48 @@ def _falling(n: int, k: int) -> float:
     for i in range(k):
         value *= n - i
     return float(value) if value > 0 else float("nan")
+
+
+class CentredMoments:
+    """Weighted first and second moments of a stream of values ``(c, m, k)``
+    (``c`` copies at a time), centred on the first copy seen, so that
+    ``E[x^2] - E[x]^2`` keeps its digits when the mean is large.
+
+    :param outer: second moments as ``(k, k)`` outer products summed over ``m``
+        (else elementwise, ``(m, k)``)
+    """
+
+    def __init__(self, outer: bool = False):
+        self.outer = outer
+        self.reference: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+        self.second: torch.Tensor | None = None
+        self.weight = 0.0
+
+    def add(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Accumulate ``values`` ``(c, m, k)`` with ``weights`` ``(c,)``; returns
+        the centred values."""
+        if self.reference is None:
+            self.reference = values[0].clone()
+            self.first = torch.zeros_like(self.reference)
+            size = values.shape[-1]
+            self.second = (
+                values.new_zeros(size, size)
+                if self.outer
+                else torch.zeros_like(self.reference)
+            )
+        centered = values - self.reference
+        self.first += torch.einsum("c,cmk->mk", weights, centered)
+        if self.outer:
+            self.second += torch.einsum("c,cmp,cmq->pq", weights, centered, centered)
+        else:
+            self.second += torch.einsum("c,cmk->mk", weights, centered.square())
+        self.weight += float(weights.sum())
+        return centered
+
+    def covariance(self) -> torch.Tensor:
+        """``E[x x^T] - E[x] E[x]^T`` summed over ``m`` (outer), or the
+        elementwise variance ``(m, k)``."""
+        if self.outer:
+            return self.second - self.first.T @ self.first
+        return self.second - self.first.square()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from metatomic.torch import AtomisticModel, ModelMetadata
 
-from ._utils import atomic_file
+from ._utils import atomic_file, first_line
 from .audit import AuditResult, audit, sha256_of_file
 from .data import read_structures
 from .grid import O3Grid
@@ -44,7 +44,7 @@ def load_for_export(path: str | os.PathLike) -> AtomisticModel:
     try:
         model = load_metatrain_model(str(path))
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise ValueError(
             f"could not read '{path}' as a metatrain checkpoint or exported model "
             f"({type(error).__name__}: {message})"

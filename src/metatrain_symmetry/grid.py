@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from metatomic.torch.o3 import O3Transformations, random_transformations
 
+from ._utils import is_integer
+
 
 # orders available in scipy.integrate.lebedev_rule
 LEBEDEV_ORDERS = (
@@ -60,7 +62,7 @@ class O3Grid:
     """
 
     def __init__(self, degree: int, inversion: bool = True):
-        if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)):
+        if not is_integer(degree):
             raise TypeError(f"grid degree must be an integer, got {degree!r}")
         degree = int(degree)
         if degree < 0 or degree > MAX_DEGREE:
@@ -120,7 +122,7 @@ class O3Grid:
         :param seed: seed of the random number generator
         :param inversion: include improper rotations
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if not is_integer(n) or n < 1:
             raise ValueError(f"number of random rotations must be positive, got {n}")
         n = int(n)
         if inversion and n % 2 != 0:

@@ -17,6 +17,31 @@ import torch
 from metatensor.torch import Labels
 
 
+def spectrum_irreps(max_lambda: int) -> list[tuple[int, int]]:
+    """The ``(lambda, sigma)`` of a spectrum's columns, in order: for each
+    ``lambda`` up to ``max_lambda``, ``sigma = +1`` then ``-1``."""
+    return [
+        (o3_lambda, sigma) for o3_lambda in range(max_lambda + 1) for sigma in (1, -1)
+    ]
+
+
+def sigma_index(sigma: int) -> int:
+    """Position of ``sigma`` among the two columns of one ``lambda``: 0 for
+    ``+1``, 1 for ``-1``."""
+    return 0 if sigma == 1 else 1
+
+
+def spectrum_column(o3_lambda: int, sigma: int) -> int:
+    """Column of ``(lambda, sigma)`` in a spectrum (see
+    :py:func:`spectrum_irreps`)."""
+    return 2 * o3_lambda + sigma_index(sigma)
+
+
+def irrep_name(o3_lambda: int, sigma: int) -> str:
+    """Short name of an irrep in tables: ``"(1,+)"``, ``"(2,-)"``."""
+    return f"({o3_lambda},{'+' if sigma == 1 else '-'})"
+
+
 @dataclass(frozen=True)
 class Irrep:
     """One irreducible block of a decomposed output."""

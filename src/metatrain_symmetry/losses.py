@@ -36,6 +36,7 @@ import torch
 from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
+from ._utils import is_integer
 from .irreps import block_layout, undo_rotation
 
 
@@ -95,7 +96,7 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}.gamma must be a finite number >= 0, got {gamma!r}")
     checked["gamma"] = float(gamma)
     n_rotations = checked["n_rotations"]
-    if isinstance(n_rotations, bool) or not isinstance(n_rotations, int):
+    if not is_integer(n_rotations):
         raise ValueError(
             f"{where}.n_rotations must be an integer >= 2, got {n_rotations!r}"
         )

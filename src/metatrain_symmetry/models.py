@@ -27,36 +27,9 @@ from metatomic.torch import (
     load_atomistic_model,
 )
 
-
-FEATURE_PREFIX = "mtt::feature::"
-# raw PET featurizer inputs worth analysing: they are geometric quantities with a
-# known symmetry (edge vectors are pure (1, +1), distances pure (0, +1))
-_PET_GEOMETRIC_INPUTS = ("edge_vectors", "edge_distances")
-
-# quantities that only make sense per atom, and per-structure ones that models
-# still declare per atom
-_PER_ATOM_QUANTITIES = (
-    "non_conservative_force",
-    "non_conservative_forces",
-    "position",
-    "positions",
-    "velocity",
-    "velocities",
-    "momentum",
-    "momenta",
-    "mass",
-    "masses",
-)
-
-
-def _is_per_structure(name: str) -> bool:
-    base = name.split("/", 1)[0]
-    return base.startswith("energy") or base in (
-        "non_conservative_stress",
-        "heat_flux",
-        "charge",
-        "spin_multiplicity",
-    )
+from ._utils import first_line
+from .pet import capture_cleanup, discover_features, unknown_feature_message
+from .quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, QUANTITIES, quantity
 
 
 ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]  # noqa: UP007
@@ -134,7 +107,7 @@ class LoadedModel:
         PET instance: exported (TorchScript) models cannot capture them.
         """
         if self._features is None:
-            self._features = _discover_pet_features(self)
+            self._features = discover_features(self.module, self, self.atomic_types)
         return list(self._features)
 
     def natural_sample_kind(self, name: str) -> str:
@@ -146,10 +119,10 @@ class LoadedModel:
         from their training targets, other models from metatomic's quantity
         names.
         """
-        if name.startswith(FEATURE_PREFIX) or name == "forces":
+        if name.startswith(FEATURE_PREFIX):
             return "atom"
-        if name == "stress":
-            return "system"
+        if name in DERIVED_OUTPUTS:
+            return QUANTITIES[name].sample_kind
         target = self.targets.get(name)
         if target is not None:
             return target.sample_kind
@@ -159,9 +132,10 @@ class LoadedModel:
         declared = self.outputs.get(name)
         if declared is not None and declared.sample_kind != "atom":
             return declared.sample_kind
-        if name.split("/", 1)[0] in _PER_ATOM_QUANTITIES:
-            return "atom"
-        return "system" if declared is None or _is_per_structure(name) else "atom"
+        known = quantity(name)
+        if known is not None:
+            return known.sample_kind
+        return "system" if declared is None else "atom"
 
     @property
     def targets(self) -> dict[str, ModelTarget]:
@@ -255,7 +229,9 @@ class LoadedModel:
         for name in names:
             if name.startswith(FEATURE_PREFIX):
                 if name not in self.features:
-                    raise ValueError(_unknown_feature_message(self, name))
+                    raise ValueError(
+                        unknown_feature_message(self.module, self.features, name)
+                    )
             elif name in ("forces", "stress"):
                 if len(declared) != 0 and "energy" not in declared:
                     raise ValueError(
@@ -316,14 +292,8 @@ class LoadedModel:
         wants_features = any(name.startswith(FEATURE_PREFIX) for name in outputs)
         if not wants_features or isinstance(self.module, torch.jit.ScriptModule):
             return self.module(systems, outputs, selected_atoms)
-        hooks_before = _forward_hook_ids(self.module)
-        try:
+        with capture_cleanup(self.module):
             return self.module(systems, outputs, selected_atoms)
-        except Exception:
-            # PET registers capture hooks before its forward pass and only removes
-            # them on success: drop them so later calls keep working
-            _remove_new_forward_hooks(self.module, hooks_before)
-            raise
 
     def __repr__(self) -> str:
         name = type(self.module).__name__
@@ -382,7 +352,7 @@ def _load_file(path: Path):
     except Exception as error:
         raise ValueError(
             f"could not read '{path}' as an exported metatomic model or a metatrain "
-            f"checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"checkpoint ({type(error).__name__}: {first_line(error)})"
         ) from error
 
 
@@ -474,7 +444,7 @@ def _recorded_targets(module: torch.nn.Module) -> dict[str, ModelTarget] | None:
     except RuntimeError as error:
         warnings.warn(
             "could not read the training targets of this exported metatrain model "
-            f"({str(error).strip().splitlines()[0]}); using its declared outputs",
+            f"({first_line(error)}); using its declared outputs",
             stacklevel=4,
         )
         return None
@@ -517,147 +487,3 @@ def _sample_kind_of(sample_names: list[str]) -> str:
     if "first_atom" in sample_names:
         return "atom_pair"
     return "system"
-
-
-# ------------------------------------------------------------- internal features
-def _is_pet(module: torch.nn.Module) -> bool:
-    return (
-        not isinstance(module, torch.jit.ScriptModule)
-        and type(module).__module__.startswith("metatrain.pet")
-        and hasattr(module, "backend")
-    )
-
-
-def _probe_system(model: LoadedModel, cutoff: float) -> System:
-    """A small cluster in which every atom has at least two neighbours."""
-    types = model.atomic_types or [1]
-    spacing = 0.45 * cutoff
-    positions = spacing * torch.tensor(
-        [[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.1, 1.0, 0.05], [0.05, 0.1, 1.0]],
-        dtype=torch.float64,
-    )
-    atom_types = torch.tensor([types[i % len(types)] for i in range(4)])
-    return System(
-        types=atom_types.to(torch.int32),
-        positions=positions,
-        cell=torch.zeros(3, 3, dtype=torch.float64),
-        pbc=torch.zeros(3, dtype=torch.bool),
-    )
-
-
-def _discover_pet_features(model: LoadedModel) -> list[str]:
-    """List PET sub-modules whose output can be captured as per-atom or per-pair
-    features, in execution order.
-
-    A probe forward pass with temporary hooks records which modules run once and
-    what they return. Modules returning ``(n_atoms, 1, d)`` tensors (PET's
-    centre-token layers) are left out: PET's capture treats them as per-pair
-    features and fails with an ``IndexError`` as soon as an atom has more than one
-    neighbour.
-    """
-    module = model.module
-    if not _is_pet(module):
-        return []
-    from .engine import attach_neighbor_lists
-
-    options = model.requested_neighbor_lists()
-    cutoff = max((option.cutoff for option in options), default=5.0)
-    system = _probe_system(model, cutoff)
-    system = system.to(dtype=model.dtype, device=model.device)
-    attach_neighbor_lists(model, [system])
-    n_atoms = len(system)
-
-    seen: dict[str, list] = {}
-    order: list[str] = []
-    handles = []
-    backend = module.backend
-    for path, submodule in backend.named_modules():
-        if path == "":
-            continue
-
-        def hook(_module, _inputs, output, path=path):
-            if path not in seen:
-                seen[path] = []
-                order.append(path)
-            seen[path].append(output)
-
-        handles.append(submodule.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module([system], {"energy": ModelOutput(sample_kind="system")}, None)
-    except Exception:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    features: list[str] = [FEATURE_PREFIX + name for name in _PET_GEOMETRIC_INPUTS]
-    for path in order:
-        calls = seen[path]
-        if len(calls) != 1:
-            continue  # shared modules: a capture would only keep the last call
-        output = calls[0]
-        if isinstance(output, tuple) and len(output) == 2:
-            if all(_capturable(t, n_atoms) for t in output):
-                features.append(f"{FEATURE_PREFIX}{path}_node")
-                features.append(f"{FEATURE_PREFIX}{path}_edge")
-        elif isinstance(output, torch.Tensor) and _capturable(output, n_atoms):
-            if output.ndim == 3 and output.shape[1] == 1:
-                continue  # centre-token layer, see docstring
-            features.append(FEATURE_PREFIX + path)
-    return features
-
-
-def _capturable(tensor, n_atoms: int) -> bool:
-    return (
-        isinstance(tensor, torch.Tensor)
-        and tensor.is_floating_point()
-        and tensor.ndim in (2, 3)
-        and tensor.shape[0] == n_atoms
-    )
-
-
-def _unknown_feature_message(model: LoadedModel, name: str) -> str:
-    if isinstance(model.module, torch.jit.ScriptModule):
-        return (
-            f"feature '{name}' is not available: exported models cannot expose "
-            "internal features; load the metatrain checkpoint (.ckpt) instead"
-        )
-    features = model.features
-    if len(features) == 0:
-        return (
-            f"feature '{name}' is not available: this model exposes no internal "
-            "features"
-        )
-    path = name[len(FEATURE_PREFIX) :]
-    if any(path.endswith(token) for token in _CENTER_TOKEN_MODULES):
-        return (
-            f"feature '{name}' is not available: metatrain's PET cannot capture its "
-            "centre-token layers; use the '_node' output of the enclosing "
-            "transformer layer instead"
-        )
-    shown = ", ".join(features[:8])
-    return (
-        f"unknown feature '{name}': the model exposes {len(features)} features "
-        f"(see model.features), for example {shown}"
-    )
-
-
-_CENTER_TOKEN_MODULES = (
-    "center_contraction",
-    "center_expansion",
-    "norm_center_features",
-    "center_mlp",
-)
-
-
-def _forward_hook_ids(module: torch.nn.Module) -> dict[int, set]:
-    return {id(m): set(m._forward_hooks) for m in module.modules()}
-
-
-def _remove_new_forward_hooks(module: torch.nn.Module, before: dict[int, set]) -> None:
-    for submodule in module.modules():
-        known = before.get(id(submodule), set())
-        for hook_id in list(submodule._forward_hooks):
-            if hook_id not in known:
-                del submodule._forward_hooks[hook_id]

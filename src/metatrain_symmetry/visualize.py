@@ -20,13 +20,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-
-if TYPE_CHECKING:
-    from .audit import AuditResult
+from .audit import AuditResult
+from .irreps import sigma_index, spectrum_irreps
 
 
 # spectra as chemiscope parameterised properties: one axis carries both lambda and
@@ -174,9 +172,8 @@ def chemiscope_dataset(
         SPECTRUM_PARAMETER: {
             "values": np.array(
                 [
-                    o3_lambda + (0.0 if sigma == 1 else 0.5)
-                    for o3_lambda in range(analysis.max_lambda + 1)
-                    for sigma in (1, -1)
+                    o3_lambda + 0.5 * sigma_index(sigma)
+                    for o3_lambda, sigma in spectrum_irreps(analysis.max_lambda)
                 ]
             ),
             "name": "lambda (sigma = -1 at lambda + 0.5)",
