@@ -1,9 +1,11 @@
 """Dataset audit: errors against targets, equivariance, leakage, predictions."""
 
+import gzip
 import hashlib
 import json
 
 import ase.build
+import ase.io
 import jsonschema
 import metatensor.torch as mts
 import numpy as np
@@ -23,7 +25,7 @@ from metatrain_symmetry.audit import (
 )
 from metatrain_symmetry.audit_files import audit_markdown
 from metatrain_symmetry.cli import main
-from metatrain_symmetry.testing import check_clean_failure, tiny_pet
+from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry, tiny_pet
 
 
 def exact_model():
@@ -387,3 +389,110 @@ def test_interrupted_audit_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
     )
     assert status == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_audit_command_with_random_rotations(audit_inputs, tmp_path):
+    """``--rotations N`` audits on N random elements: the equivariance error comes
+    with its standard error, the report says it is an estimate, and the workload
+    is announced in atoms before the pass."""
+    output = tmp_path / "audit"
+    process = run_mtt_symmetry(
+        "audit",
+        audit_inputs / "model.ckpt",
+        audit_inputs / "data.xyz",
+        "-o",
+        output,
+        "--rotations",
+        "16",
+        "--seed",
+        "3",
+        "--max-lambda",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    n_atoms = sum(len(atoms) for atoms in ase.io.read(audit_inputs / "data.xyz", ":"))
+    assert f"3 structures x 16 rotated copies = 48 copies, {16 * n_atoms} atoms" in (
+        process.stderr
+    )
+    summary = json.loads((output / "audit.json").read_text())
+    assert summary["grid"]["kind"] == "random"
+    assert summary["grid"]["n_elements"] == 16
+    for entry in summary["outputs"].values():
+        error = entry["equivariance_rmse"]["mean_standard_error"]
+        assert error is not None and 0 < error < entry["equivariance_rmse"]["mean"]
+    markdown = (output / "audit.md").read_text()
+    assert "16 Haar-random elements (an estimate)" in markdown
+    assert " ± " in markdown
+
+    failing = tmp_path / "failing"
+    process = run_mtt_symmetry(
+        "audit",
+        audit_inputs / "model.ckpt",
+        audit_inputs / "data.xyz",
+        "-o",
+        failing,
+        "--rotations",
+        "16",
+        "--grid-degree",
+        "4",
+    )
+    assert process.returncode == 2
+    assert "either --grid-degree or --rotations" in process.stderr
+    assert not failing.exists()
+
+
+@pytest.mark.filterwarnings("ignore:the mean square")
+def test_random_rotations_equivariance_error_is_unbiased_with_its_error(molecules):
+    """Over seeds, the per-structure equivariance RMSE of random grids scatters as
+    much as its reported standard error says, around the exact grid's value."""
+    model = msym.load_model(AnalyticModel(), capabilities=capabilities())
+    name = "mtt::x_z_squared"
+    exact = msym.analyze(model, molecules, [name], max_lambda=2, grid=msym.O3Grid(8))
+    values, errors, means, mean_errors = [], [], [], []
+    for seed in range(40):
+        result = msym.analyze(
+            model,
+            molecules,
+            [name],
+            max_lambda=2,
+            grid=msym.O3Grid.random(16, seed=seed),
+        )
+        values.append(result.equivariance_rmse(name))
+        errors.append(result.equivariance_rmse_error[name])
+        means.append(float(values[-1].mean()))
+        mean_errors.append(result.mean_equivariance_rmse_error[name])
+    values, errors = torch.stack(values), torch.stack(errors)
+    spread = values.std(dim=0)
+    reported = errors.mean(dim=0)
+    assert bool(torch.all((reported / spread - 1).abs() < 0.35))
+    assert abs(np.mean(mean_errors) / np.std(means) - 1) < 0.35
+    # sqrt of an unbiased estimate: within a few standard errors of the mean
+    truth = exact.equivariance_rmse(name)
+    assert bool(torch.all((values.mean(dim=0) - truth).abs() < 4 * spread / 40**0.5))
+
+
+def test_reports_name_the_model_and_dataset_files(audit_directory, audit_inputs):
+    with gzip.open(audit_directory / "audit.chemiscope.json.gz") as file:
+        dataset = json.load(file)
+    title = "Symmetry audit of model.ckpt on data.xyz"
+    assert dataset["meta"]["name"] == title
+    assert f"<title>{title}</title>" in (audit_directory / "audit.html").read_text()
+    # a model loaded from a file before the audit keeps its file name
+    model = msym.load_model(audit_inputs / "model.ckpt")
+    frames = ase.io.read(audit_inputs / "data.xyz", ":")
+    result = msym.audit(model, frames, max_lambda=1)
+    assert result.summary["model"]["path"] == str(audit_inputs / "model.ckpt")
+    assert "model.ckpt" in audit_markdown(result.summary)
+
+
+def test_audit_shows_itself_as_a_chemiscope_widget(audit_inputs):
+    import chemiscope
+
+    result = msym.audit(
+        audit_inputs / "model.ckpt", audit_inputs / "data.xyz", max_lambda=1
+    )
+    widget = result.show()
+    assert isinstance(widget, chemiscope.widget.ChemiscopeWidgetBase)
+    assert len(result.frames) == 3
+    map_widget = result.show(mode="map")
+    assert type(map_widget) is not type(widget)

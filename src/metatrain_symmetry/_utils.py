@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -84,15 +85,29 @@ class _NoProgress:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator:
-    """A tqdm progress bar over ``total`` rotated copies (or one that shows
-    nothing when not ``enabled``), closed on exit."""
+def progress_bar(
+    systems: Sequence, n_copies: int, description: str, enabled: bool
+) -> Iterator:
+    """A tqdm progress bar over the atoms of ``n_copies`` rotated copies of each of
+    ``systems`` (or one that shows nothing when not ``enabled``), closed on exit.
+
+    Counting atoms rather than copies keeps its time estimate right when the
+    structures differ in size. When enabled, the workload is announced first.
+    Advance it with ``bar.update(n_atoms)``.
+    """
     if not enabled:
         yield _NoProgress()
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="copy", desc=description)
+    n_atoms = sum(len(system) for system in systems)
+    print(
+        f"{description}: {len(systems)} structures x {n_copies} rotated copies = "
+        f"{len(systems) * n_copies} copies, {n_atoms * n_copies} atoms",
+        file=sys.stderr,
+        flush=True,
+    )
+    bar = tqdm(total=n_atoms * n_copies, unit="atom", unit_scale=True, desc=description)
     try:
         yield bar
     finally:

@@ -41,6 +41,7 @@ from .quantities import (
     expected_irreps,
 )
 from .systems import prepare_systems
+from .visualize import chemiscope_widget
 
 
 SCHEMA_VERSION = "1.1"
@@ -101,6 +102,22 @@ class AuditResult:
     float64 (``n`` values per sample: components times properties)"""
     references: dict[str, list[torch.Tensor]] = field(repr=False)
     """per output with a target, the dataset values, shaped as the predictions"""
+    frames: list = field(default_factory=list, repr=False)
+    """the audited structures (``ase.Atoms``), in order"""
+
+    def show(self, mode: str = "default"):
+        """The audit as an interactive chemiscope widget, as
+        :py:func:`chemiscope.show` makes (in Jupyter, an audit result displays
+        itself this way).
+
+        :param mode: ``"default"``, ``"structure"`` or ``"map"``
+        """
+        return chemiscope_widget(self, mode)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.show())
 
     @property
     def n_structures(self) -> int:
@@ -211,6 +228,9 @@ def audit(
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
     loaded = load_model(model, device=device)
+    if model_path is None and loaded.source is not None:
+        # a model loaded from a file earlier keeps its name in the report
+        model_path = Path(loaded.source)
 
     data_path = None
     if isinstance(frames, (str, os.PathLike)):
@@ -290,6 +310,7 @@ def audit(
         targets=targets,
         predictions=predictions,
         references=references,
+        frames=frames,
     )
     result.summary = _summary(result, loaded, frames, model_path, data_path)
     return result
@@ -444,8 +465,7 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
         "features": {},
     }
     for name in result.outputs:
-        rmse = analysis.equivariance_rmse(name)
-        equivariance = _statistics(rmse)
+        equivariance = _equivariance_statistics(analysis, name)
         unit = declared[name].unit if name in declared else _derived_unit(name, model)
         entry = {
             "unit": unit,
@@ -486,10 +506,19 @@ def _summary(result, model: LoadedModel, frames, model_path, data_path) -> dict:
         summary["outputs"][name] = entry
     for name in result.features:
         summary["features"][name] = {
-            "equivariance_rmse": _statistics(analysis.equivariance_rmse(name)),
+            "equivariance_rmse": _equivariance_statistics(analysis, name),
             **_mean_spectrum(analysis, name),
         }
     return summary
+
+
+def _equivariance_statistics(analysis: AnalysisResult, name: str) -> dict:
+    """Statistics of the per-structure equivariance RMSE, with the standard error
+    of their mean on random grids."""
+    statistics = _statistics(analysis.equivariance_rmse(name))
+    error = analysis.mean_equivariance_rmse_error.get(name)
+    statistics["mean_standard_error"] = None if error is None else _number(error)
+    return statistics
 
 
 def _derived_unit(name: str, model: LoadedModel) -> str:

@@ -19,6 +19,12 @@ from .irreps import irrep_name
 from .report import plot_spectra, save_result
 
 
+def _grid_description(grid: dict) -> str:
+    if grid["kind"] == "random":
+        return f"{grid['n_elements']} Haar-random elements (an estimate)"
+    return f"{grid['kind']}, degree {grid['degree']}, {grid['n_elements']} elements"
+
+
 def audit_markdown(summary: dict) -> str:
     """The audit summary as Markdown tables."""
 
@@ -47,16 +53,15 @@ def audit_markdown(summary: dict) -> str:
             if summary["dataset"]["path"]
             else ""
         ),
-        f"- O(3) grid: {grid['kind']}, degree {grid['degree']}, "
-        f"{grid['n_elements']} elements; spectra up to lambda = "
+        f"- O(3) grid: {_grid_description(grid)}; spectra up to lambda = "
         f"{summary['max_lambda']}",
         f"- schema version {summary['schema_version']}",
     ]
     if estimated:
         lines += [
             "",
-            f"Spectra and leakages are Monte-Carlo estimates from "
-            f"{grid['n_elements'] // 2} random rotations and their inversions, "
+            f"Equivariance RMSEs, spectra and leakages are Monte-Carlo estimates "
+            f"from {grid['n_elements'] // 2} random rotations and their inversions, "
             "given as value ± one standard error. They are unbiased, so they can "
             "be negative where the true value is close to zero; use an exact grid "
             "(`--grid-degree`) for precise spectra.",
@@ -85,7 +90,8 @@ def audit_markdown(summary: dict) -> str:
         lines.append(
             f"| `{name}` [{entry['unit'] or '-'}] | "
             f"{'`' + target['key'] + '`' if target else 'none'} | {mae} | {rmse} | "
-            f"{number(equivariance['mean'])} | {number(equivariance['median'])} | "
+            f"{estimate(equivariance['mean'], equivariance.get('mean_standard_error'))}"
+            f" | {number(equivariance['median'])} | "
             f"{number(equivariance['max'])} | "
             f"{number(equivariance.get('fraction_of_mae'))} | "
             f"{number(equivariance.get('fraction_of_rmse'))} | "

@@ -27,7 +27,7 @@ def _analyze(args) -> None:
     if len(names) == 0:
         raise ValueError("nothing to analyse: give --outputs and/or --features")
     model.check_names(names)
-    grid = None if args.grid_degree is None else msym.O3Grid(args.grid_degree)
+    grid = _grid(args)
     result = msym.analyze(
         model,
         frames,
@@ -84,7 +84,9 @@ def _dynamics(args) -> None:
     print(f"results written to {output}/")
 
 
-def _add_grid_options(parser, grid_degree: bool = True) -> None:
+def _add_grid_options(
+    parser, grid_degree: bool = True, rotations: bool = False
+) -> None:
     """The options shared by every command that evaluates rotated copies."""
     parser.add_argument(
         "--max-lambda", type=int, default=4, help="largest lambda of the spectra"
@@ -96,12 +98,40 @@ def _add_grid_options(parser, grid_degree: bool = True) -> None:
             default=None,
             help="degree of the O(3) integration grid (default: 2 * max-lambda)",
         )
+    if rotations:
+        parser.add_argument(
+            "--rotations",
+            type=int,
+            default=None,
+            metavar="N",
+            help="use N Haar-random O(3) elements (N/2 rotations and their "
+            "inversions) instead of the exact grid: equivariance errors of large "
+            "structures in a fraction of the time, with standard errors; spectra "
+            "become estimates",
+        )
+        parser.add_argument(
+            "--seed", type=int, default=0, help="seed of the --rotations elements"
+        )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="rotated copies per model call (default: about 4096 atoms)",
     )
+
+
+def _grid(args):
+    """The O(3) grid that ``--grid-degree`` or ``--rotations`` ask for, or ``None``
+    for the default exact grid."""
+    import metatrain_symmetry as msym
+
+    degree = getattr(args, "grid_degree", None)
+    rotations = getattr(args, "rotations", None)
+    if rotations is not None:
+        if degree is not None and not getattr(args, "symmetrize", False):
+            raise ValueError("give either --grid-degree or --rotations, not both")
+        return msym.O3Grid.random(rotations, seed=args.seed)
+    return None if degree is None else msym.O3Grid(degree)
 
 
 def _add_force_option(parser, replaced: str = "a non-empty output directory") -> None:
@@ -266,7 +296,7 @@ def _audit(args) -> None:
             raise RuntimeError("--device cuda was requested but CUDA is not available")
     model = msym.load_model(args.model, device=args.device)
     frames = read_structures(args.data)
-    grid = None if args.grid_degree is None else msym.O3Grid(args.grid_degree)
+    grid = _grid(args)
     features = ["all"] if args.features == ["all"] else args.features
     result = audit(
         model,
@@ -332,7 +362,7 @@ def _add_audit_command(commands) -> None:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    _add_grid_options(command)
+    _add_grid_options(command, rotations=True)
     command.add_argument("--device", choices=["cpu", "cuda"], default=None)
     _add_force_option(command)
     command.set_defaults(run=_audit)
@@ -358,6 +388,7 @@ def _export(args) -> None:
         args.audit,
         symmetrize=args.symmetrize,
         grid_degree=args.grid_degree,
+        audit_grid=_grid(args) if args.rotations is not None else None,
         outputs=args.outputs,
         targets=_parse_targets(args.targets),
         max_lambda=args.max_lambda,
@@ -403,7 +434,7 @@ def _add_export_command(commands) -> None:
     )
     command.add_argument("--outputs", nargs="+", default=None)
     command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
-    _add_grid_options(command, grid_degree=False)
+    _add_grid_options(command, grid_degree=False, rotations=True)
     _add_force_option(command, "an existing output file")
     command.set_defaults(run=_export)
 
@@ -470,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    _add_grid_options(analyze)
+    _add_grid_options(analyze, rotations=True)
     analyze.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )

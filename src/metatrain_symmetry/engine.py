@@ -125,11 +125,10 @@ class RotatedEvaluator:
 
         :param systems: prepared systems (see :py:func:`prepare_systems`)
         :param outputs: the outputs to request from the model
-        :param progress: show a progress bar over model calls
+        :param progress: announce the workload and show a progress bar
         """
         n_rotations = len(self.grid)
         per_batch = self.copies_per_batch(systems)
-        total = len(systems) * n_rotations
         prepared = [prepare_rotations(system) for system in systems]
         derived = [name for name in outputs if name in DERIVED_OUTPUTS]
         if "stress" in derived:
@@ -141,7 +140,10 @@ class RotatedEvaluator:
         # derived outputs need gradients with respect to positions and strain
         context = torch.enable_grad() if derived else torch.inference_mode()
         batches = batch_segments(len(systems), n_rotations, per_batch)
-        with context, progress_bar(total, "rotated copies", progress) as bar:
+        with (
+            context,
+            progress_bar(systems, n_rotations, "rotated copies", progress) as bar,
+        ):
             for segments in batches:
                 batch_systems: list[System] = []
                 leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -177,7 +179,12 @@ class RotatedEvaluator:
                             for name in outputs
                         },
                     )
-                bar.update(sum(copy_counts))
+                bar.update(
+                    sum(
+                        len(systems[structure]) * (last - first)
+                        for structure, first, last in segments
+                    )
+                )
 
 
 def batch_segments(

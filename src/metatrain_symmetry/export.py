@@ -98,6 +98,7 @@ def export_audited(
     data: Sequence | str | os.PathLike,
     symmetrize: bool = False,
     grid_degree: int | None = None,
+    audit_grid: O3Grid | None = None,
     outputs: Sequence[str] | None = None,
     targets: dict[str, str] | None = None,
     max_lambda: int = 4,
@@ -116,6 +117,8 @@ def export_audited(
     :param symmetrize: export the O(3)-averaged model, see :py:func:`symmetrize_model`
     :param grid_degree: Lebedev degree of both the audit grid and the averaging
         quadrature (default: each chooses its own)
+    :param audit_grid: the audit's grid instead, for example
+        ``O3Grid.random(16)`` for a fast estimate on large structures
     :param outputs: outputs to audit, see :py:func:`audit`
     :param targets: dataset keys of the outputs, see :py:func:`audit`
     :param max_lambda: largest ``lambda`` of the audit spectra
@@ -139,7 +142,9 @@ def export_audited(
         frames = read_structures(data)
     else:
         data_path, frames = None, list(data)
-    grid = None if grid_degree is None else O3Grid(grid_degree)
+    grid = audit_grid
+    if grid is None and grid_degree is not None:
+        grid = O3Grid(grid_degree)
     result = audit(
         model,
         frames,

@@ -20,11 +20,16 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audit import AuditResult
 from .irreps import sigma_index, spectrum_irreps
+
+
+if TYPE_CHECKING:
+    # views take an audit; the audit shows itself with them
+    from .audit import AuditResult
 
 
 # spectra as chemiscope parameterised properties: one axis carries both lambda and
@@ -180,11 +185,11 @@ def chemiscope_dataset(
         }
     }
     settings = _default_settings(result, force_outputs, shapes)
-    model_name = result.summary["model"].get("name") or "model"
+    title = audit_title(result.summary)
     data = chemiscope.create_input(
         frames,
         metadata={
-            "name": f"Symmetry audit of {model_name}",
+            "name": title,
             "description": _description(result),
         },
         properties=properties,
@@ -344,6 +349,41 @@ body {{ margin: 0; font-family: sans-serif; background: white; }}
 </body>
 </html>
 """
+
+
+def chemiscope_widget(result: AuditResult, mode: str = "default"):
+    """An interactive chemiscope widget of an audit (for Jupyter), made from
+    :py:func:`chemiscope_dataset` of its structures.
+
+    :param result: an audit, with its structures in ``result.frames``
+    :param mode: ``"default"``, ``"structure"`` or ``"map"``
+    """
+    import io
+
+    import chemiscope
+
+    if len(result.frames) == 0:
+        raise ValueError(
+            "this audit does not hold its structures; build the widget with "
+            "chemiscope.show_input(chemiscope_dataset(frames, result))"
+        )
+    dataset = chemiscope_dataset(result.frames, result)
+    return chemiscope.show_input(io.StringIO(json.dumps(dataset)), mode=mode)
+
+
+def audit_title(summary: dict) -> str:
+    """``Symmetry audit of <model file> on <dataset file>``, from an audit summary;
+    the model's own name, and the number of structures, where there is no file."""
+    model, dataset = summary["model"], summary["dataset"]
+    if model.get("path"):
+        model_name = Path(model["path"]).name
+    else:
+        model_name = model.get("name") or "an in-memory model"
+    if dataset.get("path"):
+        dataset_name = Path(dataset["path"]).name
+    else:
+        dataset_name = f"{dataset['n_structures']} structures"
+    return f"Symmetry audit of {model_name} on {dataset_name}"
 
 
 def write_html_viewer(

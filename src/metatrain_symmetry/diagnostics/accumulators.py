@@ -246,6 +246,12 @@ class BlockAccumulator:
             1: torch.zeros(half, half, dtype=torch.float64),
             -1: torch.zeros(half, half, dtype=torch.float64),
         }
+        # the kernel of the equivariance error summed over every scalar entry,
+        # (q_i + q_j) / 2 - P_i . P_j, from the Gram matrix of the pair means and
+        # the pair mean squares (see paired_mean_square_deviation)
+        deviation_gram = torch.zeros(half, half, dtype=torch.float64)
+        deviation_squares = torch.zeros(half, dtype=torch.float64)
+        n_scalars = 0
         for centered_part, direct_part in zip(
             centered_parts, direct_parts, strict=True
         ):
@@ -258,6 +264,13 @@ class BlockAccumulator:
             estimate, variance = paired_mean_square_deviation(
                 grouped[:half], grouped[half:]
             )
+            flat_part = grouped.reshape(n_copies, -1)
+            pair_means = (flat_part[:half] + flat_part[half:]) / 2
+            deviation_gram += pair_means @ pair_means.T
+            deviation_squares += (
+                flat_part[:half].square() + flat_part[half:].square()
+            ).sum(dim=1) / 2
+            n_scalars += flat_part.shape[1]
             # the estimate is a sum of squares (see paired_mean_square_deviation):
             # negative values are round-off
             variances.append(
@@ -306,6 +319,9 @@ class BlockAccumulator:
             grams=grams,
             # mean square of the direct response in each pair
             pair_norms=(flat[:half] + flat[half:]) / 2,
+            deviation_gram=deviation_gram,
+            deviation_squares=deviation_squares,
+            n_scalars=n_scalars,
         )
 
 

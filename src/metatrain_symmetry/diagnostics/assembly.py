@@ -7,9 +7,7 @@ import warnings
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ..estimators import (
-    pair_u_covariance,
-)
+from ..estimators import pair_u_covariance, pair_u_statistic
 from ..irreps import (
     mu_labels,
     sigma_index,
@@ -170,6 +168,11 @@ def assemble(
         result.spectrum[name] = spectrum_map(normalized.reshape(len(finished), -1))
         return
 
+    rmse_errors, mean_rmse_error = _equivariance_rmse_errors(
+        [blocks for _, blocks in finished]
+    )
+    result.equivariance_rmse_error[name] = rmse_errors
+    result.mean_equivariance_rmse_error[name] = mean_rmse_error
     values, covariance, mean_covariance = _estimated_spectra(
         name, [blocks for _, blocks in finished], norms, integrator
     )
@@ -178,6 +181,42 @@ def assemble(
     result.spectrum_error[name] = spectrum_map(errors)
     result.spectrum_covariance[name] = covariance
     result.mean_spectrum_covariance[name] = mean_covariance
+
+
+def _equivariance_rmse_errors(
+    structures: list[list[dict]],
+) -> tuple[torch.Tensor, float]:
+    """Standard errors of the per-structure equivariance RMSE and of its mean
+    over structures, on a random grid.
+
+    Per structure, the sum ``S`` of the equivariance error over every scalar
+    entry is the U-statistic of the kernel ``K_ij = (q_i + q_j) / 2 - P_i . P_j``
+    summed over entries, and the RMSE is ``sqrt(S / n)`` for ``n`` scalar entries;
+    its error is linearized, ``dRMSE = dS / (2 n RMSE)``. The structures share the
+    grid's pairs: the error of the mean RMSE is that of the mean of their
+    linearized kernels.
+
+    :return: ``(n_structures,)`` standard errors and the mean's standard error
+    """
+    half = structures[0][0]["deviation_gram"].shape[0]
+    errors = torch.zeros(len(structures), dtype=torch.float64)
+    mean_kernel = torch.zeros(half, half, dtype=torch.float64)
+    for row, blocks in enumerate(structures):
+        gram = sum(block["deviation_gram"] for block in blocks)
+        squares = sum(block["deviation_squares"] for block in blocks)
+        n_scalars = sum(block["n_scalars"] for block in blocks)
+        kernel = (squares.unsqueeze(0) + squares.unsqueeze(1)) / 2 - gram
+        total, variance = pair_u_statistic(kernel)
+        rmse = float(total.clamp(min=0.0) / max(n_scalars, 1)) ** 0.5
+        if rmse == 0.0:
+            # an exactly equivariant structure: nothing to linearize around
+            continue
+        scale = 2 * n_scalars * rmse
+        errors[row] = variance.clamp(min=0.0).sqrt() / scale
+        mean_kernel += kernel / scale
+    mean_kernel /= len(structures)
+    _, mean_variance = pair_u_statistic(mean_kernel)
+    return errors, float(mean_variance.clamp(min=0.0).sqrt())
 
 
 def _estimated_spectra(

@@ -58,6 +58,13 @@ class AnalysisResult:
     """covariance of each structure's spectrum estimate, ``(n_structures,
     n_irreps, n_irreps)`` with irreps ordered as the ``spectrum`` properties
     (random grids only)"""
+    equivariance_rmse_error: dict[str, torch.Tensor] = field(default_factory=dict)
+    """standard error of each structure's :py:meth:`equivariance_rmse`,
+    ``(n_structures,)`` (random grids only)"""
+    mean_equivariance_rmse_error: dict[str, float] = field(default_factory=dict)
+    """standard error of the mean over structures of the equivariance RMSE; the
+    structures share the grid's rotations, so their errors are correlated (random
+    grids only)"""
     mean_spectrum_covariance: dict[str, torch.Tensor] = field(default_factory=dict)
     """covariance of the mean spectrum over structures, ``(n_irreps, n_irreps)``;
     the structures share the grid's rotations, so their errors are correlated and

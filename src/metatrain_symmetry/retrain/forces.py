@@ -47,12 +47,13 @@ class ForceStream(CopyStream):
             requests[PETReadout.features_name(name)] = ModelOutput(sample_kind="atom")
             requests[name] = ModelOutput(sample_kind="system")
         n_rotations = len(self.extended)
-        total = len(self.systems) * n_rotations
         largest = max(max(len(system), 1) for system in self.systems)
         per_batch = self.batch_size or max(1, _FORCE_ATOMS_PER_BATCH // largest)
         prepared = [prepare_rotations(system) for system in self.systems]
         batches = batch_segments(len(self.systems), n_rotations, per_batch)
-        with progress_bar(total, "force designs", self.progress) as bar:
+        with progress_bar(
+            self.systems, n_rotations, "force designs", self.progress
+        ) as bar:
             for segments in batches:
                 with torch.enable_grad():
                     chunks = self._designs(prepared, segments, requests)
@@ -61,7 +62,7 @@ class ForceStream(CopyStream):
                 ):
                     indices = torch.arange(first, last)
                     yield structure, indices, self.extended.rotations[indices], designs
-                    bar.update(last - first)
+                    bar.update(len(self.systems[structure]) * (last - first))
 
     def _designs(self, prepared, segments, requests) -> list[dict]:
         copies, positions = [], []
