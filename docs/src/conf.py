@@ -1,5 +1,7 @@
 """Sphinx configuration for the metatrain-symmetry documentation."""
 
+from chemiscope.sphinx import ChemiscopeScraper
+
 import metatrain_symmetry
 
 
@@ -14,6 +16,8 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
+    # embeds the chemiscope widgets that examples show
+    "chemiscope.sphinx",
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
@@ -30,6 +34,7 @@ sphinx_gallery_conf = {
     "within_subsection_order": "FileNameSortKey",
     "remove_config_comments": True,
     "min_reported_time": 5,
+    "image_scrapers": ("matplotlib", ChemiscopeScraper()),
 }
 
 html_theme = "furo"
