@@ -395,20 +395,10 @@ def test_audit_command_with_random_rotations(audit_inputs, tmp_path):
     """``--rotations N`` audits on N random elements: the equivariance error comes
     with its standard error, the report says it is an estimate, and the workload
     is announced in atoms before the pass."""
+    model, data = audit_inputs / "model.ckpt", audit_inputs / "data.xyz"
     output = tmp_path / "audit"
-    process = run_mtt_symmetry(
-        "audit",
-        audit_inputs / "model.ckpt",
-        audit_inputs / "data.xyz",
-        "-o",
-        output,
-        "--rotations",
-        "16",
-        "--seed",
-        "3",
-        "--max-lambda",
-        "2",
-    )
+    random_grid = ["--rotations", "16", "--seed", "3", "--max-lambda", "2"]
+    process = run_mtt_symmetry("audit", model, data, "-o", output, *random_grid)
     assert process.returncode == 0, process.stderr
     n_atoms = sum(len(atoms) for atoms in ase.io.read(audit_inputs / "data.xyz", ":"))
     assert f"3 structures x 16 rotated copies = 48 copies, {16 * n_atoms} atoms" in (
@@ -426,15 +416,7 @@ def test_audit_command_with_random_rotations(audit_inputs, tmp_path):
 
     failing = tmp_path / "failing"
     process = run_mtt_symmetry(
-        "audit",
-        audit_inputs / "model.ckpt",
-        audit_inputs / "data.xyz",
-        "-o",
-        failing,
-        "--rotations",
-        "16",
-        "--grid-degree",
-        "4",
+        "audit", model, data, "-o", failing, *random_grid, "--grid-degree", "4"
     )
     assert process.returncode == 2
     assert "either --grid-degree or --rotations" in process.stderr
