@@ -5,9 +5,12 @@ peak memory as the number of structures doubles, measured in one run.
 A PET whose energy is trained with forces (position gradients) is retrained on the
 first 1, 2, 4, ... boxes of 192 atoms of the shared DFT water data; each size runs
 in its own process, whose peak resident memory the parent reads when it ends.
+Model calls evaluate ``--batch-size`` rotated copies at a time (by default the
+copies of one structure), so that the peak memory set by one call is the same for
+every number of structures, and anything that grows with them shows.
 
 Usage: python benchmarks/retrain_forces.py [--data FILE] [--structures 1 2 4]
-    [--rotations 4]
+    [--rotations 2] [--batch-size N]
 """
 
 import argparse
@@ -100,7 +103,12 @@ def child(args) -> None:
         floor = forward_backward_seconds(checkpoint, frames, grid)
         start = time.perf_counter()
         msym.retrain_last_layer(
-            checkpoint, frames, gammas=[0.0, 1.0], targets=["energy"], grid=grid
+            checkpoint,
+            frames,
+            gammas=[0.0, 1.0],
+            targets=["energy"],
+            grid=grid,
+            batch_size=args.batch_size or len(grid) + 1,
         )
         retrain = time.perf_counter() - start
         floor = min(floor, forward_backward_seconds(checkpoint, frames, grid))
@@ -121,7 +129,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--structures", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--rotations", type=int, default=4)
+    parser.add_argument("--rotations", type=int, default=2)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rotated copies per model call (default: those of one structure)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,6 +152,8 @@ def main():
     for n in args.structures:
         command = [sys.executable, __file__, "--child", str(n), "--data", args.data]
         command += ["--rotations", str(args.rotations), "--threads", str(args.threads)]
+        if args.batch_size is not None:
+            command += ["--batch-size", str(args.batch_size)]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
