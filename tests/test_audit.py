@@ -413,6 +413,12 @@ def test_audit_command_with_random_rotations(audit_inputs, tmp_path):
     markdown = (output / "audit.md").read_text()
     assert "16 Haar-random elements (an estimate)" in markdown
     assert " ± " in markdown
+    with gzip.open(output / "audit.chemiscope.json.gz") as file:
+        properties = json.load(file)["properties"]
+    for name in summary["outputs"]:
+        errors = properties[f"{name}: equivariance RMSE standard error"]["values"]
+        # unbiased variance estimates can fall below zero: reported as 0
+        assert len(errors) == 3 and min(errors) >= 0 and max(errors) > 0
 
     failing = tmp_path / "failing"
     process = run_mtt_symmetry(

@@ -69,52 +69,49 @@ def chemiscope_dataset(
     frames = [_plain_atoms(atoms) for atoms in frames]
     analysis = result.analysis
     properties: dict[str, dict] = {}
-    properties["structure index"] = {
-        "target": "structure",
-        "values": np.arange(len(frames)),
-        "description": "position of the structure in the audited dataset",
-    }
+    properties["structure index"] = _structure_property(
+        np.arange(len(frames)), "position of the structure in the audited dataset"
+    )
+    estimate = _ESTIMATE if analysis.estimated else ""
     for name in result.outputs:
         unit = result.summary["outputs"][name]["unit"]
-        properties[f"{name}: equivariance RMSE"] = {
-            "target": "structure",
-            "values": analysis.equivariance_rmse(name).numpy(),
-            "units": unit,
-            "description": (
-                f"RMS deviation of '{name}' (back-transformed) from its O(3) average"
-            ),
-        }
+        properties[f"{name}: equivariance RMSE"] = _structure_property(
+            analysis.equivariance_rmse(name).numpy(),
+            f"RMS deviation of '{name}' (back-transformed) from its O(3) average"
+            + estimate,
+            unit,
+        )
+        if analysis.estimated:
+            properties[f"{name}: equivariance RMSE standard error"] = (
+                _structure_property(
+                    analysis.equivariance_rmse_error[name].numpy(),
+                    "standard error of the Monte-Carlo estimate of the equivariance "
+                    f"RMSE of '{name}'",
+                    unit,
+                )
+            )
         leakage = result.leakage(name)
         if leakage is not None:
-            properties[f"{name}: leakage"] = {
-                "target": "structure",
-                "values": leakage.numpy(),
-                "description": (
-                    f"1 - spectral weight of '{name}' at the irrep(s) it should carry"
-                    + (_ESTIMATE if analysis.estimated else "")
-                ),
-            }
+            properties[f"{name}: leakage"] = _structure_property(
+                leakage.numpy(),
+                f"1 - spectral weight of '{name}' at the irrep(s) it should carry"
+                + estimate,
+            )
             error = result.leakage_error(name)
             if error is not None:
-                properties[f"{name}: leakage standard error"] = {
-                    "target": "structure",
-                    "values": error.numpy(),
-                    "description": (
-                        f"standard error of the Monte-Carlo estimate of the leakage "
-                        f"of '{name}'"
-                    ),
-                }
+                properties[f"{name}: leakage standard error"] = _structure_property(
+                    error.numpy(),
+                    "standard error of the Monte-Carlo estimate of the leakage of "
+                    f"'{name}'",
+                )
         errors = result.structure_errors(name)
         if errors is not None:
-            properties[f"{name}: error"] = {
-                "target": "structure",
-                "values": errors.numpy(),
-                "units": unit,
-                "description": (
-                    f"RMSE of the prediction of '{name}' against the dataset target "
-                    f"'{result.targets[name]}'"
-                ),
-            }
+            properties[f"{name}: error"] = _structure_property(
+                errors.numpy(),
+                f"RMSE of the prediction of '{name}' against the dataset target "
+                f"'{result.targets[name]}'",
+                unit,
+            )
 
     n_columns = 2 * (analysis.max_lambda + 1)
     for name in analysis.outputs:
@@ -199,6 +196,14 @@ def chemiscope_dataset(
         parameters=parameters,
     )
     return _finite(data)
+
+
+def _structure_property(values, description: str, unit: str | None = None) -> dict:
+    """A chemiscope property with one value per structure."""
+    entry = {"target": "structure", "values": values, "description": description}
+    if unit is not None:
+        entry["units"] = unit
+    return entry
 
 
 def _plain_atoms(atoms):
