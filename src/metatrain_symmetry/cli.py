@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ._utils import first_line
 from .data import read_structures
+from .demo import DEFAULT_EPOCHS, DEFAULT_GAMMA
 
 
 def _analyze(args) -> None:
@@ -513,17 +514,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small PET on generated data and analyse its symmetry",
         description=(
             "Generate a small dataset with ASE's EMT calculator, train a small PET "
-            "with 'mtt train', and write its equivariance errors and spectra of "
-            "outputs and internal features."
+            "with 'mtt train' with and without the equivariance penalty, retrain "
+            "the plain model's last layer for several penalty weights, audit both "
+            "models and compare them."
         ),
     )
     demo.add_argument("-o", "--output", required=True, help="output directory")
-    demo.add_argument("--epochs", type=int, default=20, help="training epochs")
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help=f"training epochs (default {DEFAULT_EPOCHS})",
+    )
     demo.add_argument(
         "--gamma",
         type=float,
-        default=10.0,
-        help="weight of the equivariance penalty in the penalised training",
+        default=DEFAULT_GAMMA,
+        help="weight of the equivariance penalty in the penalised training "
+        f"(default {DEFAULT_GAMMA:g})",
     )
     _add_force_option(demo)
     demo.set_defaults(run=_demo)

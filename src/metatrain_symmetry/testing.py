@@ -33,7 +33,10 @@ def pet_options(
     epochs: int,
     width: int = 16,
     gnn_layers: int = 2,
+    cutoff: float = 4.0,
     batch_size: int = 8,
+    learning_rate: float = 0.003,
+    precision: int = 64,
     log_interval: int = 10,
     checkpoint_interval: int | None = None,
     training: str = "",
@@ -47,7 +50,10 @@ def pet_options(
     :param width: ``d_pet`` and ``d_head``; ``d_node`` and ``d_feedforward`` are
         twice as large
     :param gnn_layers: number of message-passing layers
+    :param cutoff: cutoff radius (A)
     :param batch_size: structures per training batch
+    :param learning_rate: peak learning rate
+    :param precision: ``base_precision`` (64 or 32 bits)
     :param log_interval: epochs between log lines
     :param checkpoint_interval: epochs between checkpoints (default ``epochs``)
     :param training: more options of the ``training`` section (e.g. ``loss``),
@@ -62,11 +68,11 @@ def pet_options(
         textwrap.dedent(
             f"""\
             seed: 0
-            base_precision: 64
+            base_precision: {precision}
             architecture:
               name: pet
               model:
-                cutoff: 4.0
+                cutoff: {cutoff}
                 d_pet: {width}
                 d_head: {width}
                 d_node: {2 * width}
@@ -77,7 +83,7 @@ def pet_options(
               training:
                 batch_size: {batch_size}
                 num_epochs: {epochs}
-                learning_rate: 0.003
+                learning_rate: {learning_rate}
                 log_interval: {log_interval}
                 checkpoint_interval: {checkpoint_interval}
             """
