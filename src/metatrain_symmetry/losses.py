@@ -314,9 +314,18 @@ def evaluate_rotated_copies(
         for name in targets
     }
 
-    predictions = evaluate(step.model, rotated, targets, is_training=True)
+    model = step.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Evaluate the copies through the wrapped module: DDP expects one forward
+        # per backward; a second wrapper forward would add to every step a
+        # broadcast of the buffers (a collective all ranks must reach) and a
+        # second reducer.prepare_for_backward. The copies' gradients need
+        # no wrapper: autograd sums all contributions to a parameter before its
+        # AccumulateGrad node runs, and DDP's allreduce hook runs after that node,
+        # so the allreduce averages the total gradient, penalty included.
+        model = model.module
+    predictions = evaluate(model, rotated, targets, is_training=True)
     predictions = average(predictions, rotated, step.per_structure_targets)
-    model = getattr(step.model, "module", step.model)
     scaler = getattr(model, "scaler", None)
     if scaler is not None and hasattr(scaler, "apply_scales"):
         predictions = scaler.apply_scales(
