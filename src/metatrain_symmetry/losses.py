@@ -194,7 +194,9 @@ class PenaltyContext:
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self._step: Optional[TrainingStep] = None
         self._rotated: Optional[RotatedPredictions] = None
-        self._log_sums: dict[str, list[float]] = {}
+        # sums stay tensors on the model's device until logged: converting each
+        # step's value to a float would wait for the device in mid-step
+        self._log_sums: dict[str, list] = {}
 
     @property
     def step(self) -> Optional[TrainingStep]:
@@ -235,16 +237,17 @@ class PenaltyContext:
         )
         return self._rotated
 
-    def record(self, label: str, value: float) -> None:
+    def record(self, label: str, value: torch.Tensor) -> None:
+        """Add one step's ``L_sigma`` (a detached scalar tensor) to the log."""
         sums = self._log_sums.setdefault(label, [0.0, 0])
-        sums[0] += value
+        sums[0] = sums[0] + value
         sums[1] += 1
 
     def pop_log(self) -> dict[str, float]:
         """Mean ``L_sigma`` of each loss over the training batches since the
         previous call, keyed ``"L_sigma(<target>)"``."""
         means = {
-            f"L_sigma({label})": total / count
+            f"L_sigma({label})": float(total) / count
             for label, (total, count) in self._log_sums.items()
             if count > 0
         }
@@ -523,5 +526,5 @@ class EquivarianceLoss(LossInterface):
             rotated, self.target, self.gradient, self.n_rotations
         )
         self.last_penalty = penalty.detach()
-        self.context.record(self.label, float(penalty.detach()))
+        self.context.record(self.label, self.last_penalty)
         return penalty
