@@ -398,6 +398,7 @@ def _export(args) -> None:
         raise ValueError("--grid-degree applies to --symmetrize; add --symmetrize")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
+    _check_device(args.device)
     read_structures(args.audit)  # fail early on unreadable data
     result = export_audited(
         args.checkpoint,
@@ -410,6 +411,7 @@ def _export(args) -> None:
         targets=_parse_targets(args.targets),
         max_lambda=args.max_lambda,
         batch_size=args.batch_size,
+        device=args.device,
         progress=True,
     )
     from .audit_files import audit_markdown
@@ -452,6 +454,7 @@ def _add_export_command(commands) -> None:
     command.add_argument("--outputs", nargs="+", default=None)
     command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
     _add_grid_options(command, grid_degree=False, rotations=True)
+    _add_device_option(command)
     _add_force_option(command, "an existing output file")
     command.set_defaults(run=_export)
 
