@@ -151,33 +151,81 @@ def test_equivariance_loss_training_step(molecules):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="retrain_last_layer has no device argument yet: it retrains on CPU",
-)
-def test_retraining(audit_inputs, tmp_path):
+@pytest.mark.parametrize("position_gradients", [False, True])
+def test_retraining(audit_inputs, tmp_path, position_gradients):
     import ase.io
+    import metatomic.torch  # noqa: F401 (the classes a checkpoint's metadata needs)
 
     import metatrain_symmetry as msym
+    from metatrain_symmetry.testing import tiny_pet
 
+    # with position gradients, the energy's conservative forces enter the
+    # objective: the force designs' backward passes run on the device too
+    checkpoint = tmp_path / "model.ckpt"
+    model = tiny_pet(position_gradients=position_gradients)
+    torch.save(model.get_checkpoint(), checkpoint)
     frames = ase.io.read(audit_inputs / "data.xyz", ":")
     grid = msym.O3Grid.random(8, seed=2)
     results = {
         device: msym.retrain_last_layer(
-            audit_inputs / "model.ckpt",
+            checkpoint,
             frames,
+            validation=frames,
             gammas=[0.0, 1.0],
             grid=grid,
             ridge=1e-6,
+            output=tmp_path / device,
             device=device,
         )
         for device in ("cpu", "cuda")
     }
-    for name, parameters in results["cpu"].parameters.items():
-        torch.testing.assert_close(
-            results["cuda"].parameters[name].cpu(), parameters, rtol=1e-6, atol=1e-9
-        )
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert cuda.terms == cpu.terms
+    assert ("energy/forces" in cpu.terms) == position_gradients
+    # the solutions come from normal equations, which amplify round-off
+    close = {"rtol": 1e-6, "atol": 1e-9}
+    for name, parameters in cpu.parameters.items():
+        assert cuda.parameters[name].device == torch.device("cpu")
+        torch.testing.assert_close(cuda.parameters[name], parameters, **close)
+    torch.testing.assert_close(cuda.objective, cpu.objective, **close)
+    for kind in (
+        "training_mse",
+        "training_equivariance",
+        "validation_rmse",
+        "validation_equivariance_rmse",
+    ):
+        expected = getattr(cpu, kind)
+        assert getattr(cuda, kind).keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                getattr(cuda, kind)[name], value, **close, msg=f"{kind} {name}"
+            )
+    # checkpoints written after a run on CUDA hold CPU tensors, and the same
+    # parameters as those of the run on CPU
+    for written, reference in zip(cuda.checkpoints, cpu.checkpoints, strict=True):
+        state = torch.load(written, weights_only=False)["model_state_dict"]
+        expected = torch.load(reference, weights_only=False)["model_state_dict"]
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            assert value.device == torch.device("cpu"), name
+            if value.is_floating_point():
+                torch.testing.assert_close(value, expected[name], **close, msg=name)
+
+
+def assert_json_close(actual, expected, path="summary"):
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key, value in expected.items():
+            assert_json_close(actual[key], value, f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), path
+        for index, (item, value) in enumerate(zip(actual, expected, strict=True)):
+            assert_json_close(item, value, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=RTOL, abs=ATOL), path
+    else:
+        assert actual == expected, path
 
 
 def test_exported_symmetrized_model(audit_inputs, tmp_path):
@@ -188,16 +236,22 @@ def test_exported_symmetrized_model(audit_inputs, tmp_path):
     from metatrain_symmetry.export import export_audited
     from metatrain_symmetry.systems import prepare_systems
 
-    output = tmp_path / "model.pt"
-    export_audited(
-        audit_inputs / "model.ckpt",
-        output,
-        audit_inputs / "data.xyz",
-        symmetrize=True,
-        grid_degree=3,
-        audit_grid=msym.O3Grid.random(8, seed=3),
-        max_lambda=1,
-    )
+    summaries = {}
+    for device in ("cpu", "cuda"):
+        output = tmp_path / f"audited-on-{device}.pt"
+        export_audited(
+            audit_inputs / "model.ckpt",
+            output,
+            audit_inputs / "data.xyz",
+            symmetrize=True,
+            grid_degree=3,
+            audit_grid=msym.O3Grid.random(8, seed=3),
+            max_lambda=1,
+            device=device,
+        )
+        summaries[device] = msym.read_audit(output)
+    assert_json_close(summaries["cuda"], summaries["cpu"])
+    # the model audited on CUDA is exported from CPU: it runs on either device
     frames = ase.io.read(audit_inputs / "data.xyz", ":")
     requests = {
         "energy": ModelOutput(sample_kind="system"),
