@@ -139,6 +139,24 @@ def _add_force_option(parser, replaced: str = "a non-empty output directory") ->
     parser.add_argument("--force", action="store_true", help=f"replace {replaced}")
 
 
+def _add_device_option(parser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device the model runs on (default: cpu)",
+    )
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse ``--device cuda`` before any work where CUDA is not available."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available")
+
+
 def _add_dynamics_command(commands) -> None:
     dynamics = commands.add_parser(
         "dynamics",
@@ -202,6 +220,7 @@ def _retrain(args) -> None:
     from ._utils import check_output_directory
 
     output = check_output_directory(args.output, args.force)
+    _check_device(args.device)
     if args.grid_degree is not None and args.n_rotations is not None:
         raise ValueError("give either --grid-degree or --n-rotations, not both")
     grid = None
@@ -223,6 +242,7 @@ def _retrain(args) -> None:
         output=output,
         force=True,
         batch_size=args.batch_size,
+        device=args.device,
         progress=True,
     )
     print((output / "pareto.md").read_text())
@@ -263,6 +283,7 @@ def _add_retrain_command(commands) -> None:
         help="retrain energies trained with forces on energies alone",
     )
     retrain.add_argument("--batch-size", type=int, default=None)
+    _add_device_option(retrain)
     retrain.add_argument("-o", "--output", required=True, help="output directory")
     _add_force_option(retrain)
     retrain.set_defaults(run=_retrain)
@@ -290,11 +311,7 @@ def _audit(args) -> None:
     from .audit_files import write_audit_report
 
     output = check_output_directory(args.output, args.force)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available")
+    _check_device(args.device)
     model = msym.load_model(args.model, device=args.device)
     frames = read_structures(args.data)
     grid = _grid(args)
@@ -364,7 +381,7 @@ def _add_audit_command(commands) -> None:
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
     _add_grid_options(command, rotations=True)
-    command.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_device_option(command)
     _add_force_option(command)
     command.set_defaults(run=_audit)
 
@@ -382,6 +399,7 @@ def _export(args) -> None:
         raise ValueError("--grid-degree applies to --symmetrize; add --symmetrize")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
+    _check_device(args.device)
     read_structures(args.audit)  # fail early on unreadable data
     result = export_audited(
         args.checkpoint,
@@ -394,6 +412,7 @@ def _export(args) -> None:
         targets=_parse_targets(args.targets),
         max_lambda=args.max_lambda,
         batch_size=args.batch_size,
+        device=args.device,
         progress=True,
     )
     from .audit_files import audit_markdown
@@ -436,6 +455,7 @@ def _add_export_command(commands) -> None:
     command.add_argument("--outputs", nargs="+", default=None)
     command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
     _add_grid_options(command, grid_degree=False, rotations=True)
+    _add_device_option(command)
     _add_force_option(command, "an existing output file")
     command.set_defaults(run=_export)
 

@@ -12,6 +12,7 @@ equivariance variance at run time.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -103,6 +104,7 @@ def export_audited(
     targets: dict[str, str] | None = None,
     max_lambda: int = 4,
     batch_size: int | None = None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> AuditResult:
     """Audit a checkpoint on ``data`` and export it with the audit summary in its
@@ -123,6 +125,8 @@ def export_audited(
     :param targets: dataset keys of the outputs, see :py:func:`audit`
     :param max_lambda: largest ``lambda`` of the audit spectra
     :param batch_size: rotated copies per model call in the audit
+    :param device: run the audit on this device (default: CPU); the model is
+        exported from CPU whatever the device of its audit
     :param progress: show progress bars
     :return: the audit (of the model before any symmetrization)
     """
@@ -145,14 +149,18 @@ def export_audited(
     grid = audit_grid
     if grid is None and grid_degree is not None:
         grid = O3Grid(grid_degree)
+    # the audit moves the model it is given to ``device`` (with state that PET
+    # moves lazily, outside its parameters): a copy keeps the exported model on CPU
+    audited = model if device is None else copy.deepcopy(model)
     result = audit(
-        model,
+        audited,
         frames,
         outputs=outputs,
         targets=targets,
         max_lambda=max_lambda,
         grid=grid,
         batch_size=batch_size,
+        device=device,
         progress=progress,
     )
     summary = dict(result.summary)

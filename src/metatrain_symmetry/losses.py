@@ -194,7 +194,9 @@ class PenaltyContext:
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self._step: Optional[TrainingStep] = None
         self._rotated: Optional[RotatedPredictions] = None
-        self._log_sums: dict[str, list[float]] = {}
+        # sums stay tensors on the model's device until logged: converting each
+        # step's value to a float would wait for the device in mid-step
+        self._log_sums: dict[str, list] = {}
 
     @property
     def step(self) -> Optional[TrainingStep]:
@@ -235,16 +237,17 @@ class PenaltyContext:
         )
         return self._rotated
 
-    def record(self, label: str, value: float) -> None:
+    def record(self, label: str, value: torch.Tensor) -> None:
+        """Add one step's ``L_sigma`` (a detached scalar tensor) to the log."""
         sums = self._log_sums.setdefault(label, [0.0, 0])
-        sums[0] += value
+        sums[0] = sums[0] + value
         sums[1] += 1
 
     def pop_log(self) -> dict[str, float]:
         """Mean ``L_sigma`` of each loss over the training batches since the
         previous call, keyed ``"L_sigma(<target>)"``."""
         means = {
-            f"L_sigma({label})": total / count
+            f"L_sigma({label})": float(total) / count
             for label, (total, count) in self._log_sums.items()
             if count > 0
         }
@@ -314,9 +317,18 @@ def evaluate_rotated_copies(
         for name in targets
     }
 
-    predictions = evaluate(step.model, rotated, targets, is_training=True)
+    model = step.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Evaluate the copies through the wrapped module: DDP expects one forward
+        # per backward; a second wrapper forward would add to every step a
+        # broadcast of the buffers (a collective all ranks must reach) and a
+        # second reducer.prepare_for_backward. The copies' gradients need
+        # no wrapper: autograd sums all contributions to a parameter before its
+        # AccumulateGrad node runs, and DDP's allreduce hook runs after that node,
+        # so the allreduce averages the total gradient, penalty included.
+        model = model.module
+    predictions = evaluate(model, rotated, targets, is_training=True)
     predictions = average(predictions, rotated, step.per_structure_targets)
-    model = getattr(step.model, "module", step.model)
     scaler = getattr(model, "scaler", None)
     if scaler is not None and hasattr(scaler, "apply_scales"):
         predictions = scaler.apply_scales(
@@ -514,5 +526,5 @@ class EquivarianceLoss(LossInterface):
             rotated, self.target, self.gradient, self.n_rotations
         )
         self.last_penalty = penalty.detach()
-        self.context.record(self.label, float(penalty.detach()))
+        self.context.record(self.label, self.last_penalty)
         return penalty

@@ -107,6 +107,7 @@ def pet_model(
     stress: bool = False,
     seed: int = 0,
     perturbation: float = 0.0,
+    position_gradients: bool = False,
 ) -> torch.nn.Module:
     """A metatrain PET built in memory, with energy and non-conservative force
     (and, with ``stress``, non-conservative stress) heads.
@@ -119,6 +120,8 @@ def pet_model(
     :param perturbation: move every parameter by this times a standard normal
         (untrained last layers start near zero; a perturbation makes symmetry
         breaking large and easy to resolve)
+    :param position_gradients: declare the energy as trained with its position
+        gradients (conservative forces), as retraining reads from a checkpoint
     """
     from metatrain.pet import PET
     from metatrain.utils.architectures import get_default_hypers
@@ -133,7 +136,9 @@ def pet_model(
     model_hypers.update(hypers)
     targets = {
         "energy": get_energy_target_info(
-            "energy", {"quantity": "energy", "unit": "eV"}
+            "energy",
+            {"quantity": "energy", "unit": "eV"},
+            add_position_gradients=position_gradients,
         ),
         "non_conservative_force": _cartesian_target(
             get_generic_target_info, "non_conservative_force", "force", 1, "atom"
@@ -160,12 +165,14 @@ def tiny_pet(
     d_node: int = 16,
     stress: bool = False,
     seed: int = 0,
+    position_gradients: bool = False,
 ) -> torch.nn.Module:
     """A very small PET (two message-passing layers of width 8, cutoff 3.5 A)
     whose parameters are perturbed by ``0.3`` times a standard normal (see
     :py:func:`pet_model`).
 
-    ``d_node`` differs from ``d_pet`` so that the centre-token layers are active.
+    ``d_node`` differs from ``d_pet`` so that the centre-token layers are active;
+    the other arguments are those of :py:func:`pet_model`.
     """
     hypers = {
         "d_pet": 8,
@@ -177,7 +184,15 @@ def tiny_pet(
         "num_gnn_layers": 2,
         "cutoff": 3.5,
     }
-    return pet_model(hypers, atomic_types, dtype, stress, seed, perturbation=0.3)
+    return pet_model(
+        hypers,
+        atomic_types,
+        dtype,
+        stress,
+        seed,
+        perturbation=0.3,
+        position_gradients=position_gradients,
+    )
 
 
 def _cartesian_target(make, name: str, quantity: str, rank: int, sample_kind: str):

@@ -109,11 +109,12 @@ def structure_infos(model: LoadedModel, systems: list[System], targets) -> list:
 
 
 def _per_target(scales, targets) -> dict[str, torch.Tensor]:
-    """``(n_samples, n_outputs)`` float64 scales of every target."""
+    """``(n_samples, n_outputs)`` float64 scales of every target, on CPU (where
+    the designs are built, whatever the model's device)."""
     return {
         t.name: scales[t.name]
         .block()
-        .values.to(torch.float64)
+        .values.to(device="cpu", dtype=torch.float64)
         .reshape(-1, t.readout.n_outputs)
         for t in targets
     }

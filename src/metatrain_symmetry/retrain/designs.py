@@ -84,23 +84,27 @@ class DesignStream(CopyStream):
         for chunk in self.evaluator.stream(self.systems, requests, self.progress):
             structure = chunk.structure
             info = self.infos[structure]
+            # the model's outputs come to CPU once per chunk: the designs, their
+            # normal equations and the solve are float64 on CPU on every device
             cutoff = chunk.outputs[CUTOFF_FACTORS].blocks[0]
             first_atom = cutoff.sample_values[
                 :, cutoff.sample_names.index("first_atom")
-            ]
+            ].to(device="cpu", dtype=torch.long)
             n_atoms = len(self.systems[structure])
             n_copies = len(chunk.rotations)
             coordination = torch.zeros(n_copies, n_atoms, dtype=torch.float64)
             coordination.index_add_(
                 1,
-                first_atom.to(torch.long),
-                cutoff.values[..., 0].to(torch.float64),
+                first_atom,
+                cutoff.values[..., 0].to(device="cpu", dtype=torch.float64),
             )
             rotations = self.extended.rotations[chunk.rotations]
             designs = {}
             for target in self.targets:
                 features = chunk.outputs[PETReadout.features_name(target.name)]
-                features = features.blocks[0].values.to(torch.float64)
+                features = features.blocks[0].values.to(
+                    device="cpu", dtype=torch.float64
+                )
                 augmented = torch.cat(
                     [
                         features,
@@ -123,7 +127,7 @@ class DesignStream(CopyStream):
                     n_copies, n_samples, target.readout.n_outputs, -1
                 )
                 prediction = chunk.outputs[target.name].blocks[0].values
-                prediction = prediction.to(torch.float64).reshape(
+                prediction = prediction.to(device="cpu", dtype=torch.float64).reshape(
                     n_copies, n_samples, target.readout.n_outputs
                 )
                 offset = prediction - design @ self.thetas[target.name]

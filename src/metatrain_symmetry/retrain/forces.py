@@ -143,7 +143,8 @@ class ForceStream(CopyStream):
 def _per_copy_gradients(totals: torch.Tensor, positions) -> list[torch.Tensor]:
     """Gradients of every entry of ``totals`` (``(K,)``, sums over independent
     copies) with respect to each copy's positions: one ``(n_atoms, 3, K)`` float64
-    tensor per copy.
+    tensor per copy, on CPU (where the designs are built, whatever the model's
+    device).
 
     One backward pass per entry: on CPU this costs less than one ordinary backward
     pass per entry, while batching the entries (``is_grads_batched``) costs about
@@ -157,4 +158,7 @@ def _per_copy_gradients(totals: torch.Tensor, positions) -> list[torch.Tensor]:
             columns[index].append(
                 torch.zeros_like(positions[index]) if gradient is None else gradient
             )
-    return [torch.stack(parts, dim=-1).to(torch.float64) for parts in columns]
+    per_copy = [torch.stack(parts, dim=-1) for parts in columns]
+    # one transfer for the whole batch rather than one per copy
+    batch = torch.cat(per_copy).to(device="cpu", dtype=torch.float64)
+    return list(batch.split([len(gradient) for gradient in per_copy]))

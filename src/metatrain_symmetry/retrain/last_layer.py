@@ -41,6 +41,7 @@ def retrain_last_layer(
     output: str | os.PathLike | None = None,
     force: bool = False,
     batch_size: int | None = None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> RetrainResult:
     """Retrain the readout of a metatrain PET checkpoint in closed form.
@@ -81,6 +82,9 @@ def retrain_last_layer(
         ``pareto.md`` and ``pareto.png``; written atomically
     :param force: replace a non-empty ``output`` directory
     :param batch_size: rotated copies per model call
+    :param device: run the model on this device (default: CPU). Whatever the
+        device, the normal equations are accumulated and solved in float64 on CPU,
+        the solutions are CPU tensors and the checkpoints are written from CPU
     :param progress: show progress bars
     :return: the solutions and their errors
     """
@@ -88,7 +92,7 @@ def retrain_last_layer(
     ridge = _check_ridge(ridge)
     if output is not None:
         output = check_output_directory(output, force)
-    model = load_model(Path(checkpoint))
+    model = load_model(Path(checkpoint), device=device)
     pet = trainable_pet(model.module, model.source)
     original = torch.load(Path(checkpoint), weights_only=False, map_location="cpu")
     targets = setup_targets(
@@ -127,6 +131,8 @@ def retrain_last_layer(
             evaluation.record(result, name)
 
     if output is not None:
+        # checkpoints written from CPU load on any machine, as metatrain's own do
+        model.to(device="cpu")
         write_checkpoints(result, targets, pet, original, output)
     return result
 
