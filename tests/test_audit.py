@@ -388,7 +388,9 @@ def test_interrupted_audit_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
         ["audit", *map(str, arguments), "-o", str(output), "--max-lambda", "1"]
     )
     assert status == 130
-    assert list(tmp_path.iterdir()) == []
+    # no output directory; the completed shards are kept for a rerun to resume
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.partial"]
+    assert (tmp_path / "audit.partial" / "manifest.json").is_file()
 
 
 def test_audit_command_with_random_rotations(audit_inputs, tmp_path):

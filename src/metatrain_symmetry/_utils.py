@@ -9,6 +9,7 @@ permissions the user's umask gives any new file or directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -142,3 +143,12 @@ def name_list(values, empty: str, repeated: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"{repeated}: {names}")
     return names
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """Hexadecimal SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -12,7 +12,6 @@ HTML viewer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,9 +25,17 @@ from metatomic.torch import (
     ModelOutput,
 )
 
+from ._utils import sha256_of_file
 from ._version import __version__
 from .data import read_structures, reference_value
-from .diagnostics import AnalysisResult, analyze
+from .diagnostics import (
+    AnalysisPart,
+    AnalysisPlan,
+    AnalysisResult,
+    model_fingerprint,
+    run_context,
+)
+from .distributed import ShardStore, cut_into_shards, run_shards
 from .engine import RotatedEvaluator
 from .grid import O3Grid
 from .irreps import spectrum_irreps
@@ -40,7 +47,7 @@ from .quantities import (
     default_label_key,
     expected_irreps,
 )
-from .systems import prepare_systems
+from .systems import prepare_systems, systems_fingerprint
 from .visualize import chemiscope_widget
 
 
@@ -204,7 +211,9 @@ def audit(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> AuditResult:
+    distributed: bool = False,
+    work_dir: str | os.PathLike | None = None,
+) -> AuditResult | None:
     """Audit the rotational symmetry of a model on a dataset.
 
     :param model: anything :py:func:`load_model` accepts (exported model, metatrain
@@ -221,9 +230,20 @@ def audit(
     :param grid: O(3) grid, see :py:func:`analyze`
     :param batch_size: rotated copies per model call
     :param device: run the model on this device
-    :param progress: show progress bars
-    :return: the audit, with its JSON-ready ``summary``
+    :param progress: show progress bars (on rank 0 only)
+    :param distributed: spread the structures over the processes of torch's
+        initialized default process group (see
+        :py:func:`metatrain_symmetry.distributed.init_from_environment`); every
+        rank must call this function with the same arguments
+    :param work_dir: save each completed shard of structures in this directory,
+        and reuse the shards a previous, interrupted audit of the same model file,
+        structures and settings saved there (another audit's directory is
+        refused); needs a model loaded from a file; the directory is kept:
+        remove it once the result is saved
+    :return: the audit, with its JSON-ready ``summary``; ``None`` on ranks other
+        than 0 when ``distributed``
     """
+    context = run_context(distributed)
     model_path = None
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
@@ -280,28 +300,65 @@ def audit(
         name: [_read_target(atoms, key, index) for index, atoms in enumerate(frames)]
         for name, key in targets.items()
     }
-    predictions = predict(loaded, frames, outputs)
-    for name, values in references.items():
-        for index, (prediction, reference) in enumerate(
-            zip(predictions[name], values, strict=True)
-        ):
-            if prediction.numel() != reference.numel():
-                raise ValueError(
-                    f"the target '{targets[name]}' of structure {index} has "
-                    f"{reference.numel()} values but the output '{name}' has "
-                    f"{prediction.numel()}"
-                )
-            values[index] = reference.reshape(prediction.shape)
+    plan = AnalysisPlan(loaded, names, max_lambda, grid, batch_size)
+    systems = plan.prepare(frames)
+    store = None
+    if work_dir is not None:
+        manifest = {
+            "kind": "audit",
+            "model": model_fingerprint(loaded),
+            "structures": systems_fingerprint(systems),
+            "n_structures": len(systems),
+            "audited_outputs": outputs,
+            **plan.settings(),
+        }
+        store = ShardStore(work_dir, manifest)
 
-    analysis = analyze(
-        loaded,
-        frames,
-        names,
-        max_lambda=max_lambda,
-        grid=grid,
-        batch_size=batch_size,
-        progress=progress,
+    def compute(mine: dict[int, list[int]]):
+        """Unrotated predictions (checked against the targets), then the
+        analysis, of this rank's shards."""
+        indices = [index for shard in mine.values() for index in shard]
+        values = predict(loaded, [frames[index] for index in indices], outputs)
+        by_structure = {
+            index: {name: values[name][position] for name in outputs}
+            for position, index in enumerate(indices)
+        }
+        for name in references:
+            for index in indices:
+                _check_target(
+                    targets[name],
+                    name,
+                    index,
+                    by_structure[index][name],
+                    references[name][index],
+                )
+        for shard, part in plan.run(systems, mine, progress and context.is_main):
+            shard_predictions = {
+                name: [by_structure[index][name] for index in mine[shard]]
+                for name in outputs
+            }
+            yield shard, (part, shard_predictions)
+
+    costs = plan.costs(systems)
+    shards = cut_into_shards(costs)
+    parts = run_shards(
+        shards,
+        [sum(costs[i] for i in shard) for shard in shards],
+        compute,
+        context,
+        store,
     )
+    if parts is None:
+        return None
+    analysis_parts: list[AnalysisPart] = [part for part, _ in parts]
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in outputs}
+    for _, shard_predictions in parts:
+        for name in outputs:
+            predictions[name].extend(shard_predictions[name])
+    for name, values in references.items():
+        for index, prediction in enumerate(predictions[name]):
+            values[index] = values[index].reshape(prediction.shape)
+    analysis = plan.assemble(analysis_parts)
     result = AuditResult(
         summary={},
         analysis=analysis,
@@ -375,6 +432,16 @@ def predict(
 
 
 # ---------------------------------------------------------------------- targets
+def _check_target(
+    key: str, name: str, index: int, prediction: torch.Tensor, reference: torch.Tensor
+) -> None:
+    if prediction.numel() != reference.numel():
+        raise ValueError(
+            f"the target '{key}' of structure {index} has {reference.numel()} "
+            f"values but the output '{name}' has {prediction.numel()}"
+        )
+
+
 def _has_key(atoms, key: str) -> bool:
     return reference_value(atoms, key) is not None
 
@@ -397,14 +464,6 @@ def _read_target(atoms, key: str, index: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- summary
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _number(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None

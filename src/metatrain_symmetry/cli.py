@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from ._utils import first_line
 from .data import read_structures
 from .demo import DEFAULT_EPOCHS, DEFAULT_GAMMA
+from .distributed import (
+    DistributedContext,
+    RankFailure,
+    agree,
+    environment_world_size,
+    init_from_environment,
+)
+
+
+# the commands that spread their work over the processes of torchrun or srun
+_DISTRIBUTED_COMMANDS = ("audit", "analyze")
 
 
 def _analyze(args) -> None:
@@ -29,6 +41,7 @@ def _analyze(args) -> None:
         raise ValueError("nothing to analyse: give --outputs and/or --features")
     model.check_names(names)
     grid = _grid(args)
+    work_dir = _work_directory(output)
     result = msym.analyze(
         model,
         frames,
@@ -38,13 +51,24 @@ def _analyze(args) -> None:
         batch_size=args.batch_size,
         progress=True,
         per_atom=args.per_atom,
+        distributed=args.context.is_distributed,
+        work_dir=work_dir,
     )
+    if result is None:
+        return
     with atomic_directory(output) as staging:
         save_result(result, staging)
         (staging / "summary.md").write_text(summary_table(result))
         plot_spectra({Path(args.model).name: result}, staging / "spectra.png")
+    shutil.rmtree(work_dir)
     print(summary_table(result))
     print(f"results written to {output}/")
+
+
+def _work_directory(output: Path) -> Path:
+    """Where the completed shards of an audit or analysis writing ``output`` are
+    kept until ``output`` is complete, so that an interrupted run resumes."""
+    return output.parent / f"{output.name}.partial"
 
 
 def _dynamics(args) -> None:
@@ -316,6 +340,7 @@ def _audit(args) -> None:
     frames = read_structures(args.data)
     grid = _grid(args)
     features = ["all"] if args.features == ["all"] else args.features
+    work_dir = _work_directory(output)
     result = audit(
         model,
         frames,
@@ -326,7 +351,11 @@ def _audit(args) -> None:
         grid=grid,
         batch_size=args.batch_size,
         progress=True,
+        distributed=args.context.is_distributed,
+        work_dir=work_dir,
     )
+    if result is None:
+        return
     # identify the files, not the in-memory copies
     result.summary["model"].update(
         path=args.model, sha256=sha256_of_file(Path(args.model))
@@ -336,6 +365,7 @@ def _audit(args) -> None:
     )
     with atomic_directory(output) as staging:
         write_audit_report(result, frames, staging)
+    shutil.rmtree(work_dir)
     print((output / "audit.md").read_text())
     print(f"audit written to {output}/ (open {output / 'audit.html'} in a browser)")
 
@@ -563,19 +593,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_processes(args) -> DistributedContext:
+    """The processes of ``torchrun`` or ``srun`` for the commands that use them,
+    else a single process."""
+    if args.command not in _DISTRIBUTED_COMMANDS or environment_world_size() <= 1:
+        return DistributedContext()
+    backend = "gloo" if getattr(args, "device", None) != "cuda" else None
+    return init_from_environment(backend=backend)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    context = DistributedContext()
     try:
-        args.run(args)
+        try:
+            args.context = context = _join_processes(args)
+            args.run(args)
+        except Exception as error:
+            if context.is_distributed and not isinstance(error, RankFailure):
+                # tell the other ranks, which otherwise wait for this one
+                agree(context, error)
+            raise
+        # rank 0 writes the files: the others wait to learn whether it did
+        agree(context, None)
+    except RankFailure as error:
+        # this rank's own error carries its type; another rank's is a RankFailure
+        return _report(args.command, error.__cause__ or error)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-        message = first_line(error)
-        print(f"mtt-symmetry {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _report(args.command, error)
     except KeyboardInterrupt:
         print(f"mtt-symmetry {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if context.is_distributed:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _report(command: str, error: BaseException) -> int:
+    """Print an error as one line and return the exit code; unexpected errors
+    keep their traceback."""
+    if not isinstance(error, (ValueError, TypeError, FileNotFoundError, RuntimeError)):
+        raise error
+    print(f"mtt-symmetry {command}: error: {first_line(error)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ lists."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol, Union
 
@@ -90,3 +91,17 @@ def attach_neighbor_lists(model: SystemRequirements, systems: list[System]) -> N
             if calculator is None:
                 calculator = NeighborList(option, model.length_unit, skin=0.0)
             system.add_neighbor_list(option, calculator.compute(system))
+
+
+def systems_fingerprint(systems: Sequence[System]) -> str:
+    """SHA-256 of what a model sees of systems: atomic types, positions, cell and
+    periodicity (in float64), in order."""
+    digest = hashlib.sha256()
+    for system in systems:
+        for tensor in (system.types, system.positions, system.cell, system.pbc):
+            tensor = tensor.detach().to("cpu")
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch.float64)
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()

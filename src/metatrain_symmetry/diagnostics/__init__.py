@@ -21,8 +21,22 @@ over the independent pairs ``(R, -R)`` of the grid, with standard errors (see
 unchanged.
 """
 
-from .analysis import analyze
+from .analysis import (
+    AnalysisPart,
+    AnalysisPlan,
+    analyze,
+    model_fingerprint,
+    run_context,
+)
 from .result import AnalysisResult, equivariance_rmse
 
 
-__all__ = ["AnalysisResult", "analyze", "equivariance_rmse"]
+__all__ = [
+    "AnalysisPart",
+    "AnalysisPlan",
+    "AnalysisResult",
+    "analyze",
+    "equivariance_rmse",
+    "model_fingerprint",
+    "run_context",
+]

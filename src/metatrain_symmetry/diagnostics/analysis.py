@@ -1,19 +1,36 @@
 """The analysis of a model on rotated copies of structures: one pass over the
-engine's stream feeding the accumulators."""
+engine's stream feeding the accumulators.
+
+An analysis splits into independent parts, one per shard of structures
+(:py:meth:`AnalysisPlan.run`), joined at the end (:py:meth:`AnalysisPlan.assemble`);
+this is how it is spread over processes and resumed (see
+:py:mod:`metatrain_symmetry.distributed`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
+import torch
 from metatensor.torch import Labels
-from metatomic.torch import ModelOutput
+from metatomic.torch import ModelOutput, System
 
-from .._utils import is_integer, name_list
+from .._utils import is_integer, name_list, sha256_of_file
+from .._version import __version__
+from ..distributed import (
+    DistributedContext,
+    ShardStore,
+    cut_into_shards,
+    run_shards,
+)
 from ..engine import RotatedEvaluator
 from ..grid import O3Grid
 from ..models import LoadedModel, ModelLike, load_model
 from ..quantities import standard_lambda
-from ..systems import SystemLike, prepare_systems
+from ..systems import SystemLike, prepare_systems, systems_fingerprint
 from .accumulators import BlockAccumulator, Integrator, finish_structure
 from .assembly import assemble
 from .result import AnalysisResult
@@ -22,6 +39,212 @@ from .result import AnalysisResult
 # independent pairs (R, -R) a random grid needs: two for an unbiased estimate of a
 # squared mean, four for the variance of that estimate
 _MIN_PAIRS = 4
+
+
+@dataclass
+class AnalysisPart:
+    """The finished per-structure quantities of some structures (picklable)."""
+
+    keys: dict[str, Labels] = field(default_factory=dict)
+    """per name, the keys of the model's output blocks"""
+    finished: dict[str, list] = field(default_factory=dict)
+    """per name, ``(structure index, finished blocks)`` in structure order"""
+
+
+class AnalysisPlan:
+    """A checked analysis request: model, names, grid and settings.
+
+    Builds the parts of an analysis structure by structure and joins them; see
+    :py:func:`analyze` for the parameters.
+    """
+
+    def __init__(
+        self,
+        model: ModelLike,
+        outputs: Sequence[str],
+        max_lambda: int = 4,
+        grid: O3Grid | None = None,
+        batch_size: int | None = None,
+        per_atom: bool = False,
+    ):
+        model = load_model(model)
+        names = _check_names(outputs)
+        if not is_integer(max_lambda) or max_lambda < 0:
+            raise ValueError(
+                f"max_lambda must be a non-negative integer, got {max_lambda}"
+            )
+        if grid is None:
+            target_lambda = max(standard_lambda(name) for name in names)
+            grid = O3Grid(degree=max(2 * max_lambda, 2 * target_lambda + 1))
+        if not isinstance(grid, O3Grid):
+            raise TypeError(f"grid must be an O3Grid, got {type(grid).__name__}")
+        grid.check_lambda(max_lambda)
+        if not grid.inversion:
+            raise ValueError(
+                "analyze needs improper rotations to resolve sigma: use an O3Grid "
+                "with inversion=True"
+            )
+        if grid.degree is None and len(grid) < 2 * _MIN_PAIRS:
+            raise ValueError(
+                f"a random grid needs at least {2 * _MIN_PAIRS} elements "
+                f"({_MIN_PAIRS} rotations and their inversions) to estimate spectra "
+                f"and their standard errors, got {len(grid)}"
+            )
+        model.check_names(names)
+        self.model = model
+        self.names = names
+        self.max_lambda = int(max_lambda)
+        self.grid = grid
+        self.per_atom = per_atom
+        self.requests = {name: _request(model, name, per_atom) for name in names}
+        self.evaluator = RotatedEvaluator(model, grid, batch_size)
+        self.integrator = Integrator(grid, max_lambda)
+
+    def prepare(self, systems: Sequence[SystemLike]) -> list[System]:
+        """The structures as the model's systems (see :py:func:`prepare_systems`)."""
+        systems = prepare_systems(systems, self.model)
+        self.model.warn_if_single_precision()
+        return systems
+
+    def costs(self, systems: Sequence[System]) -> list[int]:
+        """``(n_structures,)`` work of each structure: atoms times copies."""
+        return [max(len(system), 1) * len(self.grid) for system in systems]
+
+    def settings(self) -> dict:
+        """JSON-ready identity of everything but the model and the structures
+        that the numbers depend on."""
+        digest = hashlib.sha256()
+        for tensor in (self.grid.rotations, self.grid.weights):
+            digest.update(tensor.to(torch.float64).contiguous().numpy().tobytes())
+        return {
+            "outputs": self.names,
+            "max_lambda": self.max_lambda,
+            "per_atom": bool(self.per_atom),
+            "grid": {
+                "kind": "lebedev" if self.grid.degree is not None else "random",
+                "degree": self.grid.degree,
+                "n_elements": len(self.grid),
+                "sha256": digest.hexdigest(),
+            },
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "version": __version__,
+        }
+
+    def run(
+        self,
+        systems: Sequence[System],
+        shards: dict[int, list[int]],
+        progress: bool = False,
+    ) -> Iterator[tuple[int, AnalysisPart]]:
+        """Analyse some structures, shard by shard, in one pass.
+
+        :param systems: all prepared structures (see :py:meth:`prepare`)
+        :param shards: ``{shard: structure indices}``, the structures to analyse
+        :param progress: show a progress bar
+        :return: ``(shard, part)`` as each shard completes, in the order given
+        """
+        order = [
+            (shard, index) for shard, indices in shards.items() for index in indices
+        ]
+        selected = [systems[index] for _, index in order]
+        remaining = {shard: len(indices) for shard, indices in shards.items()}
+        names = self.names
+        accumulators: dict[str, dict[int, list[BlockAccumulator]]] = {
+            name: {} for name in names
+        }
+        parts = {
+            shard: AnalysisPart({}, {name: [] for name in names}) for shard in shards
+        }
+        integrator = self.integrator
+        current = None
+
+        def finish(position: int) -> AnalysisPart | None:
+            shard, structure = order[position]
+            part = parts[shard]
+            finish_structure(position, accumulators, part.finished, integrator)
+            # the chunk's position in this pass becomes the dataset index
+            for name in names:
+                entry = part.finished[name][-1]
+                part.finished[name][-1] = (structure, entry[1])
+            remaining[shard] -= 1
+            if remaining[shard] == 0:
+                return parts.pop(shard)
+            return None
+
+        stream = self.evaluator.stream(selected, self.requests, progress=progress)
+        for chunk in stream:
+            if current is not None and chunk.structure != current:
+                part = finish(current)
+                if part is not None:
+                    yield order[current][0], part
+            current = chunk.structure
+            shard = order[current][0]
+            for name, output in chunk.outputs.items():
+                parts[shard].keys.setdefault(name, output.keys)
+                per_structure = accumulators[name]
+                if chunk.structure not in per_structure:
+                    per_structure[chunk.structure] = [
+                        BlockAccumulator(name, output.keys, index, block, integrator)
+                        for index, block in enumerate(output.blocks)
+                    ]
+                for accumulator, block in zip(
+                    per_structure[chunk.structure], output.blocks, strict=True
+                ):
+                    accumulator.add(block, chunk.rotations)
+        if current is not None:
+            part = finish(current)
+            if part is not None:
+                yield order[current][0], part
+
+    def assemble(self, parts: Sequence[AnalysisPart]) -> AnalysisResult:
+        """Join the parts of every structure, in structure order, into the
+        analysis."""
+        keys: dict[str, Labels] = {}
+        finished: dict[str, list] = {name: [] for name in self.names}
+        for part in parts:
+            for name in self.names:
+                keys.setdefault(name, part.keys[name])
+                finished[name].extend(part.finished[name])
+        result = AnalysisResult(
+            {},
+            {},
+            {},
+            {},
+            grid=self.grid,
+            max_lambda=self.max_lambda,
+            outputs=self.names,
+            estimated=self.integrator.estimated,
+        )
+        for name in self.names:
+            finished[name].sort(key=lambda entry: entry[0])
+            assemble(
+                name,
+                keys[name],
+                finished[name],
+                result,
+                self.max_lambda,
+                self.integrator,
+            )
+        return result
+
+
+def model_fingerprint(model: LoadedModel) -> str:
+    """SHA-256 of the file a model was loaded from.
+
+    :raise ValueError: for a model that was not loaded from a file
+    """
+    if model.source is None or not os.path.isfile(model.source):
+        raise ValueError(
+            "a work directory needs a model loaded from a file, to recognise it "
+            "when resuming: pass the model's path"
+        )
+    return sha256_of_file(model.source)
+
+
+def run_context(distributed: bool) -> DistributedContext:
+    """The context of torch's default process group with ``distributed``, else a
+    single process."""
+    return DistributedContext.current() if distributed else DistributedContext()
 
 
 def analyze(
@@ -33,7 +256,9 @@ def analyze(
     batch_size: int | None = None,
     progress: bool = False,
     per_atom: bool = False,
-) -> AnalysisResult:
+    distributed: bool = False,
+    work_dir: str | os.PathLike | None = None,
+) -> AnalysisResult | None:
     """Rotational analysis of a model's outputs and internal features.
 
     Evaluates the model once on every rotated copy (every element of ``grid``) of
@@ -53,75 +278,45 @@ def analyze(
         ``degree = max(2 max_lambda, 2 L + 1)``, ``L`` the largest angular momentum
         of the requested outputs
     :param batch_size: rotated copies per model call (default: about 4096 atoms)
-    :param progress: show a progress bar
+    :param progress: show a progress bar (on rank 0 only)
     :param per_atom: analyse per-atom contributions of per-structure outputs such as
         the energy
-    :return: the analysis, see :py:class:`AnalysisResult`
+    :param distributed: spread the structures over the processes of torch's
+        initialized default process group (see
+        :py:func:`metatrain_symmetry.distributed.init_from_environment`); every
+        rank must call this function with the same arguments
+    :param work_dir: save each completed shard of structures in this directory,
+        and reuse the shards a previous, interrupted run with the same model
+        file, structures and settings saved there (another run's directory is
+        refused); the directory is kept: remove it once the result is saved
+    :return: the analysis, see :py:class:`AnalysisResult`; ``None`` on ranks
+        other than 0 when ``distributed``
     """
-    model = load_model(model)
-    names = _check_names(outputs)
-    if not is_integer(max_lambda) or max_lambda < 0:
-        raise ValueError(f"max_lambda must be a non-negative integer, got {max_lambda}")
-    if grid is None:
-        target_lambda = max(standard_lambda(name) for name in names)
-        grid = O3Grid(degree=max(2 * max_lambda, 2 * target_lambda + 1))
-    if not isinstance(grid, O3Grid):
-        raise TypeError(f"grid must be an O3Grid, got {type(grid).__name__}")
-    grid.check_lambda(max_lambda)
-    if not grid.inversion:
-        raise ValueError(
-            "analyze needs improper rotations to resolve sigma: use an O3Grid with "
-            "inversion=True"
-        )
-    if grid.degree is None and len(grid) < 2 * _MIN_PAIRS:
-        raise ValueError(
-            f"a random grid needs at least {2 * _MIN_PAIRS} elements "
-            f"({_MIN_PAIRS} rotations and their inversions) to estimate spectra "
-            f"and their standard errors, got {len(grid)}"
-        )
-    model.check_names(names)
-    systems = prepare_systems(systems, model)
-    model.warn_if_single_precision()
-
-    requests = {name: _request(model, name, per_atom) for name in names}
-    evaluator = RotatedEvaluator(model, grid, batch_size)
-    integrator = Integrator(grid, max_lambda)
-    accumulators: dict[str, dict[int, list[BlockAccumulator]]] = {n: {} for n in names}
-    keys: dict[str, Labels] = {}
-    finished: dict[str, list] = {name: [] for name in names}
-
-    current = None
-    for chunk in evaluator.stream(systems, requests, progress=progress):
-        if current is not None and chunk.structure != current:
-            finish_structure(current, accumulators, finished, integrator)
-        current = chunk.structure
-        for name, output in chunk.outputs.items():
-            keys.setdefault(name, output.keys)
-            per_structure = accumulators[name]
-            if chunk.structure not in per_structure:
-                per_structure[chunk.structure] = [
-                    BlockAccumulator(name, output.keys, index, block, integrator)
-                    for index, block in enumerate(output.blocks)
-                ]
-            for accumulator, block in zip(
-                per_structure[chunk.structure], output.blocks, strict=True
-            ):
-                accumulator.add(block, chunk.rotations)
-    finish_structure(current, accumulators, finished, integrator)
-
-    result = AnalysisResult(
-        {},
-        {},
-        {},
-        {},
-        grid=grid,
-        max_lambda=max_lambda,
-        outputs=names,
-        estimated=integrator.estimated,
+    context = run_context(distributed)
+    plan = AnalysisPlan(model, outputs, max_lambda, grid, batch_size, per_atom)
+    systems = plan.prepare(systems)
+    store = None
+    if work_dir is not None:
+        manifest = {
+            "kind": "analyze",
+            "model": model_fingerprint(plan.model),
+            "structures": systems_fingerprint(systems),
+            "n_structures": len(systems),
+            **plan.settings(),
+        }
+        store = ShardStore(work_dir, manifest)
+    costs = plan.costs(systems)
+    shards = cut_into_shards(costs)
+    parts = run_shards(
+        shards,
+        [sum(costs[i] for i in shard) for shard in shards],
+        lambda mine: plan.run(systems, mine, progress and context.is_main),
+        context,
+        store,
     )
-    for name in names:
-        assemble(name, keys[name], finished[name], result, max_lambda, integrator)
-    return result
+    if parts is None:
+        return None
+    return plan.assemble(parts)
 
 
 def _check_names(outputs) -> list[str]:

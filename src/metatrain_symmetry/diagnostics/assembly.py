@@ -283,7 +283,7 @@ def _estimated_spectra(
             f"estimates it with a relative standard error of {max(norm_errors):.0%}, "
             "so its normalized spectrum and their standard errors hold only to "
             "first order; use more rotations or an exact grid (O3Grid(degree))",
-            stacklevel=4,
+            stacklevel=5,
         )
     mean_kernel /= len(structures)
     _, mean_covariance = pair_u_covariance(mean_kernel)
