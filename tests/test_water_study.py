@@ -1,0 +1,117 @@
+"""The validation study on real DFT water, run end to end in its quick form.
+
+It reads the revPBE0-D3 water boxes from ``../shared/data`` next to the
+repository (never copied into it), which the CI machines provide.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "validation" / "water_study.py"
+DATA = ROOT.parent / "shared" / "data" / "water-revpbe0" / "water-bulk-100.xyz"
+
+
+def _numbers(entry: dict, keys) -> None:
+    for key in keys:
+        assert isinstance(entry[key], float), (key, entry)
+
+
+def test_water_study_quick(tmp_path):
+    assert DATA.is_file(), (
+        f"the water study needs the revPBE0-D3 water data at {DATA} (the shared "
+        "data directory next to the repository)"
+    )
+    output = tmp_path / "study"
+    extra = tmp_path / "extra.xyz"
+    extra.write_text("3\n\nO 0.0 0.0 0.0\nH 0.757 0.586 0.0\nH -0.757 0.586 0.0\n")
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), environment.get("PYTHONPATH", "")]
+    )
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT), "-o", str(output), "--quick"]
+        + ["--extra", f"gas molecule={extra}"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    report = json.loads((output / "report.json").read_text())
+    assert report["mode"] == "quick"
+    assert (output / "report.md").is_file()
+    for figure in ("ratios.png", "tradeoff.png"):
+        assert (output / figure).stat().st_size > 0
+
+    # 1. both trainings, with intermediate checkpoints
+    for name in ("conservative", "non-conservative"):
+        training = report["training"][name]
+        assert (output / training["checkpoint"]).is_file()
+        assert (output / training["exported"]).is_file()
+        assert len(training["intermediate_checkpoints"]) >= 2
+
+    # 2. audits of both models on every set, the extra one included
+    sets = {"test", "molecules", "dimers", "ice Ih", "gas molecule"}
+    forces = {"conservative": "forces", "non-conservative": "non_conservative_force"}
+    for name, force in forces.items():
+        audits = report["audits"][name]
+        assert set(audits) == sets
+        for entry in audits.values():
+            assert (output / entry["directory"] / "audit.json").is_file()
+            for output_name in ("energy", force):
+                _numbers(entry["outputs"][output_name], ["equivariance_rmse"])
+        for output_name in ("energy", force):
+            _numbers(
+                audits["test"]["outputs"][output_name],
+                ["mae", "rmse", "equivariance_over_mae"],
+            )
+            assert audits["molecules"]["outputs"][output_name]["mae"] is None
+            correlation = report["correlation"][name][output_name]
+            assert -1.0 <= correlation["rho"] <= 1.0
+    assert report["published"]["molecule_forces_equivariance_rmse_meV_per_A"] == 11.8
+
+    # 3. spectra across epochs and layers
+    for name in forces:
+        dynamics = report["dynamics"][name]
+        assert len(dynamics["epochs"]) >= 2
+        for figure in ("dynamics.png", "layers.png"):
+            assert (output / dynamics["directory"] / figure).is_file()
+
+    # 4. the trade-off: trained model, fine-tuning and retraining sweep
+    methods = [row["method"] for row in report["tradeoff"]]
+    assert methods.count("trained") == 1
+    assert methods.count("fine-tuned") == 1
+    assert methods.count("retrained") == 2
+    for row in report["tradeoff"]:
+        _numbers(
+            row,
+            [
+                "energy_rmse",
+                "energy_equivariance_rmse",
+                "force_rmse",
+                "force_equivariance_rmse",
+            ],
+        )
+        if row["method"] != "trained":
+            assert row["seconds"] > 0
+    assert (output / report["retrain"]["directory"] / "pareto.csv").is_file()
+
+    # 5. the symmetrized export: much closer to equivariant, and costlier
+    exported = report["symmetrized_export"]
+    for kind in ("plain", "symmetrized"):
+        assert (output / exported["files"][kind]).is_file()
+        _numbers(exported[kind], ["seconds_per_evaluation"])
+    for name in ("energy", "forces"):
+        plain = exported["plain"][name]["equivariance_rmse"]
+        symmetrized = exported["symmetrized"][name]["equivariance_rmse"]
+        assert symmetrized < 0.1 * plain
+    assert exported["cost_ratio"] > 1.0
+
+    stages = report["timings"]
+    for stage in ("data", "audits", "dynamics", "trade-off", "symmetrized export"):
+        assert stages[stage] > 0
