@@ -112,9 +112,10 @@ def test_demo_end_to_end(tmp_path):
         audit = output / f"audit-{run}"
         for name in ("audit.json", "audit.md", "audit.html", "spectra.png"):
             assert (audit / name).stat().st_size > 0, (run, name)
+        # spectra up to lambda = 2: almost all of the energy is invariant
         spectrum = mts.load(str(audit / "tensors" / "energy.spectrum.mts"))
         totals = spectrum.block().values.sum(dim=1)
-        assert torch.allclose(totals, torch.ones_like(totals), atol=1e-6)
+        assert torch.all(totals <= 1 + 1e-9) and torch.all(totals > 0.99)
     # only the penalised run estimates and logs the penalty
     assert "L_sigma" in (output / "training" / "penalized" / "train.log").read_text()
     assert "L_sigma" not in (output / "training" / "plain" / "train.log").read_text()

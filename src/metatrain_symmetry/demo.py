@@ -38,7 +38,13 @@ RETRAIN_GAMMAS = (0.0, 0.1, 1.0, 10.0, 100.0)
 AUDIT_MAX_LAMBDA = 2
 
 DEFAULT_EPOCHS = 60
-DEFAULT_GAMMA = 3.0
+DEFAULT_GAMMA = 10.0
+
+# rotated copies per structure and step in the penalised training: with two, the
+# penalty's gradient is so noisy that a penalty strong enough to make the forces
+# three times more equivariant also slows their learning (measured: +40 % force
+# RMSE after 60 epochs at gamma = 10, against +0 % with four copies)
+PENALTY_ROTATIONS = 4
 
 N_TRAIN = 160
 N_VALIDATION = 20
@@ -50,7 +56,10 @@ MODEL = {"width": 32, "cutoff": 3.2, "learning_rate": 0.005, "precision": 32}
 
 def penalty_options(gamma: float) -> str:
     """The ``loss`` section of the penalised training, unindented YAML."""
-    entry = f"{{type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2}}"
+    entry = (
+        f"{{type: equivariance, base: mse, gamma: {gamma}, "
+        f"n_rotations: {PENALTY_ROTATIONS}}}"
+    )
     return f"loss:\n  energy: {entry}\n  non_conservative_force: {entry}\n"
 
 
