@@ -100,12 +100,12 @@ def make_dataset(
     return frames
 
 
-def _start_training(directory: Path, options: str, threads: int):
+def _start_training(directory: Path, options: str):
     directory.mkdir()
     (directory / "options.yaml").write_text(options)
     command = [sys.executable, "-m", "metatrain", "train", "options.yaml"]
     command += ["-o", "model.pt"]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(directory / "train.log", "w")
     process = subprocess.Popen(
         command, cwd=directory, stdout=log, stderr=subprocess.STDOUT, env=environment
@@ -114,13 +114,17 @@ def _start_training(directory: Path, options: str, threads: int):
 
 
 def _train_all(directories: dict[str, Path], options: dict[str, str]) -> dict:
-    """Run the trainings at the same time, each on its share of the cores; return
-    the wall time of each (s)."""
-    threads = max(1, (os.cpu_count() or 1) // len(directories))
+    """Run the trainings at the same time, one thread each; return the wall time
+    of each (s).
+
+    One thread each makes the trained models, and so the demo's numbers, the same
+    on every machine with the same PyTorch build: the order of floating-point sums
+    depends on the number of threads, and a minute of training at a high learning
+    rate amplifies such differences.
+    """
     start = time.perf_counter()
     running = {
-        name: _start_training(directories[name], options[name], threads)
-        for name in directories
+        name: _start_training(directories[name], options[name]) for name in directories
     }
     seconds, failures = {}, []
     for name, (process, log) in running.items():
