@@ -5,7 +5,7 @@ import ase
 import numpy as np
 import pytest
 
-from metatrain_symmetry.testing import run_mtt_symmetry
+from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,13 +50,7 @@ def audit_inputs(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("audit-inputs")
     torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
-    rng = np.random.default_rng(2)
-    frames = []
-    for name in ("CH3OH", "H2O", "CH4"):
-        atoms = ase.build.molecule(name)
-        atoms.info["energy"] = float(rng.normal())
-        atoms.arrays["forces"] = rng.normal(size=(len(atoms), 3))
-        frames.append(atoms)
+    frames = labelled_molecules(("CH3OH", "H2O", "CH4"), seed=2)
     ase.io.write(directory / "data.xyz", frames)
     return directory
 

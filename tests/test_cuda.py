@@ -84,7 +84,7 @@ def training_step(device, molecules):
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
     from metatrain_symmetry import hooks
-    from metatrain_symmetry.testing import tiny_pet
+    from metatrain_symmetry.testing import tiny_pet, training_step_loss
 
     hooks.register()
     model = tiny_pet().to(device).train()
@@ -112,17 +112,7 @@ def training_step(device, molecules):
     ]
     with torch.no_grad():
         targets = trainer.evaluate_model(reference, systems, infos, False)
-    predictions = trainer.evaluate_model(model, systems, infos, is_training=True)
-    predictions = trainer.average_by_num_atoms(predictions, systems, [])
-    targets = trainer.average_by_num_atoms(targets, systems, [])
-    predictions = model.scaler.apply_scales(
-        systems,
-        predictions,
-        remove=False,
-        use_per_target_scales=False,
-        use_per_property_scales=True,
-    )
-    loss = loss_fn(predictions, targets, {})
+    loss = training_step_loss(model, systems, targets, infos, loss_fn)
     loss.backward()
     penalties = {name: loss.last_penalty.cpu() for name, loss in loss_fn.losses.items()}
     for penalty in penalties.values():

@@ -26,7 +26,7 @@ from metatrain_symmetry.distributed import (
     shard_by_cost,
 )
 from metatrain_symmetry.report import file_stem
-from metatrain_symmetry.testing import run_mtt_symmetry
+from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
 
 
 # every process of these tests waits at most this long for its peers
@@ -182,14 +182,8 @@ def inputs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("distributed-inputs")
     torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
     torch.save(tiny_pet(seed=1).get_checkpoint(), directory / "other.ckpt")
-    rng = np.random.default_rng(3)
-    frames = []
-    for name in ("CH3OH", "H2O", "CH4", "C2H6", "CH3CHO", "H2CO", "C6H6", "HCOOH"):
-        atoms = ase.build.molecule(name)
-        atoms.info["energy"] = float(rng.normal())
-        atoms.arrays["forces"] = rng.normal(size=(len(atoms), 3))
-        frames.append(atoms)
-    ase.io.write(directory / "data.xyz", frames)
+    names = ("CH3OH", "H2O", "CH4", "C2H6", "CH3CHO", "H2CO", "C6H6", "HCOOH")
+    ase.io.write(directory / "data.xyz", labelled_molecules(names, seed=3))
     return directory
 
 

@@ -103,7 +103,7 @@ def train(rank, world_size, port, gamma, output):
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
     from metatrain_symmetry import hooks
-    from metatrain_symmetry.testing import tiny_pet
+    from metatrain_symmetry.testing import tiny_pet, training_step_loss
 
     torch.set_num_threads(1)
     hooks.register()
@@ -153,19 +153,7 @@ def train(rank, world_size, port, gamma, output):
             rotations.step = step
             # the trainer's step, metatrain/pet/trainer.py
             optimizer.zero_grad()
-            predictions = trainer.evaluate_model(
-                model, systems, {key: infos[key] for key in targets}, is_training=True
-            )
-            predictions = trainer.average_by_num_atoms(predictions, systems, [])
-            targets = trainer.average_by_num_atoms(targets, systems, [])
-            predictions = module.scaler.apply_scales(
-                systems,
-                predictions,
-                remove=False,
-                use_per_target_scales=False,
-                use_per_property_scales=True,
-            )
-            loss = loss_fn(predictions, targets, {})
+            loss = training_step_loss(model, systems, targets, infos, loss_fn)
             if distributed:
                 loss += 0.0 * sum(
                     p.sum() for p in model.parameters() if p.requires_grad

@@ -33,11 +33,13 @@ import math
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+
+from metatrain_symmetry.testing import CONSERVATIVE_TARGETS, PET_TARGETS
+from metatrain_symmetry.testing import pet_options as testing_pet_options
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,18 +119,6 @@ CONFIGS = {
     },
 }
 
-CONSERVATIVE_TARGETS = """\
-energy: {key: energy, unit: eV, forces: {key: forces}, stress: false}
-"""
-NON_CONSERVATIVE_TARGETS = """\
-energy: {key: energy, unit: eV, forces: false, stress: false}
-non_conservative_force:
-  key: forces
-  quantity: force
-  unit: eV/A
-  type: {cartesian: {rank: 1}}
-  per_atom: true
-"""
 MODELS = {
     "conservative": ("energy, conservative forces (Langer et al.)", "forces"),
     "non-conservative": (
@@ -270,44 +260,21 @@ def ice_ih(repeats=(3, 2, 2)):
 def pet_options(config, targets, epochs, training="", finetune=None):
     """``mtt train`` options of the study's PET (files relative to the run
     directory ``models/<name>``)."""
-    width = config["width"]
-    extra = ""
     if finetune is not None:
-        extra = f"finetune: {{read_from: {finetune}, method: full}}\n"
-    return (
-        textwrap.dedent(
-            f"""\
-            seed: 0
-            base_precision: 64
-            final_eval: false
-            architecture:
-              name: pet
-              model:
-                cutoff: {config["cutoff"]}
-                d_pet: {width}
-                d_head: {width}
-                d_node: {2 * width}
-                d_feedforward: {2 * width}
-                num_heads: 2
-                num_attention_layers: 1
-                num_gnn_layers: {config["gnn_layers"]}
-              training:
-                batch_size: {config["batch_size"]}
-                num_epochs: {epochs}
-                learning_rate: {config["learning_rate"]}
-                log_interval: 1
-                checkpoint_interval: {config["checkpoint_interval"]}
-            """
-        )
-        + textwrap.indent(extra + training, " " * 4)
-        + "training_set:\n"
-        + "  systems: {read_from: ../../data/train.xyz, length_unit: angstrom}\n"
-        + "  targets: &targets\n"
-        + textwrap.indent(targets, " " * 4)
-        + "validation_set:\n"
-        + "  systems: {read_from: ../../data/validation.xyz, length_unit: angstrom}\n"
-        + "  targets: *targets\n"
-        + "test_set: 0.0\n"
+        training = f"finetune: {{read_from: {finetune}, method: full}}\n" + training
+    return testing_pet_options(
+        epochs,
+        width=config["width"],
+        gnn_layers=config["gnn_layers"],
+        cutoff=config["cutoff"],
+        batch_size=config["batch_size"],
+        learning_rate=config["learning_rate"],
+        log_interval=1,
+        checkpoint_interval=config["checkpoint_interval"],
+        training=training,
+        targets=targets,
+        data="../../data/",
+        final_eval=False,
     )
 
 
@@ -537,9 +504,7 @@ def stage_data(output, data, config, extras):
 
 
 def stage_train(output, config, name):
-    targets = (
-        CONSERVATIVE_TARGETS if name == "conservative" else NON_CONSERVATIVE_TARGETS
-    )
+    targets = CONSERVATIVE_TARGETS if name == "conservative" else PET_TARGETS
     directory = output / "models" / name
     seconds = mtt_train(directory, pet_options(config, targets, config["epochs"]))
     checkpoints = intermediate_checkpoints(directory)
@@ -655,7 +620,7 @@ def stage_tradeoff(output, config, test):
         directory = output / "models" / f"finetune-gamma-{gamma:g}"
         options = pet_options(
             config,
-            NON_CONSERVATIVE_TARGETS,
+            PET_TARGETS,
             config["finetune_epochs"],
             training=loss,
             finetune="../non-conservative/model.ckpt",

@@ -42,6 +42,7 @@ def pet_options(
     training: str = "",
     targets: str = PET_TARGETS,
     data: str = "",
+    final_eval: bool = True,
 ) -> str:
     """``mtt train`` options of a small PET on ``train.xyz`` and
     ``validation.xyz``.
@@ -60,6 +61,8 @@ def pet_options(
         unindented YAML
     :param targets: the dataset's targets, unindented YAML
     :param data: directory prefix of the data files, e.g. ``"../"``
+    :param final_eval: let ``mtt train`` evaluate the exported model on every set
+        at the end
     :return: the YAML text
     """
     if checkpoint_interval is None:
@@ -69,6 +72,7 @@ def pet_options(
             f"""\
             seed: 0
             base_precision: {precision}
+            final_eval: {str(final_eval).lower()}
             architecture:
               name: pet
               model:
@@ -249,3 +253,53 @@ def check_clean_failure(main, arguments: list[str], directory, capsys, message: 
     assert message in error
     assert len(error.strip().splitlines()) == 1, error
     assert before == after
+
+
+def training_step_loss(model, systems, targets, infos, loss_fn):
+    """The loss of one training step evaluated as metatrain's PET trainer does
+    (``metatrain/pet/trainer.py``): predictions with ``is_training=True``, per-atom
+    averages of predictions and targets, the scaler's per-property scales, then the
+    loss aggregator.
+
+    :param model: a PET, possibly wrapped in ``DistributedDataParallel``
+    :param systems: systems with their neighbour lists
+    :param targets: reference ``TensorMap`` per target name
+    :param infos: ``TargetInfo`` per target name
+    :param loss_fn: metatrain's ``LossAggregator``
+    :return: the scalar loss
+    """
+    from metatrain.pet import trainer
+
+    module = getattr(model, "module", model)
+    infos = {key: infos[key] for key in targets}
+    predictions = trainer.evaluate_model(model, systems, infos, is_training=True)
+    predictions = trainer.average_by_num_atoms(predictions, systems, [])
+    targets = trainer.average_by_num_atoms(targets, systems, [])
+    predictions = module.scaler.apply_scales(
+        systems,
+        predictions,
+        remove=False,
+        use_per_target_scales=False,
+        use_per_property_scales=True,
+    )
+    return loss_fn(predictions, targets, {})
+
+
+def labelled_molecules(names, seed: int) -> list:
+    """Molecules of ASE's collection with random energies and forces as labels.
+
+    :param names: names known to ``ase.build.molecule``
+    :param seed: seed of the labels
+    :return: ``ase.Atoms`` with ``info["energy"]`` and ``arrays["forces"]``
+    """
+    import ase.build
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for name in names:
+        atoms = ase.build.molecule(name)
+        atoms.info["energy"] = float(rng.normal())
+        atoms.arrays["forces"] = rng.normal(size=(len(atoms), 3))
+        frames.append(atoms)
+    return frames
