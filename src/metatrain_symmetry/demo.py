@@ -27,9 +27,10 @@ import numpy as np
 RUNS = (("plain", "plain MSE", False), ("penalized", "equivariance penalty", True))
 
 OUTPUTS = ("energy", "non_conservative_force")
-"""audited outputs, with the label of their reference in the generated data"""
+"""outputs compared in the summary"""
 
 REFERENCE_KEYS = {"energy": "energy", "non_conservative_force": "forces"}
+"""where the reference of each output is in the generated structures"""
 
 RETRAIN_GAMMAS = (0.0, 0.1, 1.0, 10.0, 100.0)
 
@@ -40,10 +41,10 @@ AUDIT_MAX_LAMBDA = 2
 DEFAULT_EPOCHS = 60
 DEFAULT_GAMMA = 10.0
 
-# rotated copies per structure and step in the penalised training: with two, the
-# penalty's gradient is so noisy that a penalty strong enough to make the forces
-# three times more equivariant also slows their learning (measured: +40 % force
-# RMSE after 60 epochs at gamma = 10, against +0 % with four copies)
+# rotated copies per structure and step in the penalised training: with two, a
+# penalty strong enough to make the forces three times more equivariant also
+# slowed their learning (measured: +40 % force RMSE after 60 epochs at gamma = 10,
+# against +0 % with four copies)
 PENALTY_ROTATIONS = 4
 
 N_TRAIN = 160
