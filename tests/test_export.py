@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import ase
 import ase.io
 import jsonschema
 import numpy as np
@@ -15,6 +16,7 @@ from metatomic_ase import MetatomicCalculator
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import audit_schema
 from metatrain_symmetry.cli import main
+from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH, RotatedEvaluator
 from metatrain_symmetry.export import AUDIT_METADATA_KEY
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
 
@@ -136,6 +138,19 @@ def test_symmetrized_export_through_the_ase_calculator(audit_inputs, tmp_path):
         rotated.calc = MetatomicCalculator(model)
         assert rotated.get_potential_energy() == pytest.approx(energy, abs=1e-10)
         assert np.allclose(rotated.get_forces(), forces @ rotation.T, atol=1e-9)
+
+    # each call of the averaged model evaluates the underlying one on the 24
+    # rotations of the degree-3 quadrature and their inversions: the engine's
+    # batches of a 192-atom box held 21 copies, 1008 box evaluations with their
+    # autograd graphs, and ran out of memory
+    loaded = msym.load_model(path)
+    assert loaded.evaluations_per_structure == len(msym.O3Grid(3)) == 48
+    assert msym.load_model(audit_inputs / "model.ckpt").evaluations_per_structure == 1
+    box = ase.Atoms("H" * 192)
+    evaluator = RotatedEvaluator(loaded, msym.O3Grid(3))
+    assert evaluator.copies_per_batch([box]) == 1
+    small = ase.Atoms("H" * 4)
+    assert evaluator.copies_per_batch([small]) == DEFAULT_ATOMS_PER_BATCH // (4 * 48)
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,9 @@ class RotatedEvaluator:
     :param model: the model to evaluate
     :param grid: the rotations (and their order) applied to every structure
     :param batch_size: number of rotated copies per model call; by default as many
-        as fit in about 4096 atoms
+        as fit in about 4096 atoms, counting every evaluation a symmetrized model
+        makes of its underlying model
+        (:py:attr:`~metatrain_symmetry.models.LoadedModel.evaluations_per_structure`)
     """
 
     def __init__(
@@ -112,7 +114,8 @@ class RotatedEvaluator:
         if self.batch_size is not None:
             return self.batch_size
         largest = max(max(len(system), 1) for system in systems)
-        return max(1, DEFAULT_ATOMS_PER_BATCH // largest)
+        cost = largest * self.model.evaluations_per_structure
+        return max(1, DEFAULT_ATOMS_PER_BATCH // cost)
 
     def stream(
         self,

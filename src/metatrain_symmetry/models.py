@@ -184,6 +184,19 @@ class LoadedModel:
         return torch.device("cpu")
 
     @property
+    def evaluations_per_structure(self) -> int:
+        """How many evaluations of an underlying model one call makes per
+        structure: for a model averaged by metatomic's ``SymmetrizedModel`` (a
+        symmetrized export), every element of its quadrature and its inversion;
+        1 otherwise. The engine sizes its batches by it."""
+        # the quadrature weights are the one trace SymmetrizedModel leaves in a
+        # scripted module; it evaluates each rotation with and without inversion
+        weights = getattr(self.module, "_rotation_weights", None)
+        if isinstance(weights, torch.Tensor) and weights.dim() == 1:
+            return 2 * int(weights.shape[0])
+        return 1
+
+    @property
     def atomic_types(self) -> list[int] | None:
         """Atomic types the model knows, or ``None`` when it does not say."""
         if self.capabilities is None:
