@@ -382,7 +382,7 @@ def tradeoff_table(rows):
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['gamma']:g} | {fmt(row['seconds'])} "
+            f"| {row['method']} | {fmt(row['gamma'])} | {fmt(row['seconds'])} "
             f"| {fmt(row['energy_rmse'], 1000)} "
             f"| {fmt(row['energy_equivariance_rmse'], 1000)} "
             f"| {fmt(row['force_rmse'], 1000)} "
@@ -611,7 +611,7 @@ def stage_tradeoff(output, config, test):
     force = "non_conservative_force"
     base = output / "models" / "non-conservative" / "model.ckpt"
     rows = [
-        {"method": "trained", "gamma": 1.0, "seconds": None}
+        {"method": "trained", "gamma": None, "seconds": None}
         | _test_errors(base, test, config, force)
     ]
     for gamma in config["finetune_gammas"]:
