@@ -17,13 +17,9 @@ from metatomic_ase import MetatomicCalculator
 from metatrain.utils.data.target_info import get_energy_target_info
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.audit import (
-    SCHEMA_VERSION,
-    audit_schema,
-    default_targets,
-    predict,
-)
+from metatrain_symmetry.audit import default_targets, predict
 from metatrain_symmetry.audit_files import audit_markdown
+from metatrain_symmetry.audit_summary import SCHEMA_VERSION, audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry, tiny_pet
 

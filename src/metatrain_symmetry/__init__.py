@@ -2,8 +2,9 @@
 interatomic potentials in the metatensor ecosystem."""
 
 from ._version import __version__
-from .audit import AuditResult, audit, audit_schema
+from .audit import AuditResult, audit
 from .audit_files import write_audit_report
+from .audit_summary import audit_schema
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
 from .export import export_audited, read_audit

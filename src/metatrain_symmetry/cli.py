@@ -7,6 +7,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from ._cli_options import (
+    add_device_option,
+    add_force_option,
+    add_grid_options,
+    check_device,
+    grid_from_args,
+    parse_targets,
+)
 from ._utils import first_line
 from .data import read_structures
 from .demo import DEFAULT_EPOCHS, DEFAULT_GAMMA
@@ -40,7 +48,7 @@ def _analyze(args) -> None:
     if len(names) == 0:
         raise ValueError("nothing to analyse: give --outputs and/or --features")
     model.check_names(names)
-    grid = _grid(args)
+    grid = grid_from_args(args)
     work_dir = _work_directory(output)
     result = msym.analyze(
         model,
@@ -109,78 +117,6 @@ def _dynamics(args) -> None:
     print(f"results written to {output}/")
 
 
-def _add_grid_options(
-    parser, grid_degree: bool = True, rotations: bool = False
-) -> None:
-    """The options shared by every command that evaluates rotated copies."""
-    parser.add_argument(
-        "--max-lambda", type=int, default=4, help="largest lambda of the spectra"
-    )
-    if grid_degree:
-        parser.add_argument(
-            "--grid-degree",
-            type=int,
-            default=None,
-            help="degree of the O(3) integration grid (default: 2 * max-lambda)",
-        )
-    if rotations:
-        parser.add_argument(
-            "--rotations",
-            type=int,
-            default=None,
-            metavar="N",
-            help="use N Haar-random O(3) elements (N/2 rotations and their "
-            "inversions) instead of the exact grid: equivariance errors of large "
-            "structures in a fraction of the time, with standard errors; spectra "
-            "become estimates",
-        )
-        parser.add_argument(
-            "--seed", type=int, default=0, help="seed of the --rotations elements"
-        )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="rotated copies per model call (default: about 4096 atoms)",
-    )
-
-
-def _grid(args):
-    """The O(3) grid that ``--grid-degree`` or ``--rotations`` ask for, or ``None``
-    for the default exact grid."""
-    import metatrain_symmetry as msym
-
-    degree = getattr(args, "grid_degree", None)
-    rotations = getattr(args, "rotations", None)
-    if rotations is not None:
-        if degree is not None and not getattr(args, "symmetrize", False):
-            raise ValueError("give either --grid-degree or --rotations, not both")
-        return msym.O3Grid.random(rotations, seed=args.seed)
-    return None if degree is None else msym.O3Grid(degree)
-
-
-def _add_force_option(parser, replaced: str = "a non-empty output directory") -> None:
-    parser.add_argument("--force", action="store_true", help=f"replace {replaced}")
-
-
-def _add_device_option(parser) -> None:
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="device the model runs on (default: cpu)",
-    )
-
-
-def _check_device(device: str | None) -> None:
-    """Refuse ``--device cuda`` before any work where CUDA is not available."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available")
-
-
 def _add_dynamics_command(commands) -> None:
     dynamics = commands.add_parser(
         "dynamics",
@@ -218,7 +154,7 @@ def _add_dynamics_command(commands) -> None:
         help="internal features ('mtt::feature::<path>'), or 'all' (default: the "
         "node features after each message-passing layer)",
     )
-    _add_grid_options(dynamics)
+    add_grid_options(dynamics)
     dynamics.add_argument(
         "--weights",
         choices=["epoch", "best"],
@@ -226,7 +162,7 @@ def _add_dynamics_command(commands) -> None:
         help="analyse the weights at each checkpoint's epoch (default) or the best "
         "weights so far, as 'mtt export' would",
     )
-    _add_force_option(dynamics)
+    add_force_option(dynamics)
     dynamics.set_defaults(run=_dynamics)
 
 
@@ -244,7 +180,7 @@ def _retrain(args) -> None:
     from ._utils import check_output_directory
 
     output = check_output_directory(args.output, args.force)
-    _check_device(args.device)
+    check_device(args.device)
     if args.grid_degree is not None and args.n_rotations is not None:
         raise ValueError("give either --grid-degree or --n-rotations, not both")
     grid = None
@@ -307,38 +243,24 @@ def _add_retrain_command(commands) -> None:
         help="retrain energies trained with forces on energies alone",
     )
     retrain.add_argument("--batch-size", type=int, default=None)
-    _add_device_option(retrain)
+    add_device_option(retrain)
     retrain.add_argument("-o", "--output", required=True, help="output directory")
-    _add_force_option(retrain)
+    add_force_option(retrain)
     retrain.set_defaults(run=_retrain)
-
-
-def _parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
-    if pairs is None:
-        return None
-    targets = {}
-    for pair in pairs:
-        output, separator, key = pair.partition("=")
-        if separator == "" or output == "" or key == "":
-            raise ValueError(
-                f"--targets expects OUTPUT=KEY pairs (e.g. energy=energy), got '{pair}'"
-            )
-        targets[output] = key
-    return targets
 
 
 def _audit(args) -> None:
     import metatrain_symmetry as msym
 
-    from ._utils import atomic_directory, check_output_directory
-    from .audit import audit, sha256_of_file
+    from ._utils import atomic_directory, check_output_directory, sha256_of_file
+    from .audit import audit
     from .audit_files import write_audit_report
 
     output = check_output_directory(args.output, args.force)
-    _check_device(args.device)
+    check_device(args.device)
     model = msym.load_model(args.model, device=args.device)
     frames = read_structures(args.data)
-    grid = _grid(args)
+    grid = grid_from_args(args)
     features = ["all"] if args.features == ["all"] else args.features
     work_dir = _work_directory(output)
     result = audit(
@@ -346,7 +268,7 @@ def _audit(args) -> None:
         frames,
         outputs=args.outputs,
         features=features,
-        targets=_parse_targets(args.targets),
+        targets=parse_targets(args.targets),
         max_lambda=args.max_lambda,
         grid=grid,
         batch_size=args.batch_size,
@@ -410,9 +332,9 @@ def _add_audit_command(commands) -> None:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    _add_grid_options(command, rotations=True)
-    _add_device_option(command)
-    _add_force_option(command)
+    add_grid_options(command, rotations=True)
+    add_device_option(command)
+    add_force_option(command)
     command.set_defaults(run=_audit)
 
 
@@ -429,7 +351,7 @@ def _export(args) -> None:
         raise ValueError("--grid-degree applies to --symmetrize; add --symmetrize")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
-    _check_device(args.device)
+    check_device(args.device)
     read_structures(args.audit)  # fail early on unreadable data
     result = export_audited(
         args.checkpoint,
@@ -437,9 +359,9 @@ def _export(args) -> None:
         args.audit,
         symmetrize=args.symmetrize,
         grid_degree=args.grid_degree,
-        audit_grid=_grid(args) if args.rotations is not None else None,
+        audit_grid=grid_from_args(args) if args.rotations is not None else None,
         outputs=args.outputs,
-        targets=_parse_targets(args.targets),
+        targets=parse_targets(args.targets),
         max_lambda=args.max_lambda,
         batch_size=args.batch_size,
         device=args.device,
@@ -484,9 +406,9 @@ def _add_export_command(commands) -> None:
     )
     command.add_argument("--outputs", nargs="+", default=None)
     command.add_argument("--targets", nargs="+", default=None, metavar="OUTPUT=KEY")
-    _add_grid_options(command, grid_degree=False, rotations=True)
-    _add_device_option(command)
-    _add_force_option(command, "an existing output file")
+    add_grid_options(command, grid_degree=False, rotations=True)
+    add_device_option(command)
+    add_force_option(command, "an existing output file")
     command.set_defaults(run=_export)
 
 
@@ -552,11 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
-    _add_grid_options(analyze, rotations=True)
+    add_grid_options(analyze, rotations=True)
     analyze.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )
-    _add_force_option(analyze)
+    add_force_option(analyze)
     analyze.set_defaults(run=_analyze)
 
     demo = commands.add_parser(
@@ -583,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the equivariance penalty in the penalised training "
         f"(default {DEFAULT_GAMMA:g})",
     )
-    _add_force_option(demo)
+    add_force_option(demo)
     demo.set_defaults(run=_demo)
     _add_audit_command(commands)
     _add_export_command(commands)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from metatomic.torch import AtomisticModel, ModelMetadata
 
-from ._utils import atomic_file, first_line
-from .audit import AuditResult, audit, sha256_of_file
+from ._utils import atomic_file, first_line, sha256_of_file
+from .audit import AuditResult, audit
 from .data import read_structures
 from .grid import O3Grid
 
