@@ -16,6 +16,10 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
 * ``mtt::harmonics_1_3``: ``sqrt(0.84) x_1`` and ``sqrt(0.16)`` times the seven
   normalized real spherical harmonics of degree 3 of ``x_1``, as ten properties:
   0.84 in (1, +1) and 0.16 in (3, +1), with unit mean square in every orientation
+* ``mtt::offset_harmonics_1_3``: the constant ``OFFSET`` followed by the ten
+  properties of ``mtt::harmonics_1_3``, like an absolute energy next to its small
+  orientation-dependent part: ``OFFSET^2 / (OFFSET^2 + 1)`` in (0, +1) and the
+  spectrum of ``mtt::harmonics_1_3`` divided by ``OFFSET^2 + 1``
 * ``mtt::distance``: ``|r_1 - r_0|``, invariant (0, +1)
 * ``non_conservative_force``: per-atom positions relative to the centroid, an exactly
   equivariant Cartesian vector
@@ -43,12 +47,15 @@ OUTPUTS = {
     "mtt::legendre_1_3": ModelOutput(sample_kind="system"),
     "mtt::harmonics_2": ModelOutput(sample_kind="system"),
     "mtt::harmonics_1_3": ModelOutput(sample_kind="system"),
+    "mtt::offset_harmonics_1_3": ModelOutput(sample_kind="system"),
     "mtt::distance": ModelOutput(sample_kind="system"),
     "non_conservative_force": ModelOutput(sample_kind="atom"),
     "mtt::spherical_x": ModelOutput(sample_kind="system"),
     "mtt::axial": ModelOutput(sample_kind="system"),
     "mtt::axial_as_polar": ModelOutput(sample_kind="system"),
 }
+
+OFFSET = 100.0
 
 # name: (o3_sigma declared, which vector)
 SPHERICAL = {
@@ -106,6 +113,7 @@ class AnalyticModel(torch.nn.Module):
             "mtt::legendre_1_3": [],
             "mtt::harmonics_2": [],
             "mtt::harmonics_1_3": [],
+            "mtt::offset_harmonics_1_3": [],
             "mtt::distance": [],
         }
         centered: list[torch.Tensor] = []
@@ -130,6 +138,14 @@ class AnalyticModel(torch.nn.Module):
                     [
                         0.84**0.5 * harmonics(unit[0], 1),
                         0.16**0.5 * harmonics(unit[0], 3),
+                    ]
+                )
+            )
+            per_system["mtt::offset_harmonics_1_3"].append(
+                torch.cat(
+                    [
+                        torch.full((1,), OFFSET, dtype=unit.dtype),
+                        per_system["mtt::harmonics_1_3"][-1],
                     ]
                 )
             )

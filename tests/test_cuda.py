@@ -30,7 +30,7 @@ def test_analysis(molecules):
     import metatrain_symmetry as msym
     from metatrain_symmetry.testing import tiny_pet
 
-    grid = msym.O3Grid.random(8, seed=0)
+    grid = msym.O3Grid.random(10, seed=0)
     outputs = ["energy", "non_conservative_force", "forces"]
     features = ["mtt::feature::gnn_layers.1_node"]
     results = {}
@@ -48,7 +48,7 @@ def test_analysis(molecules):
 def test_audit(audit_inputs):
     import metatrain_symmetry as msym
 
-    grid = msym.O3Grid.random(8, seed=1)
+    grid = msym.O3Grid.random(10, seed=1)
     results = {
         device: msym.audit(
             audit_inputs / "model.ckpt",
@@ -235,7 +235,7 @@ def test_exported_symmetrized_model(audit_inputs, tmp_path):
             audit_inputs / "data.xyz",
             symmetrize=True,
             grid_degree=3,
-            audit_grid=msym.O3Grid.random(8, seed=3),
+            audit_grid=msym.O3Grid.random(10, seed=3),
             max_lambda=1,
             device=device,
         )

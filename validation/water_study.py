@@ -74,7 +74,7 @@ CONFIGS = {
         "epochs": 2,
         "checkpoint_interval": 1,
         "learning_rate": 3e-3,
-        "rotations": 8,
+        "rotations": 10,
         "max_lambda": 3,
         "molecules_per_box": 2,
         "dimers_per_box": 1,

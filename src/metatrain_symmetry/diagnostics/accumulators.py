@@ -228,6 +228,11 @@ class BlockAccumulator:
         ``Y_i = D(R_i)^T h_i`` with ``h_i = (a_i + p b_i) / 2`` and ``p = sigma
         (-1)^lambda``, so that ``B = (2 lambda + 1) ||E Y||^2`` is estimated by the
         U-statistic of the kernel ``(2 lambda + 1) chi_lambda(R_i R_j^T) h_i h_j``.
+        In the non-trivial channels of parity ``p = +1``, which a constant
+        response ``h_i = c`` pairs into, ``h_i`` is replaced by ``h_i - h_0`` and
+        the U-statistic runs over the pairs ``i, j >= 1``: the expectation is the
+        same (the character of a non-trivial irrep averages to zero over ``R_j``
+        whatever ``R_i`` and ``h_0``), and the noise no longer scales with ``c``.
         """
         integrator = self.integrator
         half = integrator.n_pairs
@@ -293,10 +298,19 @@ class BlockAccumulator:
                 parity: factored_u_statistic(integrator.channel_weights, pair_values)
                 for parity, pair_values in paired.items()
             }
+            # a constant part of the response (an absolute energy) has no weight
+            # in the non-trivial channels of parity +1 but adds to their
+            # estimates a noise of its own size: there they are estimated on the
+            # differences to the first pair, over the other pairs
+            centred = factored_u_statistic(
+                integrator.channel_weights[:, 1:, 1:], paired[1][1:] - paired[1][:1]
+            )
             per_irrep, per_irrep_errors = [], []
             for o3_lambda, sigma, _ in integrator.row_slices:
                 parity = sigma * (-1) ** o3_lambda
-                estimate, variance = estimates[parity]
+                estimate, variance = (
+                    centred if is_centred(o3_lambda, sigma) else estimates[parity]
+                )
                 estimate, variance = estimate[o3_lambda], variance[o3_lambda]
                 per_irrep.append((o3_lambda, sigma, estimate.reshape(component_shape)))
                 per_irrep_errors.append(
@@ -323,6 +337,14 @@ class BlockAccumulator:
             deviation_squares=deviation_squares,
             n_scalars=n_scalars,
         )
+
+
+def is_centred(o3_lambda: int, sigma: int) -> bool:
+    """Whether the random-grid estimate of the character channel ``(lambda,
+    sigma)`` is made on differences to the first pair of rotations: the
+    non-trivial channels that a constant response pairs into (parity ``sigma
+    (-1)^lambda = +1``, ``lambda > 0``)."""
+    return o3_lambda > 0 and sigma * (-1) ** o3_lambda == 1
 
 
 def sum_components(values: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,10 @@ from .assembly import assemble
 from .result import AnalysisResult
 
 
-# independent pairs (R, -R) a random grid needs: two for an unbiased estimate of a
-# squared mean, four for the variance of that estimate
-_MIN_PAIRS = 4
+# independent pairs (R, -R) a random grid needs: four for the variance of an
+# unbiased estimate of a squared mean, and one more that the spectra use as a
+# reference
+_MIN_PAIRS = 5
 
 
 @dataclass

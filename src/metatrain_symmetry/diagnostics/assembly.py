@@ -13,7 +13,7 @@ from ..irreps import (
     sigma_index,
     spectrum_irreps,
 )
-from .accumulators import Integrator
+from .accumulators import Integrator, is_centred
 from .result import AnalysisResult
 
 
@@ -174,7 +174,7 @@ def assemble(
     result.equivariance_rmse_error[name] = rmse_errors
     result.mean_equivariance_rmse_error[name] = mean_rmse_error
     values, covariance, mean_covariance = _estimated_spectra(
-        name, [blocks for _, blocks in finished], norms, integrator
+        name, [blocks for _, blocks in finished], integrator
     )
     result.spectrum[name] = spectrum_map(values)
     errors = torch.diagonal(covariance, dim1=1, dim2=2).clamp(min=0.0).sqrt()
@@ -222,46 +222,63 @@ def _equivariance_rmse_errors(
 def _estimated_spectra(
     name: str,
     structures: list[list[dict]],
-    norms: torch.Tensor,
     integrator: Integrator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized spectra estimated on a Monte-Carlo grid, and their covariances.
 
     Per structure, ``B`` of every ``(lambda, sigma)`` is the U-statistic of the
-    pair kernel ``K_ij = (2 lambda + 1) chi_lambda(R_i R_j^T) G^p_ij`` (``G^p`` the
-    Gram matrix of the parity-``p`` pair values over all entries), and the norm
-    ``n = <||u||^2>`` the mean of the pair mean squares ``m_i``, i.e. the
-    U-statistic of ``(m_i + m_j) / 2``. The ratio ``b = B / n`` is linearized: its
-    error is the U-statistic of ``L_ij = (K_ij - b (m_i + m_j) / 2) / n``, whose
-    covariance gives the covariance of the spectrum, and the covariance of ``L``
-    with the norm's own kernel removes the first-order bias of the ratio. All
-    structures share the grid's pairs, so the error of the dataset mean is that
-    of the mean of their ``L``.
+    pair kernel ``K_ij = (2 lambda + 1) chi_lambda(R_i R_j^T) G^p_ij``, with
+    ``G^p`` the Gram matrix of the parity-``p`` pair values over all entries. In
+    the non-trivial channels of parity +1, ``G`` is that of the differences to
+    the first pair's values: a constant part of the response then adds nothing
+    to their noise, and their mean is unchanged because the character of a
+    non-trivial irrep averages to zero over the rotation of either pair. The
+    norm ``n = <||u||^2>`` is the mean of the pair mean squares ``m_i``, i.e.
+    the U-statistic of ``(m_i + m_j) / 2``. All run over the pairs after the
+    first. The ratio ``b = B / n`` is linearized: its error is the U-statistic
+    of ``L_ij = (K_ij - b (m_i + m_j) / 2) / n``, whose covariance gives the
+    covariance of the spectrum, and the covariance of ``L`` with the norm's own
+    kernel removes the first-order bias of the ratio. All structures share the
+    grid's pairs, so the error of the dataset mean is that of the mean of their
+    ``L``.
 
     :param structures: per structure, the finished blocks of one output
     :param name: the output, for warnings
-    :param norms: ``(n_structures,)`` grid means of ``||u||^2``
     :return: spectra ``(n_structures, n_irreps)``, their covariances
         ``(n_structures, n_irreps, n_irreps)`` and the covariance of their mean
         ``(n_irreps, n_irreps)``; irreps ordered as the ``spectrum`` properties
     """
-    half = integrator.n_pairs
+    # every estimate uses the pairs after the first, on which the centred
+    # channels are estimated (see BlockAccumulator._finish_estimated), so that
+    # their covariances are those of U-statistics on the same samples
+    samples = integrator.n_pairs - 1
+    weights = integrator.channel_weights[:, 1:, 1:]
     channels = [(o3_lambda, sigma) for o3_lambda, sigma, _ in integrator.row_slices]
     n_irreps = len(channels)
     values = torch.zeros(len(structures), n_irreps, dtype=torch.float64)
     covariance = torch.zeros(len(structures), n_irreps, n_irreps, dtype=torch.float64)
-    mean_kernel = torch.zeros(n_irreps, half, half, dtype=torch.float64)
+    mean_kernel = torch.zeros(n_irreps, samples, samples, dtype=torch.float64)
     norm_errors = []
     for row, blocks in enumerate(structures):
-        grams = {
+        full = {
             parity: sum(block["grams"][parity] for block in blocks)
             for parity in (1, -1)
         }
-        pair_norms = sum(block["pair_norms"] for block in blocks)
-        norm = float(norms[row]) if float(norms[row]) > 0 else 1.0
+        grams = {parity: gram[1:, 1:] for parity, gram in full.items()}
+        # Gram matrix of the differences of the parity +1 pair values to the
+        # first pair's
+        centred = full[1][1:, 1:] - full[1][1:, :1] - full[1][:1, 1:] + full[1][0, 0]
+        pair_norms = sum(block["pair_norms"] for block in blocks)[1:]
+        norm = float(pair_norms.mean())
+        norm = norm if norm > 0 else 1.0
         kernels = torch.stack(
             [
-                integrator.channel_weights[o3_lambda] * grams[sigma * (-1) ** o3_lambda]
+                weights[o3_lambda]
+                * (
+                    centred
+                    if is_centred(o3_lambda, sigma)
+                    else grams[sigma * (-1) ** o3_lambda]
+                )
                 for o3_lambda, sigma in channels
             ]
         )
