@@ -13,6 +13,7 @@ from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.demo import make_dataset
+from metatrain_symmetry.dynamics import plot_dynamics
 from metatrain_symmetry.testing import pet_options, tiny_pet, write_dataset
 from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
 
@@ -160,6 +161,39 @@ def test_python_api(training):
         best.spectrum["energy"].block().values[0],
         direct.spectrum["energy"].block().values.mean(dim=0),
     )
+
+
+def test_random_grid_hatches_unresolved_cells(training, monkeypatch, tmp_path):
+    """On a random grid the heatmap hatches exactly the cells within two
+    standard errors of zero; the energy's own (0, +1) cell is resolved."""
+    from matplotlib.figure import Figure
+
+    frames = ase.io.read(training / "data.xyz", ":")
+    dynamics = msym.training_dynamics(
+        [training / "model_0.ckpt", training / "model_2.ckpt"],
+        frames,
+        outputs=["energy"],
+        features=[],
+        max_lambda=2,
+        grid=msym.O3Grid.random(16, seed=0),
+    )
+    values = dynamics.spectrum_array("energy")
+    errors = dynamics.spectrum_error["energy"].reshape(values.shape)
+    unresolved = values < 2 * errors
+    assert not bool(unresolved[:, 0, 0].any())
+    assert int(unresolved.sum()) > 0
+
+    hatched = []
+    savefig = Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        for axis in figure.axes:
+            hatched.extend(patch for patch in axis.patches if patch.get_hatch())
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plot_dynamics(dynamics, tmp_path / "dynamics.png")
+    assert len(hatched) == int(unresolved.sum())
 
 
 def test_epochs_from_file_names_and_order(tmp_path):

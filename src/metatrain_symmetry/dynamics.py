@@ -392,8 +392,11 @@ def short_name(name: str) -> str:
 def plot_dynamics(dynamics: TrainingDynamics, path: str | os.PathLike) -> None:
     """Heatmaps of the dataset-mean spectra against epoch: one row per output or
     feature, one column per ``sigma``; x is the epoch (checkpoint by checkpoint),
-    y is ``lambda``, the colour the spectral weight on a log scale."""
+    y is ``lambda``, the colour the spectral weight on a log scale. On a random
+    grid, cells within two standard errors of zero are hatched."""
     import matplotlib
+
+    from .report import hatch_unresolved
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -414,17 +417,22 @@ def plot_dynamics(dynamics: TrainingDynamics, path: str | os.PathLike) -> None:
     ticks = list(range(0, n_epochs, max(1, n_epochs // 8)))
     image = None
     for row, name in enumerate(dynamics.names):
-        spectrum = dynamics.spectrum_array(name).clamp(min=1e-8).numpy()
+        spectrum = dynamics.spectrum_array(name).numpy()
+        errors = None
+        if name in dynamics.spectrum_error:
+            errors = dynamics.spectrum_error[name].reshape(spectrum.shape).numpy()
         for column, sigma in enumerate((1, -1)):
             axis = axes[row, column]
             image = axis.imshow(
-                spectrum[:, :, column].T,
+                spectrum[:, :, column].T.clip(min=1e-8),
                 origin="lower",
                 aspect="auto",
                 cmap="viridis",
                 norm=norm,
                 interpolation="nearest",
             )
+            if errors is not None:
+                hatch_unresolved(axis, spectrum[:, :, column].T, errors[:, :, column].T)
             axis.set_title(
                 f"{short_name(name)}, sigma = {'+1' if sigma == 1 else '-1'}",
                 fontsize=9,
@@ -437,6 +445,12 @@ def plot_dynamics(dynamics: TrainingDynamics, path: str | os.PathLike) -> None:
                 axis.set_xlabel(
                     "epoch" if dynamics.epoch_source != "order" else "checkpoint"
                 )
+    if dynamics.spectrum_error:
+        fig.suptitle(
+            f"estimated from {len(dynamics.grid)} random elements; hatched: within "
+            "2 standard errors of zero",
+            fontsize=9,
+        )
     fig.colorbar(image, ax=axes, label="mean normalized spectrum", shrink=0.9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

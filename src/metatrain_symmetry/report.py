@@ -98,7 +98,6 @@ def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    from matplotlib.patches import Rectangle
 
     fig, axes = plt.subplots(
         1,
@@ -140,19 +139,7 @@ def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
                     for name in result.outputs
                 ]
             ).numpy()
-            unresolved = matrix < 2 * errors
-            for row, column in zip(*unresolved.nonzero(), strict=True):
-                axis.add_patch(
-                    Rectangle(
-                        (column - 0.5, row - 0.5),
-                        1,
-                        1,
-                        fill=False,
-                        hatch="///",
-                        edgecolor="white",
-                        linewidth=0,
-                    )
-                )
+            hatch_unresolved(axis, matrix, errors)
             title += (
                 f"\nestimated from {len(result.grid)} random elements; "
                 "hatched: within 2 standard errors of zero"
@@ -162,6 +149,31 @@ def plot_spectra(results: dict[str, AnalysisResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def hatch_unresolved(axis, values, errors) -> None:
+    """Hatch the cells of a heatmap drawn by ``imshow`` whose estimate is within
+    two standard errors of zero (negative estimates included).
+
+    :param axis: the matplotlib axis of the heatmap
+    :param values: the estimates, ``(rows, columns)`` as drawn
+    :param errors: their standard errors, same shape
+    """
+    from matplotlib.patches import Rectangle
+
+    unresolved = values < 2 * errors
+    for row, column in zip(*unresolved.nonzero(), strict=True):
+        axis.add_patch(
+            Rectangle(
+                (column - 0.5, row - 0.5),
+                1,
+                1,
+                fill=False,
+                hatch="///",
+                edgecolor="white",
+                linewidth=0,
+            )
+        )
 
 
 def write_pareto_tables(result, csv_path: Path, markdown_path: Path) -> None:
