@@ -427,6 +427,19 @@ def test_audit_command_with_random_rotations(audit_inputs, tmp_path):
     assert not failing.exists()
 
 
+@pytest.mark.parametrize("command", ["audit", "analyze"])
+def test_dtype_option(audit_inputs, tmp_path, command):
+    """``--dtype`` runs the model in the precision asked: the float64 checkpoint
+    in float32 draws the float32 warning."""
+    model, data = audit_inputs / "model.ckpt", audit_inputs / "data.xyz"
+    arguments = [model, data, "--max-lambda", "1", "--grid-degree", "2"]
+    for dtype, warns in (("float32", True), ("float64", False)):
+        output = tmp_path / f"{command}-{dtype}"
+        process = run_mtt_symmetry(command, *arguments, "--dtype", dtype, "-o", output)
+        assert process.returncode == 0, process.stderr
+        assert ("the model runs in float32" in process.stderr) == warns
+
+
 @pytest.mark.filterwarnings("ignore:the mean square")
 def test_random_rotations_equivariance_error_is_unbiased_with_its_error(molecules):
     """Over seeds, the per-structure equivariance RMSE of random grids scatters as

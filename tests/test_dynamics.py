@@ -196,6 +196,21 @@ def test_random_grid_hatches_unresolved_cells(training, monkeypatch, tmp_path):
     assert len(hatched) == int(unresolved.sum())
 
 
+def test_cli_random_grid_and_dtype(training):
+    """``--rotations`` and ``--dtype`` reach the analysis: the float64 checkpoints
+    run in float32 when asked, which the float32 warning shows."""
+    arguments = ["model_0.ckpt", "model_1.ckpt", "data.xyz", "--outputs", "energy"]
+    arguments += ["--features", "--max-lambda", "1", "--rotations", "10"]
+    for dtype, warns in (("float32", True), ("float64", False)):
+        output = training / f"dynamics-{dtype}"
+        process = mtt_symmetry(
+            "dynamics", *arguments, "--dtype", dtype, "-o", output, cwd=training
+        )
+        assert process.returncode == 0, process.stderr
+        assert ("the model runs in float32" in process.stderr) == warns
+        assert "10 Haar-random O(3) elements" in (output / "dynamics.md").read_text()
+
+
 def test_epochs_from_file_names_and_order(tmp_path):
     frames = [ase.build.molecule("H2O")]
     for name, seed in (("model_12.ckpt", 1), ("model_5.ckpt", 2), ("a.ckpt", 3)):

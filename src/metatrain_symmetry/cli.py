@@ -9,9 +9,11 @@ from pathlib import Path
 
 from ._cli_options import (
     add_device_option,
+    add_dtype_option,
     add_force_option,
     add_grid_options,
     check_device,
+    dtype_from_args,
     grid_from_args,
     parse_targets,
 )
@@ -38,7 +40,7 @@ def _analyze(args) -> None:
     from .report import plot_spectra, save_result, summary_table
 
     output = check_output_directory(args.output, args.force)
-    model = msym.load_model(args.model)
+    model = msym.load_model(args.model, dtype=dtype_from_args(args))
     frames = read_structures(args.data)
     names = list(args.outputs)
     if args.features == ["all"]:
@@ -99,17 +101,17 @@ def _dynamics(args) -> None:
     features = args.features
     if features is not None and features == ["all"]:
         features = "all"
-    grid = None if args.grid_degree is None else msym.O3Grid(args.grid_degree)
     dynamics = msym.training_dynamics(
         checkpoints,
         frames,
         outputs=args.outputs,
         features=features,
         max_lambda=args.max_lambda,
-        grid=grid,
+        grid=grid_from_args(args),
         batch_size=args.batch_size,
         progress=True,
         weights=args.weights,
+        dtype=dtype_from_args(args),
     )
     with atomic_directory(output) as staging:
         save_dynamics(dynamics, staging)
@@ -154,7 +156,8 @@ def _add_dynamics_command(commands) -> None:
         help="internal features ('mtt::feature::<path>'), or 'all' (default: the "
         "node features after each message-passing layer)",
     )
-    add_grid_options(dynamics)
+    add_grid_options(dynamics, rotations=True)
+    add_dtype_option(dynamics)
     dynamics.add_argument(
         "--weights",
         choices=["epoch", "best"],
@@ -258,7 +261,7 @@ def _audit(args) -> None:
 
     output = check_output_directory(args.output, args.force)
     check_device(args.device)
-    model = msym.load_model(args.model, device=args.device)
+    model = msym.load_model(args.model, dtype=dtype_from_args(args), device=args.device)
     frames = read_structures(args.data)
     grid = grid_from_args(args)
     features = ["all"] if args.features == ["all"] else args.features
@@ -333,6 +336,7 @@ def _add_audit_command(commands) -> None:
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
     add_grid_options(command, rotations=True)
+    add_dtype_option(command)
     add_device_option(command)
     add_force_option(command)
     command.set_defaults(run=_audit)
@@ -475,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="internal features ('mtt::feature::<path>'), or 'all'",
     )
     add_grid_options(analyze, rotations=True)
+    add_dtype_option(analyze)
     analyze.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )

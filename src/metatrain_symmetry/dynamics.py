@@ -99,6 +99,7 @@ def training_dynamics(
     batch_size: int | None = None,
     progress: bool = False,
     weights: str = "epoch",
+    dtype: torch.dtype | None = None,
 ) -> TrainingDynamics:
     """Spectra of outputs and internal features across training checkpoints.
 
@@ -125,6 +126,8 @@ def training_dynamics(
         (``model_state_dict``); ``"best"`` the best weights up to that epoch by
         validation error, which is what :py:func:`metatrain_symmetry.load_model`
         and ``mtt export`` use
+    :param dtype: run every checkpoint in this precision (e.g. ``torch.float64``
+        for a model trained in float32); by default its own
     :return: the spectra against epoch, see :py:class:`TrainingDynamics`
     """
     if weights not in WEIGHTS:
@@ -187,7 +190,7 @@ def training_dynamics(
         iterator = tqdm(paths, unit="checkpoint", desc="checkpoints")
     results: list[AnalysisResult] = []
     for path in iterator:
-        model, _ = load_checkpoint(path, weights)
+        model, _ = load_checkpoint(path, weights, dtype)
         result = analyze(
             model,
             frames,
@@ -243,13 +246,14 @@ def training_dynamics(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, weights: str = "epoch"
+    path: str | os.PathLike, weights: str = "epoch", dtype: torch.dtype | None = None
 ) -> tuple[LoadedModel, int | None]:
     """Load one checkpoint of a training run for analysis.
 
     :param path: metatrain checkpoint (``.ckpt``) or exported model (``.pt``)
     :param weights: ``"epoch"`` for the weights the checkpoint was saved with,
         ``"best"`` for the best weights so far (see :py:func:`training_dynamics`)
+    :param dtype: convert the model to this precision
     :return: the model and the epoch metatrain stored in the checkpoint (``None``
         for exported models and checkpoints that store none)
     """
@@ -265,7 +269,7 @@ def load_checkpoint(
     except Exception:
         exported = False
     if exported:
-        return load_model(path), None
+        return load_model(path, dtype=dtype), None
     try:
         checkpoint = torch.load(str(path), weights_only=False, map_location="cpu")
     except Exception as error:
@@ -287,7 +291,7 @@ def load_checkpoint(
             f"could not build a model from checkpoint '{path}' "
             f"({type(error).__name__}: {first_line(error, 'no details')})"
         ) from None
-    model = load_model(module)
+    model = load_model(module, dtype=dtype)
     model.source = str(path)
     return model, None if epoch is None else int(epoch)
 
@@ -498,12 +502,17 @@ def dynamics_markdown(dynamics: TrainingDynamics) -> str:
         "file name": "read from the file names",
         "order": "unknown: checkpoints are numbered in the order given",
     }[dynamics.epoch_source]
+    if dynamics.grid.degree is None:
+        grid = f"{len(dynamics.grid)} Haar-random O(3) elements (estimates)"
+    else:
+        grid = (
+            f"O3Grid of degree {dynamics.grid.degree} ({len(dynamics.grid)} elements)"
+        )
     lines = [
         "# Symmetry across training",
         "",
         f"{len(dynamics.checkpoints)} checkpoints ({dynamics.weights} weights), "
-        f"epochs {source}; O3Grid of degree {dynamics.grid.degree} "
-        f"({len(dynamics.grid)} elements). Spectra are dataset means; the "
+        f"epochs {source}; {grid}. Spectra are dataset means; the "
         "equivariance RMSE is in the output's units.",
         "",
     ]
