@@ -45,15 +45,23 @@ def test_water_study_quick(tmp_path):
     report = json.loads((output / "report.json").read_text())
     assert report["mode"] == "quick"
     assert (output / "report.md").is_file()
-    for figure in ("ratios.png", "tradeoff.png"):
+    figures = ("learning.png", "ratios.png", "tradeoff.png")
+    for figure in figures:
         assert (output / figure).stat().st_size > 0
 
-    # 1. both trainings, with intermediate checkpoints
+    # 1. both trainings, with intermediate checkpoints and their learning curves
     for name in ("conservative", "non-conservative"):
         training = report["training"][name]
         assert (output / training["checkpoint"]).is_file()
         assert (output / training["exported"]).is_file()
         assert len(training["intermediate_checkpoints"]) >= 2
+        curve = report["learning"][name]
+        assert curve["epoch"] == list(range(training["epochs"]))
+        _numbers(
+            {key: values[-1] for key, values in curve.items() if key != "epoch"},
+            ["energy_mae_per_atom_meV", "force_mae_meV_per_A"],
+        )
+    assert 1.0 < report["zero_force_mae"] < 2.0  # eV/A
 
     # 2. audits of both models on every set, the extra one included
     sets = {"test", "molecules", "dimers", "ice Ih", "gas molecule"}
@@ -115,3 +123,17 @@ def test_water_study_quick(tmp_path):
     stages = report["timings"]
     for stage in ("data", "audits", "dynamics", "trade-off", "symmetrized export"):
         assert stages[stage] > 0
+
+    # the report and its figures are redrawn from a finished run
+    for name in ("report.md", *figures):
+        (output / name).unlink()
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT), "-o", str(output), "--report-only"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    for name in ("report.md", *figures):
+        assert (output / name).stat().st_size > 0
+    assert json.loads((output / "report.json").read_text()) == report

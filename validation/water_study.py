@@ -396,6 +396,26 @@ def audit_table(audits):
     return "\n".join(lines) + "\n"
 
 
+def training_table(report):
+    lines = [
+        "| model | epochs | minutes | final validation energy MAE (meV/atom) "
+        "| final validation force MAE (meV/Å) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in report["training"].items():
+        curve = report["learning"][name]
+        lines.append(
+            f"| {name} | {entry['epochs']} | {entry['seconds'] / 60:.0f} "
+            f"| {fmt(curve['energy_mae_per_atom_meV'][-1])} "
+            f"| {fmt(curve['force_mae_meV_per_A'][-1])} |"
+        )
+    lines.append(
+        "\nA model predicting zero forces has a force MAE of "
+        f"{fmt(report['zero_force_mae'], 1000)} meV/Å on the training boxes."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def tradeoff_table(rows):
     lines = [
         "| method | gamma | time (s) | energy RMSE (meV) | energy equivariance "
@@ -446,6 +466,60 @@ def plot_tradeoff(rows, path):
         axis.set_ylabel(f"test RMSE, {label}")
         axis.legend()
     figure.suptitle(f"accuracy against equivariance, {TRADEOFF_MODEL} PET, test boxes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def learning_curves(output):
+    """Validation MAE of energy (per atom) and forces against epoch, for each
+    model, from the ``train.csv`` that ``mtt train`` writes."""
+    import csv
+
+    curves = {}
+    for name, (_, force) in MODELS.items():
+        (path,) = (output / "models" / name).glob("outputs/*/*/train.csv")
+        with open(path, newline="") as file:
+            rows = list(csv.reader(file))
+        header, rows = [column.strip() for column in rows[0]], rows[2:]
+
+        def column(label, header=header, rows=rows):
+            index = header.index(label)
+            return [float(row[index]) for row in rows]
+
+        force_label = next(
+            label for label in header if label.startswith(f"validation {force} MAE")
+        )
+        curves[name] = {
+            "epoch": [int(value) for value in column("Epoch")],
+            "energy_mae_per_atom_meV": column("validation energy MAE (per atom)"),
+            "force_mae_meV_per_A": column(force_label),
+        }
+    return curves
+
+
+def plot_learning(curves, zero_force_mae, path):
+    """Validation MAE against epoch, forces next to the MAE of predicting
+    zero forces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, curve in curves.items():
+        axes[0].plot(curve["epoch"], curve["energy_mae_per_atom_meV"], label=name)
+        axes[1].plot(curve["epoch"], curve["force_mae_meV_per_A"], label=name)
+    axes[1].axhline(
+        1000 * zero_force_mae, color="grey", linestyle=":", label="zero forces"
+    )
+    axes[0].set_ylabel("validation energy MAE (meV/atom)")
+    axes[1].set_ylabel("validation force MAE (meV/Å)")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    figure.suptitle("training of the two PET models (validation boxes)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -700,7 +774,6 @@ def stage_tradeoff(output, config, test):
         "directory": str(directory.relative_to(output)),
         "table": result.table(),
     }
-    plot_tradeoff(rows, output / "tradeoff.png")
     return rows, retrain
 
 
@@ -788,6 +861,22 @@ def stage_symmetrize(output, config, sets):
 
 
 # ------------------------------------------------------------------------- main
+def finish_report(output, report):
+    """Add the learning curves to ``report``, draw the figures and write
+    ``report.json`` and ``report.md`` into ``output``."""
+    import ase.io
+
+    train = ase.io.read(output / "data" / "train.xyz", ":")
+    forces = np.concatenate([atoms.get_forces() for atoms in train])
+    # the force MAE of a model that predicts zero
+    report["zero_force_mae"] = float(np.abs(forces).mean())
+    report["learning"] = learning_curves(output)
+    plot_learning(report["learning"], report["zero_force_mae"], output / "learning.png")
+    plot_ratios(report["audits"], output / "ratios.png")
+    plot_tradeoff(report["tradeoff"], output / "tradeoff.png")
+    write_report(output, report)
+
+
 def write_report(output, report):
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     audits = report["audits"]
@@ -799,6 +888,11 @@ def write_report(output, report):
         "test boxes of 64 molecules. Audits on "
         f"{report['config']['rotations']} random O(3) elements (mean over "
         "structures of the per-structure equivariance RMSE).",
+        "",
+        "## Training",
+        "",
+        training_table(report),
+        "![learning curves](learning.png)",
         "",
         "## Errors and equivariance",
         "",
@@ -886,7 +980,20 @@ def main(argv=None):
         help="more structures to audit every model on, reported under NAME",
     )
     parser.add_argument("--force", action="store_true", help="replace DIR")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="redraw the figures and rewrite the report of the finished run in DIR "
+        "from its report.json, data and training logs",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        report_path = args.output / "report.json"
+        if not report_path.is_file():
+            raise SystemExit(f"--report-only: no finished run in {args.output}")
+        finish_report(args.output, json.loads(report_path.read_text()))
+        print(f"report: {args.output / 'report.md'}")
+        return
 
     if not args.data.is_file():
         raise SystemExit(
@@ -915,7 +1022,6 @@ def main(argv=None):
     )
     trained = timer.run("train", stage_train, output, config)
     audits, correlations = timer.run("audits", stage_audits, output, config, sets)
-    plot_ratios(audits, output / "ratios.png")
     dynamics = timer.run(
         "dynamics", stage_dynamics, output, config, sets["test"], trained
     )
@@ -947,7 +1053,7 @@ def main(argv=None):
         "symmetrized_export": symmetrized,
         "timings": timer.stages,
     }
-    write_report(output, report)
+    finish_report(output, report)
     print(f"report: {output / 'report.md'}")
 
 
