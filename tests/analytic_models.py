@@ -16,10 +16,11 @@ All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 
 * ``mtt::harmonics_1_3``: ``sqrt(0.84) x_1`` and ``sqrt(0.16)`` times the seven
   normalized real spherical harmonics of degree 3 of ``x_1``, as ten properties:
   0.84 in (1, +1) and 0.16 in (3, +1), with unit mean square in every orientation
-* ``mtt::offset_harmonics_1_3``: the constant ``OFFSET`` followed by the ten
-  properties of ``mtt::harmonics_1_3``, like an absolute energy next to its small
-  orientation-dependent part: ``OFFSET^2 / (OFFSET^2 + 1)`` in (0, +1) and the
-  spectrum of ``mtt::harmonics_1_3`` divided by ``OFFSET^2 + 1``
+* ``mtt::offset_harmonics_2``: the constant ``OFFSET`` (or the model's
+  ``offset``) followed by the five
+  properties of ``mtt::harmonics_2``, like an absolute energy next to its small
+  orientation-dependent part: ``OFFSET^2 / (OFFSET^2 + 1)`` in (0, +1) and
+  ``1 / (OFFSET^2 + 1)`` in (2, +1), a channel of the same parity as the constant
 * ``mtt::distance``: ``|r_1 - r_0|``, invariant (0, +1)
 * ``non_conservative_force``: per-atom positions relative to the centroid, an exactly
   equivariant Cartesian vector
@@ -47,7 +48,7 @@ OUTPUTS = {
     "mtt::legendre_1_3": ModelOutput(sample_kind="system"),
     "mtt::harmonics_2": ModelOutput(sample_kind="system"),
     "mtt::harmonics_1_3": ModelOutput(sample_kind="system"),
-    "mtt::offset_harmonics_1_3": ModelOutput(sample_kind="system"),
+    "mtt::offset_harmonics_2": ModelOutput(sample_kind="system"),
     "mtt::distance": ModelOutput(sample_kind="system"),
     "non_conservative_force": ModelOutput(sample_kind="atom"),
     "mtt::spherical_x": ModelOutput(sample_kind="system"),
@@ -94,9 +95,10 @@ def harmonics(unit: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 class AnalyticModel(torch.nn.Module):
-    def __init__(self, dtype=torch.float64):
+    def __init__(self, dtype=torch.float64, offset: float = OFFSET):
         super().__init__()
         self.register_buffer("scale", torch.ones((), dtype=dtype))
+        self.offset = offset
 
     def forward(
         self,
@@ -113,7 +115,7 @@ class AnalyticModel(torch.nn.Module):
             "mtt::legendre_1_3": [],
             "mtt::harmonics_2": [],
             "mtt::harmonics_1_3": [],
-            "mtt::offset_harmonics_1_3": [],
+            "mtt::offset_harmonics_2": [],
             "mtt::distance": [],
         }
         centered: list[torch.Tensor] = []
@@ -141,11 +143,11 @@ class AnalyticModel(torch.nn.Module):
                     ]
                 )
             )
-            per_system["mtt::offset_harmonics_1_3"].append(
+            per_system["mtt::offset_harmonics_2"].append(
                 torch.cat(
                     [
-                        torch.full((1,), OFFSET, dtype=unit.dtype),
-                        per_system["mtt::harmonics_1_3"][-1],
+                        torch.full((1,), self.offset, dtype=unit.dtype),
+                        per_system["mtt::harmonics_2"][-1],
                     ]
                 )
             )

@@ -251,6 +251,10 @@ class BlockAccumulator:
             1: torch.zeros(half, half, dtype=torch.float64),
             -1: torch.zeros(half, half, dtype=torch.float64),
         }
+        # of the parity +1 pair values minus the first pair's, over the other
+        # pairs: formed from the differences, since the difference of Gram
+        # entries would lose the digits of a small varying part to a constant
+        centred_gram = torch.zeros(half - 1, half - 1, dtype=torch.float64)
         # the kernel of the equivariance error summed over every scalar entry,
         # (q_i + q_j) / 2 - P_i . P_j, from the Gram matrix of the pair means and
         # the pair mean squares (see paired_mean_square_deviation)
@@ -302,8 +306,10 @@ class BlockAccumulator:
             # in the non-trivial channels of parity +1 but adds to their
             # estimates a noise of its own size: there they are estimated on the
             # differences to the first pair, over the other pairs
+            differences = paired[1][1:] - paired[1][:1]
+            centred_gram += differences @ differences.T
             centred = factored_u_statistic(
-                integrator.channel_weights[:, 1:, 1:], paired[1][1:] - paired[1][:1]
+                integrator.channel_weights[:, 1:, 1:], differences
             )
             per_irrep, per_irrep_errors = [], []
             for o3_lambda, sigma, _ in integrator.row_slices:
@@ -331,6 +337,7 @@ class BlockAccumulator:
             variance_errors=variance_errors,
             projection_errors=projection_errors,
             grams=grams,
+            centred_gram=centred_gram,
             # mean square of the direct response in each pair
             pair_norms=(flat[:half] + flat[half:]) / 2,
             deviation_gram=deviation_gram,

@@ -260,14 +260,11 @@ def _estimated_spectra(
     mean_kernel = torch.zeros(n_irreps, samples, samples, dtype=torch.float64)
     norm_errors = []
     for row, blocks in enumerate(structures):
-        full = {
-            parity: sum(block["grams"][parity] for block in blocks)
+        grams = {
+            parity: sum(block["grams"][parity] for block in blocks)[1:, 1:]
             for parity in (1, -1)
         }
-        grams = {parity: gram[1:, 1:] for parity, gram in full.items()}
-        # Gram matrix of the differences of the parity +1 pair values to the
-        # first pair's
-        centred = full[1][1:, 1:] - full[1][1:, :1] - full[1][:1, 1:] + full[1][0, 0]
+        centred = sum(block["centred_gram"] for block in blocks)
         pair_norms = sum(block["pair_norms"] for block in blocks)[1:]
         norm = float(pair_norms.mean())
         norm = norm if norm > 0 else 1.0
