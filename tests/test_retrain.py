@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 def retrained(trained, tmp_path_factory):
     directory, train, validation = trained
     output = tmp_path_factory.mktemp("out") / "retrained"
-    grid = msym.O3Grid.random(8, seed=1)
+    grid = msym.O3Grid.random(10, seed=1)
     result = msym.retrain_last_layer(
         directory / "model.ckpt",
         train,
