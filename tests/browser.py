@@ -6,11 +6,14 @@ error and failed resource load is seen.
 """
 
 import base64
+import contextlib
 import io
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -105,7 +108,10 @@ def open_page(path: Path, width: int = 1280, height: int = 900, timeout: float =
     """Load ``path`` in headless Chromium, wait for the chemiscope viewer to finish
     loading, let it render, and report errors, DOM facts and a screenshot."""
     chromium = find_chromium()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write into the profile when the main
+    # one is gone: they share its process group, which is killed as a whole, and
+    # a file they leave behind must not fail the test
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [
                 chromium,
@@ -117,11 +123,13 @@ def open_page(path: Path, width: int = 1280, height: int = 900, timeout: float =
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         try:
             return _drive(process, path, width, height, timeout)
         finally:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
