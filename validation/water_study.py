@@ -124,12 +124,11 @@ CONFIGS = {
     },
 }
 
+# name: (``mtt train`` targets, force output): energies with conservative forces
+# (Langer et al.) and with a non-conservative force head (Domina et al.)
 MODELS = {
-    "conservative": ("energy, conservative forces (Langer et al.)", "forces"),
-    "non-conservative": (
-        "energy, non-conservative forces (Domina et al.)",
-        "non_conservative_force",
-    ),
+    "conservative": (CONSERVATIVE_TARGETS, "forces"),
+    "non-conservative": (PET_TARGETS, "non_conservative_force"),
 }
 
 
@@ -285,9 +284,9 @@ def pet_options(config, targets, epochs, training="", finetune=None):
     )
 
 
-def mtt_train(directory: Path, options: str, threads: int | None = None) -> float:
+def mtt_train(directory: Path, options: str) -> float:
     """Run ``mtt train`` in ``directory``; return its wall time in seconds."""
-    return wait_for(start_training(directory, options, threads))
+    return wait_for(start_training(directory, options))
 
 
 def start_training(directory: Path, options: str, threads: int | None = None):
@@ -602,8 +601,7 @@ def stage_data(output, data, config, extras):
 def stage_train(output, config):
     """Train both models at the same time, one thread each."""
     started = {}
-    for name in MODELS:
-        targets = CONSERVATIVE_TARGETS if name == "conservative" else PET_TARGETS
+    for name, (targets, _) in MODELS.items():
         options = pet_options(config, targets, config["epochs"][name])
         started[name] = start_training(output / "models" / name, options, threads=1)
     trained = {}
@@ -718,14 +716,15 @@ def _test_errors(model, test, config, force):
     }
 
 
-# the model of the accuracy-equivariance trade-off, and its force output
+# the model of the accuracy-equivariance trade-off: its forces are the energy's
+# position gradients, penalised through the energy's ``gradients`` entry
 TRADEOFF_MODEL = "conservative"
 
 
 def stage_tradeoff(output, config, test):
     import metatrain_symmetry as msym
 
-    force = MODELS[TRADEOFF_MODEL][1]
+    targets, force = MODELS[TRADEOFF_MODEL]
     base = output / "models" / TRADEOFF_MODEL / "model.ckpt"
     rows = [
         {"method": "trained", "gamma": None, "seconds": None}
@@ -733,7 +732,6 @@ def stage_tradeoff(output, config, test):
     ]
     for gamma in config["finetune_gammas"]:
         penalty = f"type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2"
-        # the forces are the energy's position gradients: penalised with it
         loss = (
             f"loss:\n  energy: {{{penalty}, gradients: {{positions: "
             f"{{type: equivariance, base: mse, gamma: {gamma}}}}}}}\n"
@@ -741,7 +739,7 @@ def stage_tradeoff(output, config, test):
         directory = output / "models" / f"finetune-gamma-{gamma:g}"
         options = pet_options(
             config,
-            CONSERVATIVE_TARGETS,
+            targets,
             config["finetune_epochs"],
             training=loss,
             finetune=f"../{TRADEOFF_MODEL}/model.ckpt",
