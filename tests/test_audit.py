@@ -18,8 +18,8 @@ from metatrain.utils.data.target_info import get_energy_target_info
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import default_targets, predict
-from metatrain_symmetry.audit_files import audit_markdown
-from metatrain_symmetry.audit_summary import SCHEMA_VERSION, audit_schema
+from metatrain_symmetry.audit import audit_markdown
+from metatrain_symmetry.audit import SCHEMA_VERSION, audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry, tiny_pet
 
@@ -129,7 +129,7 @@ def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
     standard errors in every file, and are written unclipped."""
     import gzip
 
-    from metatrain_symmetry.audit_files import write_audit_report
+    from metatrain_symmetry.audit import write_audit_report
 
     pet, frames, _ = pet_audit
     result = msym.audit(
@@ -164,7 +164,7 @@ def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
         result.leakage_error("non_conservative_force"), spectrum_error[:, 2]
     )
 
-    write_audit_report(result, frames, tmp_path)
+    write_audit_report(result, tmp_path)
     written = json.loads((tmp_path / "audit.json").read_text())
     jsonschema.validate(written, audit_schema())
     assert written["files"]["spectra_standard_errors"] == "spectra_errors.mts"
@@ -371,13 +371,13 @@ def test_audit_command_refuses_a_busy_directory(audit_inputs, tmp_path, capsys):
 
 
 def test_interrupted_audit_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
-    import metatrain_symmetry.visualize
+    from metatrain_symmetry.audit import viewer
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     # the last file written: everything else is already in the staging directory
-    monkeypatch.setattr(metatrain_symmetry.visualize, "write_html_viewer", interrupt)
+    monkeypatch.setattr(viewer, "write_html_viewer", interrupt)
     arguments = [audit_inputs / "model.ckpt", audit_inputs / "data.xyz"]
     output = tmp_path / "audit"
     status = main(

@@ -223,7 +223,7 @@ def test_exported_symmetrized_model(audit_inputs, tmp_path):
     from metatomic.torch import ModelOutput
 
     import metatrain_symmetry as msym
-    from metatrain_symmetry.export import export_audited
+    from metatrain_symmetry.audit import export_audited
     from metatrain_symmetry.systems import prepare_systems
 
     summaries = {}

@@ -25,7 +25,7 @@ from metatrain_symmetry.distributed import (
     cut_into_shards,
     shard_by_cost,
 )
-from metatrain_symmetry.report import file_stem
+from metatrain_symmetry.diagnostics import file_stem
 from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
 
 

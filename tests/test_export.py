@@ -14,10 +14,10 @@ from metatomic.torch import ModelOutput, load_atomistic_model
 from metatomic_ase import MetatomicCalculator
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.audit_summary import audit_schema
+from metatrain_symmetry.audit import audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH, RotatedEvaluator
-from metatrain_symmetry.export import AUDIT_METADATA_KEY
+from metatrain_symmetry.audit import AUDIT_METADATA_KEY
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
 
 
@@ -182,12 +182,12 @@ def test_export_command_bad_input(
 
 
 def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
-    import metatrain_symmetry.export
+    from metatrain_symmetry.audit import export as export_module
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(metatrain_symmetry.export.os, "replace", interrupt)
+    monkeypatch.setattr(export_module.os, "replace", interrupt)
     with pytest.raises(KeyboardInterrupt):
         msym.export_audited(
             audit_inputs / "model.ckpt",

@@ -188,7 +188,7 @@ def command_line(command: str, form: str) -> tuple[list[str], str]:
         return ["dynamics", *models, "structures.xyz", "-o", output, *grid], output
     assert command == "retrain"
     arguments = ["retrain", model, "structures.xyz", "--gamma", "0", "1"]
-    return arguments + ["--n-rotations", "2", "-o", output], output
+    return arguments + ["--rotations", "2", "-o", output], output
 
 
 COMMANDS = ["analyze", "audit", "export", "export-symmetrized", "dynamics", "retrain"]

@@ -320,7 +320,7 @@ def test_cli_end_to_end(trained, tmp_path):
         "--gamma",
         "0.1",
         "10",
-        "--n-rotations",
+        "--rotations",
         "4",
         "--ridge",
         "1e-6",

@@ -11,7 +11,7 @@ import pytest
 from browser import open_page, pixel_spread
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.visualize import chemiscope_library, write_html_viewer
+from metatrain_symmetry.audit import chemiscope_library, write_html_viewer
 
 
 def load_dataset(directory):

@@ -623,7 +623,7 @@ def stage_train(output, config):
 
 def stage_audits(output, config, sets):
     import metatrain_symmetry as msym
-    from metatrain_symmetry.audit_files import write_audit_report
+    from metatrain_symmetry.audit import write_audit_report
 
     grid = msym.O3Grid.random(config["rotations"], seed=1)
     audits, correlations = {}, {}
@@ -642,7 +642,7 @@ def stage_audits(output, config, sets):
             )
             directory = output / "audits" / model_name / set_name.replace(" ", "-")
             directory.mkdir(parents=True)
-            write_audit_report(result, frames, directory)
+            write_audit_report(result, directory)
             audits[model_name][set_name] = {
                 "n_structures": len(frames),
                 "n_atoms": int(sum(len(atoms) for atoms in frames)),

@@ -2,16 +2,21 @@
 interatomic potentials in the metatensor ecosystem."""
 
 from ._version import __version__
-from .audit import AuditResult, audit
-from .audit_files import write_audit_report
-from .audit_summary import audit_schema
+from .audit import (
+    AuditResult,
+    audit,
+    audit_schema,
+    chemiscope_dataset,
+    export_audited,
+    read_audit,
+    write_audit_report,
+    write_html_viewer,
+)
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
-from .export import export_audited, read_audit
 from .grid import O3Grid
 from .models import LoadedModel, ModelTarget, load_model
 from .retrain import RetrainResult, retrain_last_layer, retraining_objective
-from .visualize import chemiscope_dataset, write_html_viewer
 
 
 __all__ = [

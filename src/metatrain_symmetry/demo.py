@@ -20,7 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+import ase.io
 import numpy as np
+import torch
+
+from ._utils import atomic_directory
+from .audit import audit, write_audit_report
+from .diagnostics import plot_spectra
+from .dynamics import layer_features
+from .models import load_model
+from .retrain import DEFAULT_GAMMAS, retrain_last_layer
+from .testing import pet_options
 
 
 # the two trainings: (directory name, label, penalised)
@@ -32,7 +42,7 @@ OUTPUTS = ("energy", "non_conservative_force")
 REFERENCE_KEYS = {"energy": "energy", "non_conservative_force": "forces"}
 """where the reference of each output is in the generated structures"""
 
-RETRAIN_GAMMAS = (0.0, 0.1, 1.0, 10.0, 100.0)
+RETRAIN_GAMMAS = DEFAULT_GAMMAS
 
 # spectra up to lambda = 2 resolve what forces and energies should not carry, on a
 # grid five times smaller than lambda = 4 needs
@@ -291,23 +301,10 @@ def run_demo(
     :param gamma: weight of the penalty in the penalised training
     :return: the numbers of ``summary.json``
     """
-    import ase.io
-    import torch
-
-    import metatrain_symmetry as msym
-
-    from ._utils import atomic_directory
-    from .audit import audit
-    from .audit_files import write_audit_report
-    from .dynamics import layer_features
-    from .report import plot_spectra
-    from .testing import pet_options
-
     if epochs < 1:
         raise ValueError(f"--epochs must be positive, got {epochs}")
     if gamma <= 0:
         raise ValueError(f"--gamma must be positive, got {gamma}")
-    labels = {name: label for name, label, _ in RUNS}
     with atomic_directory(output) as staging:
         n_total = N_TRAIN + N_VALIDATION
         print(f"[1/5] generating {n_total} copper cells with ASE's EMT calculator")
@@ -317,61 +314,10 @@ def run_demo(
         ase.io.write(training / "train.xyz", frames[:N_TRAIN])
         ase.io.write(training / "validation.xyz", frames[N_TRAIN:])
         validation = frames[N_TRAIN:]
-
-        print(
-            f"[2/5] training a small PET twice at the same time for {epochs} "
-            f"epochs: plain MSE, and equivariance penalty with gamma = {gamma}"
-        )
-        options = {
-            name: pet_options(
-                epochs,
-                **MODEL,
-                batch_size=8,
-                training=penalty_options(gamma) if penalised else "",
-                data="../",
-                # the audits below evaluate the models; metatrain's own final
-                # evaluation would add about a minute of compilation
-                final_eval=False,
-            )
-            for name, _, penalised in RUNS
-        }
-        seconds = _train_all({name: training / name for name in options}, options)
-
-        print(
-            "[3/5] retraining the plain model's last layer in closed form for "
-            "gamma = " + ", ".join(f"{g:g}" for g in RETRAIN_GAMMAS)
-        )
-        start = time.perf_counter()
-        sweep = msym.retrain_last_layer(
-            training / "plain" / "model.ckpt",
-            frames[:N_TRAIN],
-            validation,
-            gammas=RETRAIN_GAMMAS,
-            output=staging / "retrain-plain",
-            progress=True,
-        )
-        seconds["retrain"] = time.perf_counter() - start
-
+        seconds = _train_models(training, epochs, gamma)
+        sweep, seconds["retrain"] = _retrain_plain(staging, training, frames)
         print("[4/5] auditing both models on rotated copies of the validation set")
-        models, analyses = {}, {}
-        for name, label, _ in RUNS:
-            # trained in float32 for speed; audited in float64, so that round-off
-            # stays far below the errors measured
-            model = msym.load_model(training / name / "model.ckpt", dtype=torch.float64)
-            result = audit(
-                model,
-                validation,
-                outputs=list(OUTPUTS),
-                features=layer_features(model),
-                max_lambda=AUDIT_MAX_LAMBDA,
-                progress=True,
-            )
-            directory = staging / f"audit-{name}"
-            directory.mkdir()
-            write_audit_report(result, validation, directory)
-            models[name] = model_numbers(result.summary, validation)
-            analyses[label] = result.analysis
-
+        models, analyses = _audit_models(staging, training, validation)
         print("[5/5] writing the comparison")
         numbers = {
             "epochs": epochs,
@@ -382,20 +328,93 @@ def run_demo(
             "retrain": retrain_numbers(sweep),
             "seconds": seconds,
         }
-        table = comparison_table(models, labels)
-        (staging / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n")
-        (staging / "summary.md").write_text(
-            "# metatrain-symmetry demo\n\n"
-            f"The same small PET trained for {epochs} epochs on {N_TRAIN} EMT copper "
-            "cells with a plain MSE loss and with the equivariance penalty "
-            f"(gamma = {gamma} on the energy and the non-conservative forces), "
-            f"audited on {N_VALIDATION} validation cells. Energies in eV, forces "
-            "in eV/A.\n\n" + table + "\n" + explanation(numbers)
-        )
-        plot_spectra(analyses, staging / "spectra.png")
-
+        table = comparison_table(models, {name: label for name, label, _ in RUNS})
+        _write_comparison(staging, numbers, table, analyses)
     print()
     print(table)
+    _print_contents(output)
+    return numbers
+
+
+def _train_models(training: Path, epochs: int, gamma: float) -> dict:
+    """Both trainings (see :py:data:`RUNS`), at once; their wall times (s)."""
+    print(
+        f"[2/5] training a small PET twice at the same time for {epochs} "
+        f"epochs: plain MSE, and equivariance penalty with gamma = {gamma}"
+    )
+    options = {
+        name: pet_options(
+            epochs,
+            **MODEL,
+            batch_size=8,
+            training=penalty_options(gamma) if penalised else "",
+            data="../",
+            # the audits below evaluate the models; metatrain's own final
+            # evaluation would add about a minute of compilation
+            final_eval=False,
+        )
+        for name, _, penalised in RUNS
+    }
+    return _train_all({name: training / name for name in options}, options)
+
+
+def _retrain_plain(staging: Path, training: Path, frames: list):
+    """The closed-form readout sweep of the plain model, and its time (s)."""
+    print(
+        "[3/5] retraining the plain model's last layer in closed form for "
+        "gamma = " + ", ".join(f"{g:g}" for g in RETRAIN_GAMMAS)
+    )
+    start = time.perf_counter()
+    sweep = retrain_last_layer(
+        training / "plain" / "model.ckpt",
+        frames[:N_TRAIN],
+        frames[N_TRAIN:],
+        gammas=RETRAIN_GAMMAS,
+        output=staging / "retrain-plain",
+        progress=True,
+    )
+    return sweep, time.perf_counter() - start
+
+
+def _audit_models(staging: Path, training: Path, validation: list):
+    """Audit both trained models, writing ``audit-<name>/``; per model its
+    :py:func:`model_numbers`, and per label its analysis."""
+    models, analyses = {}, {}
+    for name, label, _ in RUNS:
+        # trained in float32 for speed; audited in float64, so that round-off
+        # stays far below the errors measured
+        model = load_model(training / name / "model.ckpt", dtype=torch.float64)
+        result = audit(
+            model,
+            validation,
+            outputs=list(OUTPUTS),
+            features=layer_features(model),
+            max_lambda=AUDIT_MAX_LAMBDA,
+            progress=True,
+        )
+        directory = staging / f"audit-{name}"
+        directory.mkdir()
+        write_audit_report(result, directory)
+        models[name] = model_numbers(result.summary, validation)
+        analyses[label] = result.analysis
+    return models, analyses
+
+
+def _write_comparison(staging: Path, numbers: dict, table: str, analyses) -> None:
+    """``summary.json``, ``summary.md`` and ``spectra.png``."""
+    (staging / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    (staging / "summary.md").write_text(
+        "# metatrain-symmetry demo\n\n"
+        f"The same small PET trained for {numbers['epochs']} epochs on {N_TRAIN} "
+        "EMT copper cells with a plain MSE loss and with the equivariance penalty "
+        f"(gamma = {numbers['gamma']} on the energy and the non-conservative "
+        f"forces), audited on {N_VALIDATION} validation cells. Energies in eV, "
+        "forces in eV/A.\n\n" + table + "\n" + explanation(numbers)
+    )
+    plot_spectra(analyses, staging / "spectra.png")
+
+
+def _print_contents(output: Path) -> None:
     print(f"Done. Look at {output}/summary.md and {output}/spectra.png;")
     for name, _, _ in RUNS:
         print(
@@ -405,4 +424,3 @@ def run_demo(
         )
     print(f"  {output}/retrain-plain/pareto.png: the closed-form trade-off;")
     print(f"trained models and logs are in {output}/training/<plain|penalized>/.")
-    return numbers

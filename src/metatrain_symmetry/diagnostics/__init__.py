@@ -19,24 +19,40 @@ On random grids the weighted sums are replaced by unbiased Monte-Carlo estimates
 over the independent pairs ``(R, -R)`` of the grid, with standard errors (see
 :py:mod:`metatrain_symmetry.estimators`); exact grids take the path above
 unchanged.
+
+The modules of this package: ``accumulators`` (moments of the rotated copies),
+``assembly`` (TensorMaps from the finished moments), ``analysis`` (the pass and
+:py:func:`analyze`), ``result`` (:py:class:`AnalysisResult`), ``files`` and
+``plots`` (what an analysis writes).
 """
 
 from .analysis import (
+    DEFAULT_MAX_LAMBDA,
+    MIN_RANDOM_ELEMENTS,
     AnalysisPart,
     AnalysisPlan,
     analyze,
     model_fingerprint,
     run_context,
 )
+from .files import file_stem, save_result, summary_table
+from .plots import hatch_unresolved, plot_spectra
 from .result import AnalysisResult, equivariance_rmse
 
 
 __all__ = [
+    "DEFAULT_MAX_LAMBDA",
+    "MIN_RANDOM_ELEMENTS",
     "AnalysisPart",
     "AnalysisPlan",
     "AnalysisResult",
     "analyze",
     "equivariance_rmse",
+    "file_stem",
+    "hatch_unresolved",
     "model_fingerprint",
+    "plot_spectra",
     "run_context",
+    "save_result",
+    "summary_table",
 ]

@@ -20,12 +20,7 @@ from metatomic.torch import ModelOutput, System
 
 from .._utils import is_integer, name_list, sha256_of_file
 from .._version import __version__
-from ..distributed import (
-    DistributedContext,
-    ShardStore,
-    cut_into_shards,
-    run_shards,
-)
+from ..distributed import DistributedContext, run_resumable
 from ..engine import RotatedEvaluator
 from ..grid import O3Grid
 from ..models import LoadedModel, ModelLike, load_model
@@ -36,10 +31,16 @@ from .assembly import assemble
 from .result import AnalysisResult
 
 
+DEFAULT_MAX_LAMBDA = 4
+"""largest ``lambda`` of the character projections and spectra by default"""
+
 # independent pairs (R, -R) a random grid needs: four for the variance of an
 # unbiased estimate of a squared mean, and one more that the spectra use as a
 # reference
 _MIN_PAIRS = 5
+MIN_RANDOM_ELEMENTS = 2 * _MIN_PAIRS
+"""fewest elements of a random grid (rotations and their inversions) that an
+analysis accepts"""
 
 
 @dataclass
@@ -63,7 +64,7 @@ class AnalysisPlan:
         self,
         model: ModelLike,
         outputs: Sequence[str],
-        max_lambda: int = 4,
+        max_lambda: int = DEFAULT_MAX_LAMBDA,
         grid: O3Grid | None = None,
         batch_size: int | None = None,
         per_atom: bool = False,
@@ -85,9 +86,9 @@ class AnalysisPlan:
                 "analyze needs improper rotations to resolve sigma: use an O3Grid "
                 "with inversion=True"
             )
-        if grid.degree is None and len(grid) < 2 * _MIN_PAIRS:
+        if grid.degree is None and len(grid) < MIN_RANDOM_ELEMENTS:
             raise ValueError(
-                f"a random grid needs at least {2 * _MIN_PAIRS} elements "
+                f"a random grid needs at least {MIN_RANDOM_ELEMENTS} elements "
                 f"({_MIN_PAIRS} rotations and their inversions) to estimate spectra "
                 f"and their standard errors, got {len(grid)}"
             )
@@ -129,6 +130,22 @@ class AnalysisPlan:
             },
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "version": __version__,
+        }
+
+    def manifest(self, kind: str, systems: Sequence[System], **extra) -> dict:
+        """JSON-ready identity of a resumable run of this plan (see
+        :py:func:`~metatrain_symmetry.distributed.run_resumable`): its ``kind``,
+        the model file, the structures, the settings and ``extra`` entries.
+
+        :raise ValueError: for a model that was not loaded from a file
+        """
+        return {
+            "kind": kind,
+            "model": model_fingerprint(self.model),
+            "structures": systems_fingerprint(systems),
+            "n_structures": len(systems),
+            **extra,
+            **self.settings(),
         }
 
     def run(
@@ -252,7 +269,7 @@ def analyze(
     model: ModelLike,
     systems: Sequence[SystemLike],
     outputs: Sequence[str],
-    max_lambda: int = 4,
+    max_lambda: int = DEFAULT_MAX_LAMBDA,
     grid: O3Grid | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -296,24 +313,13 @@ def analyze(
     context = run_context(distributed)
     plan = AnalysisPlan(model, outputs, max_lambda, grid, batch_size, per_atom)
     systems = plan.prepare(systems)
-    store = None
-    if work_dir is not None:
-        manifest = {
-            "kind": "analyze",
-            "model": model_fingerprint(plan.model),
-            "structures": systems_fingerprint(systems),
-            "n_structures": len(systems),
-            **plan.settings(),
-        }
-        store = ShardStore(work_dir, manifest)
-    costs = plan.costs(systems)
-    shards = cut_into_shards(costs)
-    parts = run_shards(
-        shards,
-        [sum(costs[i] for i in shard) for shard in shards],
+    manifest = None if work_dir is None else plan.manifest("analyze", systems)
+    parts = run_resumable(
+        plan.costs(systems),
         lambda mine: plan.run(systems, mine, progress and context.is_main),
         context,
-        store,
+        work_dir,
+        manifest,
     )
     if parts is None:
         return None

@@ -31,19 +31,24 @@ The modules of this package, in the order a retraining uses them:
 - ``solve``: normal equations and their minimum-norm solutions;
 - ``evaluation``: validation errors of every ``gamma`` at once;
 - ``result``: :py:class:`RetrainResult` and the checkpoints it writes;
+- ``files``: the trade-off tables and plot;
 - ``last_layer``: :py:func:`retrain_last_layer`, the recipe;
 - ``objective``: :py:func:`retraining_objective`, an independent implementation.
 """
 
-from .last_layer import DEFAULT_N_ROTATIONS, retrain_last_layer
+from .files import plot_pareto, write_pareto_tables
+from .last_layer import DEFAULT_GAMMAS, DEFAULT_N_ROTATIONS, retrain_last_layer
 from .objective import retraining_objective
 from .result import RetrainResult, checkpoint_name
 
 
 __all__ = [
+    "DEFAULT_GAMMAS",
     "DEFAULT_N_ROTATIONS",
     "RetrainResult",
     "checkpoint_name",
+    "plot_pareto",
     "retrain_last_layer",
     "retraining_objective",
+    "write_pareto_tables",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from .._utils import atomic_directory
 from ..grid import O3Grid
-from ..report import plot_pareto, write_pareto_tables
+from .files import plot_pareto, write_pareto_tables
 
 
 @dataclass

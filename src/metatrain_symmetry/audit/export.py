@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from metatomic.torch import AtomisticModel, ModelMetadata
 
-from ._utils import atomic_file, first_line, sha256_of_file
-from .audit import AuditResult, audit
-from .data import read_structures
-from .grid import O3Grid
+from .._utils import atomic_file, first_line
+from ..diagnostics import DEFAULT_MAX_LAMBDA
+from ..grid import O3Grid
+from ..models import load_model
+from .result import AuditResult
+from .run import audit
 
 
 AUDIT_METADATA_KEY = "symmetry-audit"
@@ -102,7 +104,7 @@ def export_audited(
     audit_grid: O3Grid | None = None,
     outputs: Sequence[str] | None = None,
     targets: dict[str, str] | None = None,
-    max_lambda: int = 4,
+    max_lambda: int = DEFAULT_MAX_LAMBDA,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -130,31 +132,24 @@ def export_audited(
     :param progress: show progress bars
     :return: the audit (of the model before any symmetrization)
     """
-    output = Path(output)
-    if output.suffix != ".pt":
-        raise ValueError(f"the exported model file must end with .pt, got '{output}'")
-    if output.is_dir():
-        raise ValueError(f"output '{output}' is a directory")
+    output = _check_output_file(output)
     model = load_for_export(checkpoint)
     if symmetrize and is_symmetrized(model):
         raise ValueError(
             f"'{checkpoint}' already predicts O(3) averages; export it without "
             "--symmetrize (symmetrize=False)"
         )
-    if isinstance(data, (str, os.PathLike)):
-        data_path = data
-        frames = read_structures(data)
-    else:
-        data_path, frames = None, list(data)
     grid = audit_grid
     if grid is None and grid_degree is not None:
         grid = O3Grid(grid_degree)
     # the audit moves the model it is given to ``device`` (with state that PET
     # moves lazily, outside its parameters): a copy keeps the exported model on CPU
-    audited = model if device is None else copy.deepcopy(model)
+    audited = load_model(model if device is None else copy.deepcopy(model))
+    # identified in the audit by the checkpoint it was exported from
+    audited.source = str(checkpoint)
     result = audit(
         audited,
-        frames,
+        data,
         outputs=outputs,
         targets=targets,
         max_lambda=max_lambda,
@@ -163,19 +158,26 @@ def export_audited(
         device=device,
         progress=progress,
     )
-    summary = dict(result.summary)
-    summary["model"] = {
-        **summary["model"],
-        "path": str(checkpoint),
-        "sha256": sha256_of_file(Path(checkpoint)),
-    }
-    if data_path is not None:
-        summary["dataset"] = {
-            **summary["dataset"],
-            "path": str(data_path),
-            "sha256": sha256_of_file(Path(data_path)),
-        }
-    result.summary = summary
+    model = _with_audit(model, result.summary, symmetrize, grid_degree)
+    with atomic_file(output) as temporary:
+        model.save(str(temporary))
+    return result
+
+
+def _check_output_file(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    if output.suffix != ".pt":
+        raise ValueError(f"the exported model file must end with .pt, got '{output}'")
+    if output.is_dir():
+        raise ValueError(f"output '{output}' is a directory")
+    return output
+
+
+def _with_audit(
+    model: AtomisticModel, summary: dict, symmetrize: bool, grid_degree: int | None
+) -> AtomisticModel:
+    """The model with the audit summary in its metadata, wrapped to predict O(3)
+    averages when ``symmetrize``."""
     extra = {AUDIT_METADATA_KEY: json.dumps(summary, allow_nan=False)}
     if symmetrize:
         extra[SYMMETRIZATION_METADATA_KEY] = json.dumps(
@@ -184,9 +186,7 @@ def export_audited(
     model = with_extra_metadata(model, extra)
     if symmetrize:
         model = symmetrize_model(model, grid_degree)
-    with atomic_file(output) as temporary:
-        model.save(str(temporary))
-    return result
+    return model
 
 
 def read_audit(model: AtomisticModel | str | os.PathLike) -> dict | None:

@@ -1,0 +1,117 @@
+"""The summary of an audit as Markdown: a header, a table of outputs and a table
+of mean spectra."""
+
+from __future__ import annotations
+
+from ..irreps import irrep_name
+
+
+def audit_markdown(summary: dict) -> str:
+    """The audit summary (the content of ``audit.json``) as Markdown tables."""
+    lines = _header(summary)
+    lines += [
+        "",
+        "## Outputs",
+        "",
+        "Errors of the prediction on the unrotated structures (of the O(3) average "
+        "in parentheses); equivariance RMSE per structure; leakage = 1 - spectral "
+        "weight at the expected irreps.",
+        "",
+        "| output | target | MAE | RMSE | equivariance RMSE mean | median | max "
+        "| mean / MAE | mean / RMSE | leakage mean | leakage max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_output_row(name, entry) for name, entry in summary["outputs"].items()]
+    irrep_names = [irrep_name(lam, sigma) for lam, sigma in summary["irreps"]]
+    lines += [
+        "",
+        "## Mean spectra",
+        "",
+        "| name | " + " | ".join(irrep_names) + " |",
+        "|---|" + "---|" * len(irrep_names),
+    ]
+    for group in ("outputs", "features"):
+        lines += [_spectrum_row(name, entry) for name, entry in summary[group].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _estimate(value, error) -> str:
+    """A value, with ``± error`` when it is an estimate."""
+    if error is None:
+        return _number(value)
+    return f"{_number(value)} ± {_number(error)}"
+
+
+def _grid_description(grid: dict) -> str:
+    if grid["kind"] == "random":
+        return f"{grid['n_elements']} Haar-random elements (an estimate)"
+    return f"{grid['kind']}, degree {grid['degree']}, {grid['n_elements']} elements"
+
+
+def _header(summary: dict) -> list[str]:
+    """The title, what was audited on which grid, and how to read estimates."""
+    model, dataset, grid = summary["model"], summary["dataset"], summary["grid"]
+    lines = [
+        "# Symmetry audit",
+        "",
+        f"- model: `{model['path'] or model['name'] or 'in-memory model'}`"
+        + (f" (sha256 `{model['sha256'][:16]}...`)" if model["sha256"] else ""),
+        f"- dataset: {dataset['n_structures']} structures, "
+        f"{dataset['n_atoms']} atoms"
+        + (f" from `{dataset['path']}`" if dataset["path"] else ""),
+        f"- O(3) grid: {_grid_description(grid)}; spectra up to lambda = "
+        f"{summary['max_lambda']}",
+        f"- schema version {summary['schema_version']}",
+    ]
+    if grid.get("estimated", False):
+        lines += [
+            "",
+            f"Equivariance RMSEs, spectra and leakages are Monte-Carlo estimates "
+            f"from {grid['n_elements'] // 2} random rotations and their inversions, "
+            "given as value ± one standard error. They are unbiased, so they can "
+            "be negative where the true value is close to zero; use an exact grid "
+            "(`--grid-degree`) for precise spectra.",
+        ]
+    return lines
+
+
+def _output_row(name: str, entry: dict) -> str:
+    """One row of the table of outputs."""
+    target = entry["target"] or {}
+    equivariance = entry["equivariance_rmse"]
+    leakage = entry["leakage"] or {}
+    mae = _number(target.get("mae"))
+    rmse = _number(target.get("rmse"))
+    if target:
+        mae += f" ({_number(target['symmetrized_mae'])})"
+        rmse += f" ({_number(target['symmetrized_rmse'])})"
+    cells = [
+        f"`{name}` [{entry['unit'] or '-'}]",
+        f"`{target['key']}`" if target else "none",
+        mae,
+        rmse,
+        _estimate(equivariance["mean"], equivariance.get("mean_standard_error")),
+        _number(equivariance["median"]),
+        _number(equivariance["max"]),
+        _number(equivariance.get("fraction_of_mae")),
+        _number(equivariance.get("fraction_of_rmse")),
+        _estimate(leakage.get("mean"), leakage.get("mean_standard_error")),
+        _number(leakage.get("max")),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _spectrum_row(name: str, entry: dict) -> str:
+    """One row of the table of mean spectra."""
+    errors = entry.get("mean_spectrum_standard_error")
+    if errors is None:
+        errors = [None] * len(entry["mean_spectrum"])
+    cells = [
+        _estimate(value, error)
+        for value, error in zip(entry["mean_spectrum"], errors, strict=True)
+    ]
+    return f"| `{name}` | " + " | ".join(cells) + " |"

@@ -1,0 +1,15 @@
+"""The ``mtt-symmetry`` command line: one thin module per sub-command over the
+Python API, and one group of shared options.
+
+- ``options``: the options every command shares (model, data, output directory,
+  outputs and targets, ``--max-lambda``, the grid, batch size, device, dtype),
+  their checks and their reading, and the all-or-nothing writing of outputs;
+- ``analyze``, ``audit``, ``export``, ``dynamics``, ``retrain``, ``train``,
+  ``demo``: one sub-command each (``add_parser`` and ``run``);
+- ``main``: the parser, the processes of distributed runs, one-line errors.
+"""
+
+from .main import build_parser, main
+
+
+__all__ = ["build_parser", "main"]

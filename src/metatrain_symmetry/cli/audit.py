@@ -1,0 +1,65 @@
+"""``mtt-symmetry audit``: the dataset-level symmetry audit of a model, with an
+interactive viewer."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+from ..audit import audit, write_audit_report
+from ..distributed import work_directory
+from . import options
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="dataset-level symmetry audit with an interactive viewer",
+        description=(
+            "Evaluate MODEL (exported .pt or metatrain .ckpt) on DATA, unrotated and "
+            "on rotated copies, and write audit.json (errors against the dataset's "
+            "targets, equivariance RMSE, symmetry leakage, mean spectra), audit.md, "
+            "spectra.mts, spectra.png, a chemiscope dataset and audit.html, an "
+            "offline viewer."
+        ),
+    )
+    options.add_model_and_data(parser)
+    options.add_output_directory(parser)
+    parser.add_argument(
+        "--outputs",
+        nargs="+",
+        default=None,
+        help="model outputs to audit ('forces' and 'stress' are derivatives of the "
+        "energy; default: energy and the force output)",
+    )
+    options.add_targets(parser)
+    parser.add_argument("--features", nargs="*", default=[], help=options.FEATURES_HELP)
+    options.add_grid(parser)
+    options.add_device(parser)
+    options.add_dtype(parser)
+    parser.set_defaults(run=run, distributed=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    output = options.output_directory(args)
+    work_dir = work_directory(output)
+    result = audit(
+        args.model,
+        args.data,
+        outputs=args.outputs,
+        features=options.features_from_args(args.features),
+        targets=options.parse_targets(args.targets),
+        max_lambda=args.max_lambda,
+        grid=options.grid_from_args(args),
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=options.dtype_from_args(args),
+        progress=True,
+        distributed=args.context.is_distributed,
+        work_dir=work_dir,
+    )
+    if result is None:
+        return
+    options.write_output(output, partial(write_audit_report, result), work_dir)
+    print((output / "audit.md").read_text())
+    print(f"audit written to {output}/ (open {output / 'audit.html'} in a browser)")
