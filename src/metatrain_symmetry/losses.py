@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -38,6 +37,11 @@ from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
 from .irreps import block_layout, undo_rotation
+from .rotated_predictions import (
+    RotatedPredictions,
+    TrainingStep,
+    evaluate_rotated_copies,
+)
 
 
 LOSS_TYPE = "equivariance"
@@ -143,38 +147,6 @@ def check_loss_options(loss: Any, where: str = "training.loss") -> None:
                 check_options(sub, f"{path}.{prefix}{name}")
 
 
-@dataclass
-class TrainingStep:
-    """What one training step evaluated: enough to evaluate rotated copies the same
-    way and bring them to the units the loss sees.
-
-    :param model: the model being trained (in training mode)
-    :param systems: the systems of the batch, with neighbour lists attached
-    :param targets: the ``TargetInfo`` of each target evaluated in the step
-    :param per_structure_targets: targets metatrain does not divide by the number
-        of atoms before the loss
-    """
-
-    model: torch.nn.Module
-    systems: list
-    targets: dict
-    per_structure_targets: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RotatedPredictions:
-    """Predictions on ``n_copies`` rotated copies of every system of a step,
-    ordered copy-major: system ``c * n_systems + i`` is copy ``c`` of system ``i``."""
-
-    n_copies: int
-    n_systems: int
-    rotations: torch.Tensor
-    """``(n_copies * n_systems, 3, 3)`` the element applied to each copy"""
-    predictions: dict[str, TensorMap]
-    gradients: dict[str, set]
-    """for each target, the gradients that were computed"""
-
-
 class PenaltyContext:
     """Shared state of the equivariance losses of one loss aggregator.
 
@@ -253,111 +225,6 @@ class PenaltyContext:
         }
         self._log_sums = {}
         return means
-
-
-def evaluate_rotated_copies(
-    step: TrainingStep,
-    gradients: dict[str, set],
-    n_copies: int,
-    generator: torch.Generator,
-) -> RotatedPredictions:
-    """Evaluate the step's model on ``n_copies`` random O(3) copies of each system,
-    in one batch, and bring the predictions to the units of the loss.
-
-    :param step: the training step
-    :param gradients: targets to evaluate, with the energy gradients needed
-    :param n_copies: number of copies per system
-    :param generator: random number generator of the rotations
-    """
-    from metatomic.torch.o3 import random_transformations
-    from metatrain.utils import evaluate_model as evaluate_module
-    from metatrain.utils import per_atom
-    from metatrain.utils.data import TargetInfo
-
-    from .engine import rotated_systems
-
-    # the hooks wrap these functions to observe training steps; call the originals
-    evaluate = _unwrapped(evaluate_module.evaluate_model)
-    average = _unwrapped(per_atom.average_by_num_atoms)
-
-    systems = step.systems
-    n_systems = len(systems)
-    dtype = systems[0].positions.dtype
-    device = systems[0].positions.device
-    rotations = random_transformations(
-        n_copies * n_systems,
-        device=torch.device("cpu"),
-        dtype=torch.float64,
-        add_inversions=True,
-        generator=generator,
-    ).matrices.to(dtype=dtype, device=device)
-    by_system = rotations.reshape(n_copies, n_systems, 3, 3)
-    per_system = [
-        rotated_systems(system, by_system[:, index])
-        for index, system in enumerate(systems)
-    ]
-    rotated = [per_system[i][c] for c in range(n_copies) for i in range(n_systems)]
-
-    targets = {}
-    for name, wanted in gradients.items():
-        info = step.targets[name]
-        if isinstance(info, TargetInfo) and len(info.gradients) > 0 and not wanted:
-            # no gradient penalised: skip the double backward of forces and stress
-            info = TargetInfo(
-                layout=_without_gradients(info.layout),
-                quantity=info.quantity,
-                unit=info.unit,
-                description=info.description,
-            )
-        targets[name] = info
-    computed = {
-        name: set(targets[name].gradients)
-        if isinstance(targets[name], TargetInfo)
-        else set()
-        for name in targets
-    }
-
-    model = step.model
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        # Evaluate the copies through the wrapped module: DDP expects one forward
-        # per backward; a second wrapper forward would add to every step a
-        # broadcast of the buffers (a collective all ranks must reach) and a
-        # second reducer.prepare_for_backward. The copies' gradients need
-        # no wrapper: autograd sums all contributions to a parameter before its
-        # AccumulateGrad node runs, and DDP's allreduce hook runs after that node,
-        # so the allreduce averages the total gradient, penalty included.
-        model = model.module
-    predictions = evaluate(model, rotated, targets, is_training=True)
-    predictions = average(predictions, rotated, step.per_structure_targets)
-    scaler = getattr(model, "scaler", None)
-    if scaler is not None and hasattr(scaler, "apply_scales"):
-        predictions = scaler.apply_scales(
-            rotated,
-            predictions,
-            remove=False,
-            use_per_target_scales=False,
-            use_per_property_scales=True,
-        )
-    return RotatedPredictions(n_copies, n_systems, rotations, predictions, computed)
-
-
-def _unwrapped(function):
-    return getattr(function, "__wrapped__", function)
-
-
-def _without_gradients(layout: TensorMap) -> TensorMap:
-    from metatensor.torch import TensorBlock
-
-    blocks = [
-        TensorBlock(
-            values=block.values,
-            samples=block.samples,
-            components=block.components,
-            properties=block.properties,
-        )
-        for block in layout.blocks()
-    ]
-    return TensorMap(layout.keys, blocks)
 
 
 def equivariance_penalty(

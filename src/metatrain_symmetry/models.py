@@ -431,10 +431,7 @@ def {_TARGETS_METHOD}(
 def _recorded_targets(module: torch.nn.Module) -> dict[str, ModelTarget] | None:
     """metatrain's record of the training targets of ``module`` (its
     ``dataset_info``), or ``None`` for models without one."""
-    owner = next(
-        (m for m in module.modules() if _has_dataset_info(m)),
-        None,
-    )
+    owner = next((m for m in module.modules() if _has_dataset_info(m)), None)
     if owner is None:
         return None
     if not isinstance(owner, torch.jit.ScriptModule):
@@ -465,8 +462,12 @@ def _recorded_targets(module: torch.nn.Module) -> dict[str, ModelTarget] | None:
 
 
 def _model_targets(records: dict) -> dict[str, ModelTarget]:
-    return {
-        name: ModelTarget(
+    """The targets of metatrain's records ``(quantity, unit, sample names,
+    gradients, component names, number of properties)``, by name."""
+    targets = {}
+    for name, record in records.items():
+        quantity, unit, sample_names, gradients, components, n_properties = record
+        targets[name] = ModelTarget(
             name=name,
             quantity=quantity,
             unit=unit,
@@ -475,15 +476,7 @@ def _model_targets(records: dict) -> dict[str, ModelTarget]:
             components=tuple(components),
             n_properties=int(n_properties),
         )
-        for name, (
-            quantity,
-            unit,
-            sample_names,
-            gradients,
-            components,
-            n_properties,
-        ) in records.items()
-    }
+    return targets
 
 
 def _has_dataset_info(module: torch.nn.Module) -> bool:

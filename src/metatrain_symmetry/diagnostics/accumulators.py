@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from metatensor.torch import Labels
 
@@ -234,98 +236,23 @@ class BlockAccumulator:
         same (the character of a non-trivial irrep averages to zero over ``R_j``
         whatever ``R_i`` and ``h_0``), and the noise no longer scales with ``c``.
         """
-        integrator = self.integrator
-        half = integrator.n_pairs
-        indices = torch.cat([item[0] for item in self.stored])
-        order = torch.argsort(indices)
-        values = torch.cat([item[1] for item in self.stored])[order]
-        centered = torch.cat([item[2] for item in self.stored])[order]
-        self.stored = []
-
+        half = self.integrator.n_pairs
+        values, centered = self._stored_copies()
         average = self.reference + self.first_moment
         centered_parts = decompose(centered, self.layout)
         direct_parts = decompose(values, self.layout)
         variances, variance_errors = [], []
         projections, projection_errors = [], []
-        grams = {
-            1: torch.zeros(half, half, dtype=torch.float64),
-            -1: torch.zeros(half, half, dtype=torch.float64),
-        }
-        # of the parity +1 pair values minus the first pair's, over the other
-        # pairs: formed from the differences, since the difference of Gram
-        # entries would lose the digits of a small varying part to a constant
-        centred_gram = torch.zeros(half - 1, half - 1, dtype=torch.float64)
-        # the kernel of the equivariance error summed over every scalar entry,
-        # (q_i + q_j) / 2 - P_i . P_j, from the Gram matrix of the pair means and
-        # the pair mean squares (see paired_mean_square_deviation)
-        deviation_gram = torch.zeros(half, half, dtype=torch.float64)
-        deviation_squares = torch.zeros(half, dtype=torch.float64)
-        n_scalars = 0
+        grams = _PairGrams.zeros(half)
         for centered_part, direct_part in zip(
             centered_parts, direct_parts, strict=True
         ):
-            # equivariance error: entries (samples, properties), components summed
-            n_copies, n_samples = centered_part.shape[:2]
-            n_properties = centered_part.shape[-1]
-            grouped = centered_part.reshape(n_copies, n_samples, -1, n_properties)
-            n_components = grouped.shape[2]
-            grouped = grouped.transpose(1, 2).reshape(n_copies, n_components, -1)
-            estimate, variance = paired_mean_square_deviation(
-                grouped[:half], grouped[half:]
+            variance, variance_error = _estimated_variance(centered_part, half, grams)
+            variances.append(variance)
+            variance_errors.append(variance_error)
+            per_irrep, per_irrep_errors = _estimated_projections(
+                direct_part, self.integrator, grams
             )
-            flat_part = grouped.reshape(n_copies, -1)
-            pair_means = (flat_part[:half] + flat_part[half:]) / 2
-            deviation_gram += pair_means @ pair_means.T
-            deviation_squares += (
-                flat_part[:half].square() + flat_part[half:].square()
-            ).sum(dim=1) / 2
-            n_scalars += flat_part.shape[1]
-            # the estimate is a sum of squares (see paired_mean_square_deviation):
-            # negative values are round-off
-            variances.append(
-                estimate.clamp(min=0.0).reshape(n_samples, n_properties) / n_components
-            )
-            variance_errors.append(
-                variance.clamp(min=0.0).sqrt().reshape(n_samples, n_properties)
-                / n_components
-            )
-
-            component_shape = direct_part.shape[1:]
-            flat = direct_part.reshape(n_copies, -1)
-            paired = {
-                1: (flat[:half] + flat[half:]) / 2,
-                -1: (flat[:half] - flat[half:]) / 2,
-            }
-            for parity, pair_values in paired.items():
-                grams[parity] += pair_values @ pair_values.T
-            estimates = {
-                parity: factored_u_statistic(integrator.channel_weights, pair_values)
-                for parity, pair_values in paired.items()
-            }
-            # a constant part of the response (an absolute energy) has no weight
-            # in the non-trivial channels of parity +1 but adds to their
-            # estimates a noise of its own size: there they are estimated on the
-            # differences to the first pair, over the other pairs
-            differences = paired[1][1:] - paired[1][:1]
-            centred_gram += differences @ differences.T
-            centred = factored_u_statistic(
-                integrator.channel_weights[:, 1:, 1:], differences
-            )
-            per_irrep, per_irrep_errors = [], []
-            for o3_lambda, sigma, _ in integrator.row_slices:
-                parity = sigma * (-1) ** o3_lambda
-                estimate, variance = (
-                    centred if is_centred(o3_lambda, sigma) else estimates[parity]
-                )
-                estimate, variance = estimate[o3_lambda], variance[o3_lambda]
-                per_irrep.append((o3_lambda, sigma, estimate.reshape(component_shape)))
-                per_irrep_errors.append(
-                    (
-                        o3_lambda,
-                        sigma,
-                        variance.clamp(min=0.0).sqrt().reshape(component_shape),
-                    )
-                )
             projections.append(per_irrep)
             projection_errors.append(per_irrep_errors)
 
@@ -336,14 +263,145 @@ class BlockAccumulator:
             projections,
             variance_errors=variance_errors,
             projection_errors=projection_errors,
-            grams=grams,
-            centred_gram=centred_gram,
+            grams=grams.parities,
+            centred_gram=grams.centred,
             # mean square of the direct response in each pair
             pair_norms=(flat[:half] + flat[half:]) / 2,
-            deviation_gram=deviation_gram,
-            deviation_squares=deviation_squares,
-            n_scalars=n_scalars,
+            deviation_gram=grams.deviation,
+            deviation_squares=grams.deviation_squares,
+            n_scalars=grams.n_scalars,
         )
+
+    def _stored_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The direct and centred back-transformed values of every copy, in the
+        order of the grid, ``(n_grid, n_samples, *components, n_properties)``
+        each; the stored chunks are released."""
+        indices = torch.cat([item[0] for item in self.stored])
+        order = torch.argsort(indices)
+        values = torch.cat([item[1] for item in self.stored])[order]
+        centered = torch.cat([item[2] for item in self.stored])[order]
+        self.stored = []
+        return values, centered
+
+
+@dataclass
+class _PairGrams:
+    """Gram matrices over the ``M`` pairs ``(R_i, -R_i)`` of a Monte-Carlo grid,
+    summed over the irreps of a block."""
+
+    parities: dict[int, torch.Tensor]
+    """``(M, M)`` of the pair values of parity ``+1`` and ``-1``"""
+    centred: torch.Tensor
+    """``(M - 1, M - 1)`` of the parity +1 pair values minus the first pair's, over
+    the other pairs: formed from the differences, since the difference of Gram
+    entries would lose the digits of a small varying part to a constant"""
+    deviation: torch.Tensor
+    """``(M, M)`` of the pair means of the centred back-transformed values"""
+    deviation_squares: torch.Tensor
+    """``(M,)`` pair mean squares of the centred back-transformed values"""
+    n_scalars: int
+    """number of scalar entries summed in ``deviation`` and ``deviation_squares``"""
+
+    @classmethod
+    def zeros(cls, half: int) -> _PairGrams:
+        return cls(
+            parities={
+                1: torch.zeros(half, half, dtype=torch.float64),
+                -1: torch.zeros(half, half, dtype=torch.float64),
+            },
+            centred=torch.zeros(half - 1, half - 1, dtype=torch.float64),
+            # the kernel of the equivariance error summed over every scalar entry,
+            # (q_i + q_j) / 2 - P_i . P_j, from the Gram matrix of the pair means
+            # and the pair mean squares (see paired_mean_square_deviation)
+            deviation=torch.zeros(half, half, dtype=torch.float64),
+            deviation_squares=torch.zeros(half, dtype=torch.float64),
+            n_scalars=0,
+        )
+
+
+def _estimated_variance(
+    centered_part: torch.Tensor, half: int, grams: _PairGrams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The equivariance error of one irrep of a block on a Monte-Carlo grid, and
+    its standard error, entries (samples, properties) with components summed;
+    adds the irrep's pair values to the deviation Gram matrices of ``grams``.
+
+    :param centered_part: ``(n_grid, n_samples, *components, n_properties)``
+        centred back-transformed values, the ``half`` rotations then their
+        inversions
+    :return: ``(n_samples, n_properties)`` estimate and standard error
+    """
+    n_copies, n_samples = centered_part.shape[:2]
+    n_properties = centered_part.shape[-1]
+    grouped = centered_part.reshape(n_copies, n_samples, -1, n_properties)
+    n_components = grouped.shape[2]
+    grouped = grouped.transpose(1, 2).reshape(n_copies, n_components, -1)
+    estimate, variance = paired_mean_square_deviation(grouped[:half], grouped[half:])
+    flat_part = grouped.reshape(n_copies, -1)
+    pair_means = (flat_part[:half] + flat_part[half:]) / 2
+    grams.deviation += pair_means @ pair_means.T
+    grams.deviation_squares += (
+        flat_part[:half].square() + flat_part[half:].square()
+    ).sum(dim=1) / 2
+    grams.n_scalars += flat_part.shape[1]
+    # the estimate is a sum of squares (see paired_mean_square_deviation):
+    # negative values are round-off
+    return (
+        estimate.clamp(min=0.0).reshape(n_samples, n_properties) / n_components,
+        variance.clamp(min=0.0).sqrt().reshape(n_samples, n_properties) / n_components,
+    )
+
+
+def _estimated_projections(
+    direct_part: torch.Tensor, integrator: Integrator, grams: _PairGrams
+) -> tuple[list, list]:
+    """The character projections of one irrep of a block on a Monte-Carlo grid and
+    their standard errors; adds the irrep's pair values to the parity Gram matrices
+    of ``grams``.
+
+    :param direct_part: ``(n_grid, n_samples, *components, n_properties)`` direct
+        values, the rotations then their inversions
+    :return: ``(lambda, sigma, values)`` of every channel of
+        ``integrator.row_slices``, values shaped as one copy of ``direct_part``,
+        for the estimates and for their standard errors
+    """
+    half = integrator.n_pairs
+    n_copies = direct_part.shape[0]
+    component_shape = direct_part.shape[1:]
+    flat = direct_part.reshape(n_copies, -1)
+    paired = {
+        1: (flat[:half] + flat[half:]) / 2,
+        -1: (flat[:half] - flat[half:]) / 2,
+    }
+    for parity, pair_values in paired.items():
+        grams.parities[parity] += pair_values @ pair_values.T
+    estimates = {
+        parity: factored_u_statistic(integrator.channel_weights, pair_values)
+        for parity, pair_values in paired.items()
+    }
+    # a constant part of the response (an absolute energy) has no weight in the
+    # non-trivial channels of parity +1 but adds to their estimates a noise of its
+    # own size: there they are estimated on the differences to the first pair,
+    # over the other pairs
+    differences = paired[1][1:] - paired[1][:1]
+    grams.centred += differences @ differences.T
+    centred = factored_u_statistic(integrator.channel_weights[:, 1:, 1:], differences)
+    per_irrep, per_irrep_errors = [], []
+    for o3_lambda, sigma, _ in integrator.row_slices:
+        parity = sigma * (-1) ** o3_lambda
+        estimate, variance = (
+            centred if is_centred(o3_lambda, sigma) else estimates[parity]
+        )
+        estimate, variance = estimate[o3_lambda], variance[o3_lambda]
+        per_irrep.append((o3_lambda, sigma, estimate.reshape(component_shape)))
+        per_irrep_errors.append(
+            (
+                o3_lambda,
+                sigma,
+                variance.clamp(min=0.0).sqrt().reshape(component_shape),
+            )
+        )
+    return per_irrep, per_irrep_errors
 
 
 def is_centred(o3_lambda: int, sigma: int) -> bool:

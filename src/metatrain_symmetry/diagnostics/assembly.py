@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -39,6 +40,16 @@ def _joined(finished, index: int, field: str, *path: int) -> torch.Tensor:
     return torch.cat(values)
 
 
+@dataclass
+class _KeyedBlocks:
+    """The blocks of one TensorMap being assembled, with their keys as ``(names,
+    values)``, and on random grids the blocks of their standard errors."""
+
+    keys: list[tuple[list[str], list[int]]] = field(default_factory=list)
+    blocks: list[TensorBlock] = field(default_factory=list)
+    errors: list[TensorBlock] = field(default_factory=list)
+
+
 def assemble(
     name,
     keys: Labels,
@@ -48,95 +59,23 @@ def assemble(
     integrator: Integrator,
 ):
     """Join per-structure results into TensorMaps."""
-    n_blocks = len(keys)
-    first = finished[0][1]
     estimated = integrator.estimated
+    result.average[name] = _average_map(keys, finished)
 
-    # average: the output's own metadata
-    average_blocks = []
-    for index in range(n_blocks):
-        samples = Labels(
-            ["system"] + first[index]["sample_names"],
-            torch.cat(
-                [_samples(s, [], b[index]["sample_values"]) for s, b in finished]
-            ),
-        )
-        average_blocks.append(
-            TensorBlock(
-                values=torch.cat([b[index]["average"] for _, b in finished]),
-                samples=samples,
-                components=first[index]["components"],
-                properties=first[index]["properties"],
-            )
-        )
-    result.average[name] = TensorMap(keys, average_blocks)
-
-    variance_keys, variance_blocks, variance_error_blocks = [], [], []
-    projection_keys, projection_blocks, projection_error_blocks = [], [], []
+    variances, projections = _KeyedBlocks(), _KeyedBlocks()
     spectrum = torch.zeros(len(finished), max_lambda + 1, 2, dtype=torch.float64)
-    for index in range(n_blocks):
-        info = first[index]
-        samples = Labels(
-            ["system"] + info["sample_names"],
-            torch.cat(
-                [_samples(s, [], b[index]["sample_values"]) for s, b in finished]
-            ),
-        )
-
-        def block(values, components, samples=samples, info=info):
-            return TensorBlock(
-                values=values,
-                samples=samples,
-                components=components,
-                properties=info["properties"],
-            )
-
-        for part, irrep in enumerate(info["layout"].irreps):
-            key_names, key_values = info["irrep_keys"][part]
-            if irrep.o3_lambda is not None:
-                components = [mu_labels(irrep.o3_lambda)]
-            else:
-                components = info["components"]
-            variance_keys.append((key_names, key_values))
-            variance_blocks.append(
-                block(_joined(finished, index, "variances", part), [])
-            )
-            if estimated:
-                variance_error_blocks.append(
-                    block(_joined(finished, index, "variance_errors", part), [])
-                )
-            projection_names = [n for n in key_names if n != "_"]
-            projection_prefix = [
-                v for n, v in zip(key_names, key_values, strict=True) if n != "_"
-            ]
-            for entry, (o3_lambda, sigma, _) in enumerate(info["projections"][part]):
-                projection_keys.append(
-                    (
-                        projection_names + ["chi_lambda", "chi_sigma"],
-                        projection_prefix + [o3_lambda, sigma],
-                    )
-                )
-                values = _joined(finished, index, "projections", part, entry, 2)
-                projection_blocks.append(block(values, components))
-                if estimated:
-                    errors = _joined(
-                        finished, index, "projection_errors", part, entry, 2
-                    )
-                    projection_error_blocks.append(block(errors, components))
-                for row, (_, blocks) in enumerate(finished):
-                    value = blocks[index]["projections"][part][entry][2].sum()
-                    spectrum[row, o3_lambda, sigma_index(sigma)] += value
-
-    result.variance[name] = TensorMap(_labels(variance_keys), variance_blocks)
+    for index in range(len(keys)):
+        _add_irrep_blocks(finished, index, estimated, variances, projections, spectrum)
+    result.variance[name] = TensorMap(_labels(variances.keys), variances.blocks)
     result.character_projection[name] = TensorMap(
-        _labels(projection_keys), projection_blocks
+        _labels(projections.keys), projections.blocks
     )
     if estimated:
         result.variance_error[name] = TensorMap(
-            _labels(variance_keys), variance_error_blocks
+            _labels(variances.keys), variances.errors
         )
         result.character_projection_error[name] = TensorMap(
-            _labels(projection_keys), projection_error_blocks
+            _labels(projections.keys), projections.errors
         )
 
     norms = torch.stack(
@@ -148,24 +87,13 @@ def assemble(
     )
     structures = torch.tensor([[s] for s, _ in finished], dtype=torch.int32)
 
-    def spectrum_map(values: torch.Tensor) -> TensorMap:
-        return TensorMap(
-            Labels.single(),
-            [
-                TensorBlock(
-                    values=values,
-                    samples=Labels(["system"], structures),
-                    components=[],
-                    properties=properties,
-                )
-            ],
-        )
-
     if not estimated:
         normalized = spectrum / torch.where(
             norms > 0, norms, torch.ones_like(norms)
         ).view(-1, 1, 1)
-        result.spectrum[name] = spectrum_map(normalized.reshape(len(finished), -1))
+        result.spectrum[name] = _spectrum_map(
+            normalized.reshape(len(finished), -1), structures, properties
+        )
         return
 
     rmse_errors, mean_rmse_error = _equivariance_rmse_errors(
@@ -176,11 +104,118 @@ def assemble(
     values, covariance, mean_covariance = _estimated_spectra(
         name, [blocks for _, blocks in finished], integrator
     )
-    result.spectrum[name] = spectrum_map(values)
+    result.spectrum[name] = _spectrum_map(values, structures, properties)
     errors = torch.diagonal(covariance, dim1=1, dim2=2).clamp(min=0.0).sqrt()
-    result.spectrum_error[name] = spectrum_map(errors)
+    result.spectrum_error[name] = _spectrum_map(errors, structures, properties)
     result.spectrum_covariance[name] = covariance
     result.mean_spectrum_covariance[name] = mean_covariance
+
+
+def _block_samples(finished: list[tuple[int, list[dict]]], index: int) -> Labels:
+    """The samples of block ``index`` over every structure, with a leading
+    ``system`` column."""
+    return Labels(
+        ["system"] + finished[0][1][index]["sample_names"],
+        torch.cat([_samples(s, [], b[index]["sample_values"]) for s, b in finished]),
+    )
+
+
+def _average_map(keys: Labels, finished: list[tuple[int, list[dict]]]) -> TensorMap:
+    """The average over the grid of every block, with the output's own metadata."""
+    first = finished[0][1]
+    average_blocks = []
+    for index in range(len(keys)):
+        average_blocks.append(
+            TensorBlock(
+                values=torch.cat([b[index]["average"] for _, b in finished]),
+                samples=_block_samples(finished, index),
+                components=first[index]["components"],
+                properties=first[index]["properties"],
+            )
+        )
+    return TensorMap(keys, average_blocks)
+
+
+def _add_irrep_blocks(
+    finished: list[tuple[int, list[dict]]],
+    index: int,
+    estimated: bool,
+    variances: _KeyedBlocks,
+    projections: _KeyedBlocks,
+    spectrum: torch.Tensor,
+) -> None:
+    """Add the variance and character-projection blocks of every irrep of block
+    ``index`` to ``variances`` and ``projections``, and its projections summed over
+    entries to ``spectrum``.
+
+    :param finished: per structure, its index and its finished blocks
+    :param spectrum: ``(n_structures, max_lambda + 1, 2)``, columns ordered by
+        :py:func:`~metatrain_symmetry.irreps.sigma_index`
+    """
+    info = finished[0][1][index]
+    samples = _block_samples(finished, index)
+
+    def block(values: torch.Tensor, components: list[Labels]) -> TensorBlock:
+        return TensorBlock(
+            values=values,
+            samples=samples,
+            components=components,
+            properties=info["properties"],
+        )
+
+    for part, irrep in enumerate(info["layout"].irreps):
+        key_names, key_values = info["irrep_keys"][part]
+        if irrep.o3_lambda is not None:
+            components = [mu_labels(irrep.o3_lambda)]
+        else:
+            components = info["components"]
+        variances.keys.append((key_names, key_values))
+        variances.blocks.append(block(_joined(finished, index, "variances", part), []))
+        if estimated:
+            variances.errors.append(
+                block(_joined(finished, index, "variance_errors", part), [])
+            )
+        projection_names = [n for n in key_names if n != "_"]
+        projection_prefix = [
+            v for n, v in zip(key_names, key_values, strict=True) if n != "_"
+        ]
+        for entry, (o3_lambda, sigma, _) in enumerate(info["projections"][part]):
+            projections.keys.append(
+                (
+                    projection_names + ["chi_lambda", "chi_sigma"],
+                    projection_prefix + [o3_lambda, sigma],
+                )
+            )
+            values = _joined(finished, index, "projections", part, entry, 2)
+            projections.blocks.append(block(values, components))
+            if estimated:
+                errors = _joined(finished, index, "projection_errors", part, entry, 2)
+                projections.errors.append(block(errors, components))
+            for row, (_, blocks) in enumerate(finished):
+                value = blocks[index]["projections"][part][entry][2].sum()
+                spectrum[row, o3_lambda, sigma_index(sigma)] += value
+
+
+def _spectrum_map(
+    values: torch.Tensor, structures: torch.Tensor, properties: Labels
+) -> TensorMap:
+    """A single-block TensorMap of per-structure spectra.
+
+    :param values: ``(n_structures, n_irreps)``
+    :param structures: ``(n_structures, 1)`` structure indices
+    :param properties: the ``(chi_lambda, chi_sigma)`` of the ``n_irreps`` columns
+    """
+    return TensorMap(
+        Labels.single(),
+        [
+            TensorBlock(
+                values=values,
+                samples=Labels(["system"], structures),
+                components=[],
+                properties=properties,
+            )
+        ],
+    )
 
 
 def _equivariance_rmse_errors(
@@ -260,32 +295,7 @@ def _estimated_spectra(
     mean_kernel = torch.zeros(n_irreps, samples, samples, dtype=torch.float64)
     norm_errors = []
     for row, blocks in enumerate(structures):
-        grams = {
-            parity: sum(block["grams"][parity] for block in blocks)[1:, 1:]
-            for parity in (1, -1)
-        }
-        centred = sum(block["centred_gram"] for block in blocks)
-        pair_norms = sum(block["pair_norms"] for block in blocks)[1:]
-        norm = float(pair_norms.mean())
-        norm = norm if norm > 0 else 1.0
-        kernels = torch.stack(
-            [
-                weights[o3_lambda]
-                * (
-                    centred
-                    if is_centred(o3_lambda, sigma)
-                    else grams[sigma * (-1) ** o3_lambda]
-                )
-                for o3_lambda, sigma in channels
-            ]
-        )
-        norm_kernel = (pair_norms.unsqueeze(0) + pair_norms.unsqueeze(1)) / 2
-        raw, _ = pair_u_covariance(kernels)
-        ratio = raw / norm
-        linear = (kernels - ratio.view(-1, 1, 1) * norm_kernel) / norm
-        _, joint = pair_u_covariance(
-            torch.cat([linear, (norm_kernel / norm).unsqueeze(0)])
-        )
+        ratio, linear, joint = _linearized_spectrum(blocks, weights, channels)
         # E[B / n] = b - Cov(B - b n, n) / n^2 to first order
         values[row] = ratio + joint[:n_irreps, n_irreps]
         covariance[row] = joint[:n_irreps, :n_irreps]
@@ -302,6 +312,50 @@ def _estimated_spectra(
     mean_kernel /= len(structures)
     _, mean_covariance = pair_u_covariance(mean_kernel)
     return values, covariance, mean_covariance
+
+
+def _linearized_spectrum(
+    blocks: list[dict],
+    weights: torch.Tensor,
+    channels: list[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linearized normalized spectrum of one structure on a random grid (see
+    :py:func:`_estimated_spectra`).
+
+    :param blocks: the finished blocks of the structure's output
+    :param weights: ``(max_lambda + 1, M - 1, M - 1)`` channel weights of the
+        pairs after the first
+    :param channels: the ``(lambda, sigma)`` of the ``n_irreps`` channels
+    :return: the ratio ``B / n`` of the U-statistics ``(n_irreps,)``, the kernels
+        ``L_ij`` of its linearized error ``(n_irreps, M - 1, M - 1)``, and the joint
+        covariance of these kernels and of the norm's own kernel (last),
+        ``(n_irreps + 1, n_irreps + 1)``
+    """
+    grams = {
+        parity: sum(block["grams"][parity] for block in blocks)[1:, 1:]
+        for parity in (1, -1)
+    }
+    centred = sum(block["centred_gram"] for block in blocks)
+    pair_norms = sum(block["pair_norms"] for block in blocks)[1:]
+    norm = float(pair_norms.mean())
+    norm = norm if norm > 0 else 1.0
+    kernels = torch.stack(
+        [
+            weights[o3_lambda]
+            * (
+                centred
+                if is_centred(o3_lambda, sigma)
+                else grams[sigma * (-1) ** o3_lambda]
+            )
+            for o3_lambda, sigma in channels
+        ]
+    )
+    norm_kernel = (pair_norms.unsqueeze(0) + pair_norms.unsqueeze(1)) / 2
+    raw, _ = pair_u_covariance(kernels)
+    ratio = raw / norm
+    linear = (kernels - ratio.view(-1, 1, 1) * norm_kernel) / norm
+    _, joint = pair_u_covariance(torch.cat([linear, (norm_kernel / norm).unsqueeze(0)]))
+    return ratio, linear, joint
 
 
 def _labels(entries) -> Labels:

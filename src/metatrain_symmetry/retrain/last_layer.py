@@ -6,30 +6,34 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .._utils import check_output_directory
 from ..grid import O3Grid
-from ..models import load_model
+from ..models import LoadedModel, load_model
 from ..pet import trainable_pet
 from .data import read_dataset
 from .evaluation import Evaluation
 from .passes import design_pass
 from .result import RetrainResult, checkpoint_name, write_checkpoints
 from .solve import NormalEquations, solve_all
-from .targets import all_terms, loss_weights, setup_targets
+from .targets import ForceTerm, Target, all_terms, loss_weights, setup_targets
 
 
 DEFAULT_N_ROTATIONS = 16
+
+DEFAULT_GAMMAS = (0.0, 0.1, 1.0, 10.0, 100.0)
+"""penalty weights of a retraining sweep by default"""
 
 
 def retrain_last_layer(
     checkpoint: str | os.PathLike,
     train,
     validation=None,
-    gammas: Sequence[float] = (0.0, 0.1, 1.0, 10.0, 100.0),
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
     targets: Sequence[str] | None = None,
     grid: O3Grid | None = None,
     n_rotations: int = DEFAULT_N_ROTATIONS,
@@ -92,49 +96,106 @@ def retrain_last_layer(
     ridge = _check_ridge(ridge)
     if output is not None:
         output = check_output_directory(output, force)
-    model = load_model(Path(checkpoint), device=device)
-    pet = trainable_pet(model.module, model.source)
-    original = torch.load(Path(checkpoint), weights_only=False, map_location="cpu")
+    model, pet, original = _load_checkpoint(Path(checkpoint), device)
     targets = setup_targets(
-        model,
-        targets,
-        weights,
-        label_keys,
-        ignore_gradients,
-        *loss_weights(original),
+        model, targets, weights, label_keys, ignore_gradients, *loss_weights(original)
     )
-    terms = all_terms(targets)
     grid = _check_grid(grid, n_rotations, seed)
-    train_frames, train_labels = read_dataset(train, terms, "training")
-    if validation is not None:
-        validation_frames, validation_labels = read_dataset(
-            validation, terms, "validation"
-        )
+    train_data, validation_data = _read_datasets(train, validation, all_terms(targets))
+    passes = _DesignPasses(model, grid, targets, batch_size, progress)
+    result = passes.solve(*train_data, gammas, ridge)
+    if validation_data is not None:
+        passes.record_validation(result, *validation_data)
+    if output is not None:
+        _write_cpu_checkpoints(result, targets, model, pet, original, output)
+    return result
 
-    # one pass over the training structures: the normal equations of every term
-    equations = {t.name: NormalEquations(t, train_labels[t.name], grid) for t in terms}
-    design_pass(model, grid, targets, train_frames, equations, batch_size, progress)
-    result = solve_all(targets, equations, gammas, ridge, grid)
 
-    # one pass over the validation structures, for every gamma at once
-    if validation is not None:
+def _load_checkpoint(
+    path: Path, device: str | torch.device | None
+) -> tuple[LoadedModel, torch.nn.Module, dict]:
+    """The checkpoint at ``path`` as a model on ``device``, its trainable PET, and
+    the checkpoint itself as saved (on CPU)."""
+    model = load_model(path, device=device)
+    pet = trainable_pet(model.module, model.source)
+    original = torch.load(path, weights_only=False, map_location="cpu")
+    return model, pet, original
+
+
+def _read_datasets(
+    train, validation, terms: list[Target | ForceTerm]
+) -> tuple[tuple[list, dict], tuple[list, dict] | None]:
+    """The training structures with the labels of every term, and the validation
+    ones (``None`` without ``validation``), each as ``(frames, labels by term)``."""
+    train_data = read_dataset(train, terms, "training")
+    if validation is None:
+        return train_data, None
+    return train_data, read_dataset(validation, terms, "validation")
+
+
+@dataclass
+class _DesignPasses:
+    """Streaming passes of ``model`` over structures and their copies rotated by
+    ``grid``, handing the designs of every term of ``targets`` to accumulators."""
+
+    model: LoadedModel
+    grid: O3Grid
+    targets: list[Target]
+    batch_size: int | None
+    progress: bool
+
+    def solve(
+        self, frames: list, labels: dict, gammas: list[float], ridge: float
+    ) -> RetrainResult:
+        """One pass over the training structures: the normal equations of every
+        term, solved at every gamma."""
+        equations = {
+            t.name: NormalEquations(t, labels[t.name], self.grid)
+            for t in all_terms(self.targets)
+        }
+        self._run(frames, equations)
+        return solve_all(self.targets, equations, gammas, ridge, self.grid)
+
+    def record_validation(
+        self, result: RetrainResult, frames: list, labels: dict
+    ) -> None:
+        """One pass over the validation structures, for every gamma at once: the
+        errors of every term at the solutions of ``result``, recorded in it."""
         evaluations = {
             t.name: Evaluation(
-                t, validation_labels[t.name], result.parameters[t.target_name], grid
+                t, labels[t.name], result.parameters[t.target_name], self.grid
             )
-            for t in terms
+            for t in all_terms(self.targets)
         }
-        design_pass(
-            model, grid, targets, validation_frames, evaluations, batch_size, progress
-        )
+        self._run(frames, evaluations)
         for name, evaluation in evaluations.items():
             evaluation.record(result, name)
 
-    if output is not None:
-        # checkpoints written from CPU load on any machine, as metatrain's own do
-        model.to(device="cpu")
-        write_checkpoints(result, targets, pet, original, output)
-    return result
+    def _run(self, frames: list, accumulators: dict) -> None:
+        design_pass(
+            self.model,
+            self.grid,
+            self.targets,
+            frames,
+            accumulators,
+            self.batch_size,
+            self.progress,
+        )
+
+
+def _write_cpu_checkpoints(
+    result: RetrainResult,
+    targets: list[Target],
+    model: LoadedModel,
+    pet: torch.nn.Module,
+    original: dict,
+    output: Path,
+) -> None:
+    """Write the checkpoints and Pareto files of ``result`` into ``output``, with
+    the model moved to CPU."""
+    # checkpoints written from CPU load on any machine, as metatrain's own do
+    model.to(device="cpu")
+    write_checkpoints(result, targets, pet, original, output)
 
 
 def _check_ridge(ridge) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ase
 import torch
 from metatomic.torch import (
     ModelOutput,
@@ -17,10 +18,10 @@ from ..grid import O3Grid
 from ..models import LoadedModel, load_model
 from ..pet import trainable_pet
 from ..systems import prepare_systems
-from .data import read_dataset, structure_infos
+from .data import StructureInfo, read_dataset, structure_infos
 from .designs import back_rotate
 from .solve import unbiased_factor
-from .targets import Target, all_terms, setup_targets
+from .targets import ForceTerm, Target, all_terms, setup_targets
 
 
 def retraining_objective(
@@ -67,6 +68,39 @@ def retraining_objective(
     factor = unbiased_factor(grid)
     rotations = torch.cat([torch.eye(3, dtype=torch.float64)[None], grid.rotations])
 
+    copies, positions = _rotated_copies(frames, rotations, loaded, len(force_terms) > 0)
+    systems = prepare_systems(copies, loaded)
+    infos = structure_infos(loaded, prepare_systems(frames, loaded), specs)
+    predictions = _term_predictions(
+        pet, systems, positions, specs, force_terms, batch_size
+    )
+
+    total = torch.zeros((), dtype=torch.float64)
+    for t in all_terms(specs):
+        squared_error, variance, count = _term_errors(
+            t, predictions[t.name], labels[t.name], infos, grid, factor
+        )
+        total = total + t.weight * (squared_error + gamma * variance) / count
+        if ridge != 0 and isinstance(t, Target):
+            total = total + ridge * t.reduce(t.readout.theta()).square().sum()
+    return total
+
+
+def _rotated_copies(
+    frames: list[ase.Atoms],
+    rotations: torch.Tensor,
+    loaded: LoadedModel,
+    with_positions: bool,
+) -> tuple[list[ase.Atoms | System], list[torch.Tensor]]:
+    """The copies of every structure rotated by each of ``rotations``, structure
+    by structure.
+
+    :param rotations: ``(n_copies, 3, 3)``
+    :param with_positions: make every copy a ``System`` whose positions require
+        gradients, for conservative forces
+    :return: the ``ase.Atoms`` (or ``System``) copies and, with ``with_positions``,
+        the ``(n_atoms, 3)`` positions of each copy, in the model's length unit
+    """
     copies, positions = [], []
     for frame in frames:
         for rotation in rotations.numpy():
@@ -74,26 +108,46 @@ def retraining_objective(
             rotated.calc = None
             rotated.set_cell(frame.cell.array @ rotation.T, scale_atoms=False)
             rotated.positions = frame.positions @ rotation.T
-            if len(force_terms) == 0:
+            if not with_positions:
                 copies.append(rotated)
                 continue
-            # positions requiring gradients before the neighbour lists are computed,
-            # so that the lists carry them too
-            # in the model's length unit, as prepare_systems does for ase.Atoms
-            length_factor = unit_conversion_factor("angstrom", loaded.length_unit)
-            system = systems_to_torch(rotated, dtype=loaded.dtype)
-            leaf = (system.positions * length_factor).detach().requires_grad_(True)
-            copies.append(
-                System(
-                    types=system.types,
-                    positions=leaf,
-                    cell=system.cell * length_factor,
-                    pbc=system.pbc,
-                )
-            )
+            system, leaf = _with_position_leaf(rotated, loaded)
+            copies.append(system)
             positions.append(leaf)
-    systems = prepare_systems(copies, loaded)
-    infos = structure_infos(loaded, prepare_systems(frames, loaded), specs)
+    return copies, positions
+
+
+def _with_position_leaf(
+    atoms: ase.Atoms, loaded: LoadedModel
+) -> tuple[System, torch.Tensor]:
+    """``atoms`` as a system in the model's length unit (as prepare_systems makes
+    it for ``ase.Atoms``), and its ``(n_atoms, 3)`` positions, a leaf requiring
+    gradients."""
+    # positions requiring gradients before the neighbour lists are computed,
+    # so that the lists carry them too
+    length_factor = unit_conversion_factor("angstrom", loaded.length_unit)
+    system = systems_to_torch(atoms, dtype=loaded.dtype)
+    leaf = (system.positions * length_factor).detach().requires_grad_(True)
+    system = System(
+        types=system.types,
+        positions=leaf,
+        cell=system.cell * length_factor,
+        pbc=system.pbc,
+    )
+    return system, leaf
+
+
+def _term_predictions(
+    pet: torch.nn.Module,
+    systems: list[System],
+    positions: list[torch.Tensor],
+    specs: list[Target],
+    force_terms: list[ForceTerm],
+    batch_size: int,
+) -> dict[str, list[torch.Tensor]]:
+    """The float64 predictions of every term on every system, in their order,
+    keeping the graph: ``(n_samples, *components, n_properties)`` per system,
+    conservative forces ``(n_atoms, 3, 1)``."""
     requests = {
         t.name: ModelOutput(sample_kind="system" if t.per_structure else "atom")
         for t in specs
@@ -118,26 +172,39 @@ def retraining_objective(
                 predictions[t.name].append(
                     block.values[system_index == local].to(torch.float64)
                 )
+    return predictions
 
-    total = torch.zeros((), dtype=torch.float64)
-    n_copies = len(rotations)
-    for t in all_terms(specs):
-        squared_error = torch.zeros((), dtype=torch.float64)
-        variance = torch.zeros((), dtype=torch.float64)
-        count = 0
-        for index in range(len(frames)):
-            values = torch.stack(
-                predictions[t.name][index * n_copies : (index + 1) * n_copies]
-            )
-            scale = t.loss_scale(infos[index], values.shape[1:])
-            residual = (values[0] - labels[t.name][index]) / scale
-            squared_error = squared_error + residual.square().sum()
-            count += residual.numel()
-            back = back_rotate(values[1:], t.rank, grid.rotations) / scale
-            mean = torch.einsum("c,c...->...", grid.weights, back)
-            spread = torch.einsum("c,c...->...", grid.weights, (back - mean).square())
-            variance = variance + factor * spread.sum()
-        total = total + t.weight * (squared_error + gamma * variance) / count
-        if ridge != 0 and isinstance(t, Target):
-            total = total + ridge * t.reduce(t.readout.theta()).square().sum()
-    return total
+
+def _term_errors(
+    term: Target | ForceTerm,
+    predictions: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    infos: list[StructureInfo],
+    grid: O3Grid,
+    factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The squared error of one term on the unrotated structures and its
+    equivariance error on the grid's copies, in loss units, summed over entries.
+
+    :param predictions: per structure, the unrotated copy then the ``len(grid)``
+        rotated ones
+    :param labels: per structure, the reference values
+    :param factor: the factor that makes the grid's weighted spread unbiased
+    :return: the two sums (scalar tensors) and the number of entries of the
+        squared error
+    """
+    squared_error = torch.zeros((), dtype=torch.float64)
+    variance = torch.zeros((), dtype=torch.float64)
+    count = 0
+    n_copies = len(grid.rotations) + 1
+    for index in range(len(labels)):
+        values = torch.stack(predictions[index * n_copies : (index + 1) * n_copies])
+        scale = term.loss_scale(infos[index], values.shape[1:])
+        residual = (values[0] - labels[index]) / scale
+        squared_error = squared_error + residual.square().sum()
+        count += residual.numel()
+        back = back_rotate(values[1:], term.rank, grid.rotations) / scale
+        mean = torch.einsum("c,c...->...", grid.weights, back)
+        spread = torch.einsum("c,c...->...", grid.weights, (back - mean).square())
+        variance = variance + factor * spread.sum()
+    return squared_error, variance, count

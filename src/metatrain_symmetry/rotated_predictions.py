@@ -1,0 +1,190 @@
+"""Predictions on rotated copies of the structures of a training step, for the
+equivariance penalty of :py:mod:`metatrain_symmetry.losses`.
+
+The copies are evaluated the way metatrain evaluated the step itself, and their
+predictions brought to the units the loss sees (division by the number of atoms,
+per-property scales).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from metatensor.torch import TensorMap
+from metatomic.torch import System
+
+
+@dataclass
+class TrainingStep:
+    """What one training step evaluated: enough to evaluate rotated copies the same
+    way and bring them to the units the loss sees.
+
+    :param model: the model being trained (in training mode)
+    :param systems: the systems of the batch, with neighbour lists attached
+    :param targets: the ``TargetInfo`` of each target evaluated in the step
+    :param per_structure_targets: targets metatrain does not divide by the number
+        of atoms before the loss
+    """
+
+    model: torch.nn.Module
+    systems: list
+    targets: dict
+    per_structure_targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RotatedPredictions:
+    """Predictions on ``n_copies`` rotated copies of every system of a step,
+    ordered copy-major: system ``c * n_systems + i`` is copy ``c`` of system ``i``."""
+
+    n_copies: int
+    n_systems: int
+    rotations: torch.Tensor
+    """``(n_copies * n_systems, 3, 3)`` the element applied to each copy"""
+    predictions: dict[str, TensorMap]
+    gradients: dict[str, set]
+    """for each target, the gradients that were computed"""
+
+
+def evaluate_rotated_copies(
+    step: TrainingStep,
+    gradients: dict[str, set],
+    n_copies: int,
+    generator: torch.Generator,
+) -> RotatedPredictions:
+    """Evaluate the step's model on ``n_copies`` random O(3) copies of each system,
+    in one batch, and bring the predictions to the units of the loss.
+
+    :param step: the training step
+    :param gradients: targets to evaluate, with the energy gradients needed
+    :param n_copies: number of copies per system
+    :param generator: random number generator of the rotations
+    """
+    from metatrain.utils.data import TargetInfo
+
+    systems = step.systems
+    n_systems = len(systems)
+    rotations = _random_elements(n_copies * n_systems, systems[0].positions, generator)
+    rotated = _copy_major_systems(systems, rotations, n_copies)
+    targets = _requested_targets(step.targets, gradients)
+    computed = {
+        name: set(targets[name].gradients)
+        if isinstance(targets[name], TargetInfo)
+        else set()
+        for name in targets
+    }
+    predictions = _predictions_in_loss_units(step, rotated, targets)
+    return RotatedPredictions(n_copies, n_systems, rotations, predictions, computed)
+
+
+def _random_elements(
+    n_elements: int, positions: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """``(n_elements, 3, 3)`` Haar-random elements of O(3), in the dtype and on the
+    device of ``positions``."""
+    # looked up at call time, so that tests can replace the rotations
+    from metatomic.torch.o3 import random_transformations
+
+    # drawn in float64 on CPU: the same elements whatever the model's dtype and
+    # device, from a generator independent of the device's
+    return random_transformations(
+        n_elements,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        add_inversions=True,
+        generator=generator,
+    ).matrices.to(dtype=positions.dtype, device=positions.device)
+
+
+def _copy_major_systems(systems: list, rotations: torch.Tensor, n_copies: int) -> list:
+    """The ``n_copies * n_systems`` rotated systems, copy ``c`` of system ``i`` at
+    ``c * n_systems + i``.
+
+    :param rotations: ``(n_copies * n_systems, 3, 3)``, in the same order
+    """
+    from .engine import rotated_systems
+
+    n_systems = len(systems)
+    by_system = rotations.reshape(n_copies, n_systems, 3, 3)
+    per_system = [
+        rotated_systems(system, by_system[:, index])
+        for index, system in enumerate(systems)
+    ]
+    return [per_system[i][c] for c in range(n_copies) for i in range(n_systems)]
+
+
+def _requested_targets(infos: dict, gradients: dict[str, set]) -> dict:
+    """The ``TargetInfo`` to evaluate for each target of ``gradients``: that of the
+    step, without its gradients when none of them is penalised."""
+    from metatrain.utils.data import TargetInfo
+
+    targets = {}
+    for name, wanted in gradients.items():
+        info = infos[name]
+        if isinstance(info, TargetInfo) and len(info.gradients) > 0 and not wanted:
+            # no gradient penalised: skip the double backward of forces and stress
+            info = TargetInfo(
+                layout=_without_gradients(info.layout),
+                quantity=info.quantity,
+                unit=info.unit,
+                description=info.description,
+            )
+        targets[name] = info
+    return targets
+
+
+def _predictions_in_loss_units(
+    step: TrainingStep, rotated: list[System], targets: dict
+) -> dict[str, TensorMap]:
+    """Predictions of the step's model on the ``rotated`` systems, averaged by the
+    number of atoms and scaled as metatrain does before the loss."""
+    from metatrain.utils import evaluate_model as evaluate_module
+    from metatrain.utils import per_atom
+
+    # the hooks wrap these functions to observe training steps; call the originals
+    evaluate = _unwrapped(evaluate_module.evaluate_model)
+    average = _unwrapped(per_atom.average_by_num_atoms)
+
+    model = step.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Evaluate the copies through the wrapped module: DDP expects one forward
+        # per backward; a second wrapper forward would add to every step a
+        # broadcast of the buffers (a collective all ranks must reach) and a
+        # second reducer.prepare_for_backward. The copies' gradients need
+        # no wrapper: autograd sums all contributions to a parameter before its
+        # AccumulateGrad node runs, and DDP's allreduce hook runs after that node,
+        # so the allreduce averages the total gradient, penalty included.
+        model = model.module
+    predictions = evaluate(model, rotated, targets, is_training=True)
+    predictions = average(predictions, rotated, step.per_structure_targets)
+    scaler = getattr(model, "scaler", None)
+    if scaler is not None and hasattr(scaler, "apply_scales"):
+        predictions = scaler.apply_scales(
+            rotated,
+            predictions,
+            remove=False,
+            use_per_target_scales=False,
+            use_per_property_scales=True,
+        )
+    return predictions
+
+
+def _unwrapped(function):
+    return getattr(function, "__wrapped__", function)
+
+
+def _without_gradients(layout: TensorMap) -> TensorMap:
+    """``layout`` with the gradients of its blocks left out."""
+    from metatensor.torch import TensorBlock
+
+    blocks = [
+        TensorBlock(
+            values=block.values,
+            samples=block.samples,
+            components=block.components,
+            properties=block.properties,
+        )
+        for block in layout.blocks()
+    ]
+    return TensorMap(layout.keys, blocks)
