@@ -14,15 +14,17 @@ import sys
 
 
 VARIABLE = "METATRAIN_SYMMETRY_AUTOLOAD"
-WATCHED = frozenset(
-    (
-        "metatrain.utils.loss",
-        "metatrain.utils.evaluate_model",
-        "metatrain.utils.per_atom",
-        "metatrain.utils.architectures",
-        "metatrain.utils.logging",
-    )
+
+# the metatrain modules that metatrain_symmetry.hooks patches, in the order its
+# register() imports them; the hooks read this list from here
+MODULES = (
+    "metatrain.utils.loss",
+    "metatrain.utils.evaluate_model",
+    "metatrain.utils.per_atom",
+    "metatrain.utils.architectures",
+    "metatrain.utils.logging",
 )
+WATCHED = frozenset(MODULES)
 
 
 def enabled() -> bool:

@@ -38,21 +38,18 @@ import warnings
 import weakref
 from types import ModuleType
 
+import _metatrain_symmetry_autoload as _autoload
+
 
 SUPPORTED_METATRAIN = "2026.4.x"
 """metatrain versions whose internals these patches were written for."""
 
-AUTOLOAD_VARIABLE = "METATRAIN_SYMMETRY_AUTOLOAD"
+AUTOLOAD_VARIABLE = _autoload.VARIABLE
 """Environment variable switching automatic registration off when ``0``."""
 
-PATCHED_MODULES = (
-    "metatrain.utils.loss",
-    "metatrain.utils.evaluate_model",
-    "metatrain.utils.per_atom",
-    "metatrain.utils.architectures",
-    "metatrain.utils.logging",
-)
-"""metatrain modules patched, in the order :py:func:`register` imports them."""
+PATCHED_MODULES = _autoload.MODULES
+"""metatrain modules patched, in the order :py:func:`register` imports them (the
+start-up hook watches the same list)."""
 
 _MARK = "_metatrain_symmetry_patched"
 _CONTEXTS: weakref.WeakSet = weakref.WeakSet()
@@ -275,13 +272,20 @@ def _patch_logging(module: ModuleType) -> None:
     _wrap(logger, "log", make_wrapper)
 
 
-_PATCHERS = {
-    "metatrain.utils.loss": _patch_loss,
-    "metatrain.utils.evaluate_model": _patch_evaluate_model,
-    "metatrain.utils.per_atom": _patch_per_atom,
-    "metatrain.utils.architectures": _patch_architectures,
-    "metatrain.utils.logging": _patch_logging,
-}
+# one patch function per module of PATCHED_MODULES, in the same order
+_PATCHERS = dict(
+    zip(
+        PATCHED_MODULES,
+        (
+            _patch_loss,
+            _patch_evaluate_model,
+            _patch_per_atom,
+            _patch_architectures,
+            _patch_logging,
+        ),
+        strict=True,
+    )
+)
 
 
 def patch_module(module: ModuleType) -> None:

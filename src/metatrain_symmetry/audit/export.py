@@ -147,16 +147,15 @@ def export_audited(
     audited = load_model(model if device is None else copy.deepcopy(model))
     # identified in the audit by the checkpoint it was exported from
     audited.source = str(checkpoint)
+    settings = {"max_lambda": max_lambda, "grid": grid, "batch_size": batch_size}
     result = audit(
         audited,
         data,
-        outputs=outputs,
+        outputs,
         targets=targets,
-        max_lambda=max_lambda,
-        grid=grid,
-        batch_size=batch_size,
         device=device,
         progress=progress,
+        **settings,
     )
     model = _with_audit(model, result.summary, symmetrize, grid_degree)
     with atomic_file(output) as temporary:

@@ -13,34 +13,35 @@ from ..models import load_model
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "analyze",
-        help="equivariance errors and (lambda, sigma) spectra of a model",
-        description=(
-            "Evaluate MODEL (exported .pt or metatrain .ckpt) on rotated copies of "
-            "every structure in DATA and write equivariance errors, character "
-            "projections, symmetrized predictions and spectra as TensorMaps, a "
-            "summary table (summary.md) and spectra.png."
-        ),
-    )
+DISTRIBUTED = True
+"""spread over the processes of torchrun or srun"""
+NAME = "analyze"
+HELP = "equivariance errors and (lambda, sigma) spectra of a model"
+DESCRIPTION = (
+    "Evaluate MODEL (exported .pt or metatrain .ckpt) on rotated copies of "
+    "every structure in DATA and write equivariance errors, character "
+    "projections, symmetrized predictions and spectra as TensorMaps, a "
+    "summary table (summary.md) and spectra.png."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_and_data(parser)
     options.add_output_directory(parser)
-    parser.add_argument(
-        "--outputs",
-        nargs="*",
+    options.add_outputs(
+        parser,
+        "model outputs to analyse ('forces' and 'stress' are derivatives of the "
+        "energy; default: energy)",
         default=["energy"],
-        help="model outputs to analyse ('forces' and 'stress' are derivatives of "
-        "the energy; default: energy)",
+        nargs="*",
     )
-    parser.add_argument("--features", nargs="*", default=[], help=options.FEATURES_HELP)
+    options.add_features(parser)
     parser.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )
     options.add_grid(parser)
     options.add_device(parser)
     options.add_dtype(parser)
-    parser.set_defaults(run=run, distributed=True)
 
 
 def run(args: argparse.Namespace) -> None:

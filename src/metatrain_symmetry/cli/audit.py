@@ -11,33 +11,32 @@ from ..distributed import work_directory
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "audit",
-        help="dataset-level symmetry audit with an interactive viewer",
-        description=(
-            "Evaluate MODEL (exported .pt or metatrain .ckpt) on DATA, unrotated and "
-            "on rotated copies, and write audit.json (errors against the dataset's "
-            "targets, equivariance RMSE, symmetry leakage, mean spectra), audit.md, "
-            "spectra.mts, spectra.png, a chemiscope dataset and audit.html, an "
-            "offline viewer."
-        ),
-    )
+DISTRIBUTED = True
+"""spread over the processes of torchrun or srun"""
+NAME = "audit"
+HELP = "dataset-level symmetry audit with an interactive viewer"
+DESCRIPTION = (
+    "Evaluate MODEL (exported .pt or metatrain .ckpt) on DATA, unrotated and "
+    "on rotated copies, and write audit.json (errors against the dataset's "
+    "targets, equivariance RMSE, symmetry leakage, mean spectra), audit.md, "
+    "spectra.mts, spectra.png, a chemiscope dataset and audit.html, an "
+    "offline viewer."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_and_data(parser)
     options.add_output_directory(parser)
-    parser.add_argument(
-        "--outputs",
-        nargs="+",
-        default=None,
-        help="model outputs to audit ('forces' and 'stress' are derivatives of the "
+    options.add_outputs(
+        parser,
+        "model outputs to audit ('forces' and 'stress' are derivatives of the "
         "energy; default: energy and the force output)",
     )
     options.add_targets(parser)
-    parser.add_argument("--features", nargs="*", default=[], help=options.FEATURES_HELP)
+    options.add_features(parser)
     options.add_grid(parser)
     options.add_device(parser)
     options.add_dtype(parser)
-    parser.set_defaults(run=run, distributed=True)
 
 
 def run(args: argparse.Namespace) -> None:

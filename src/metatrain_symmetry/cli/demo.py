@@ -9,17 +9,17 @@ from ..demo import DEFAULT_EPOCHS, DEFAULT_GAMMA, run_demo
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "demo",
-        help="train a small PET on generated data and analyse its symmetry",
-        description=(
-            "Generate a small dataset with ASE's EMT calculator, train a small PET "
-            "with 'mtt train' with and without the equivariance penalty, retrain "
-            "the plain model's last layer for several penalty weights, audit both "
-            "models and compare them."
-        ),
-    )
+NAME = "demo"
+HELP = "train a small PET on generated data and analyse its symmetry"
+DESCRIPTION = (
+    "Generate a small dataset with ASE's EMT calculator, train a small PET "
+    "with 'mtt train' with and without the equivariance penalty, retrain "
+    "the plain model's last layer for several penalty weights, audit both "
+    "models and compare them."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_output_directory(parser)
     parser.add_argument(
         "--epochs",
@@ -34,7 +34,6 @@ def add_parser(commands) -> None:
         help="weight of the equivariance penalty in the penalised training "
         f"(default: {DEFAULT_GAMMA:g})",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,22 +12,20 @@ from ..dynamics import WEIGHTS, dynamics_markdown, save_dynamics, training_dynam
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "dynamics",
-        help="spectra of outputs and features across training checkpoints",
-        usage=(
-            "mtt-symmetry dynamics CHECKPOINT [CHECKPOINT ...] DATA -o OUTPUT [options]"
-        ),
-        description=(
-            "Analyse every CHECKPOINT of a training run (for example the "
-            "model_<epoch>.ckpt files 'mtt train' writes every checkpoint_interval "
-            "epochs) on the structures in DATA, and write the (lambda, sigma) "
-            "spectra of outputs and internal features against epoch as TensorMaps, "
-            "epoch x lambda heatmaps (dynamics.png), the last checkpoint's spectra "
-            "layer by layer (layers.png) and a summary (dynamics.md, dynamics.csv)."
-        ),
-    )
+NAME = "dynamics"
+HELP = "spectra of outputs and features across training checkpoints"
+USAGE = "mtt-symmetry dynamics CHECKPOINT [CHECKPOINT ...] DATA -o OUTPUT [options]"
+DESCRIPTION = (
+    "Analyse every CHECKPOINT of a training run (for example the "
+    "model_<epoch>.ckpt files 'mtt train' writes every checkpoint_interval "
+    "epochs) on the structures in DATA, and write the (lambda, sigma) "
+    "spectra of outputs and internal features against epoch as TensorMaps, "
+    "epoch x lambda heatmaps (dynamics.png), the last checkpoint's spectra "
+    "layer by layer (layers.png) and a summary (dynamics.md, dynamics.csv)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "paths",
         nargs="+",
@@ -35,18 +33,15 @@ def add_parser(commands) -> None:
         help="checkpoints (.ckpt) of one training run, then " + options.DATA_HELP,
     )
     options.add_output_directory(parser)
-    parser.add_argument(
-        "--outputs",
+    options.add_outputs(
+        parser,
+        "model outputs to follow (default: the model's training targets)",
         nargs="*",
-        default=None,
-        help="model outputs to follow (default: the model's training targets)",
     )
-    parser.add_argument(
-        "--features",
-        nargs="*",
+    options.add_features(
+        parser,
         default=None,
-        help=options.FEATURES_HELP + " (default: the node features after each "
-        "message-passing layer)",
+        help=" (default: the node features after each message-passing layer)",
     )
     parser.add_argument(
         "--weights",
@@ -57,7 +52,6 @@ def add_parser(commands) -> None:
     )
     options.add_grid(parser)
     options.add_dtype(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -11,17 +11,17 @@ from ..data import read_structures
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "export",
-        help="export a checkpoint with its symmetry audit in the model metadata",
-        description=(
-            "Export CHECKPOINT as 'mtt export' does, after auditing it on the "
-            "structures of --audit DATA; the audit summary is stored as JSON in "
-            "metadata().extra['symmetry-audit']. With --symmetrize the exported "
-            "model predicts O(3)-averaged outputs and exposes o3::variance::<name>."
-        ),
-    )
+NAME = "export"
+HELP = "export a checkpoint with its symmetry audit in the model metadata"
+DESCRIPTION = (
+    "Export CHECKPOINT as 'mtt export' does, after auditing it on the "
+    "structures of --audit DATA; the audit summary is stored as JSON in "
+    "metadata().extra['symmetry-audit']. With --symmetrize the exported "
+    "model predicts O(3)-averaged outputs and exposes o3::variance::<name>."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="metatrain checkpoint (.ckpt)")
     parser.add_argument("-o", "--output", required=True, help="exported model (.pt)")
     options.add_force(parser, "an existing output file")
@@ -37,11 +37,8 @@ def add_parser(commands) -> None:
         action="store_true",
         help="export the O(3)-averaged model (metatomic's SymmetrizedModel)",
     )
-    parser.add_argument(
-        "--outputs",
-        nargs="+",
-        default=None,
-        help="model outputs to audit (default: energy and the force output)",
+    options.add_outputs(
+        parser, "model outputs to audit (default: energy and the force output)"
     )
     options.add_targets(parser)
     options.add_grid(
@@ -51,7 +48,6 @@ def add_parser(commands) -> None:
         "alone)",
     )
     options.add_device(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

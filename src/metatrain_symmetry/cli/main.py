@@ -36,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.add_parser(commands)
+        subparser = commands.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=command.DESCRIPTION,
+            usage=getattr(command, "USAGE", None),
+        )
+        command.add_arguments(subparser)
+        subparser.set_defaults(
+            run=command.run, distributed=getattr(command, "DISTRIBUTED", False)
+        )
     return parser
 
 

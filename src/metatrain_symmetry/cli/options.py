@@ -43,6 +43,26 @@ def add_force(parser, replaced: str = "a non-empty output directory") -> None:
     parser.add_argument("--force", action="store_true", help=f"replace {replaced}")
 
 
+def add_outputs(
+    parser: argparse.ArgumentParser, help: str, default=None, nargs: str = "+"
+) -> None:
+    """``--outputs NAME ...``: the model outputs a command works on."""
+    parser.add_argument("--outputs", nargs=nargs, default=default, help=help)
+
+
+def add_features(
+    parser: argparse.ArgumentParser, default: tuple | None = (), help: str = ""
+) -> None:
+    """``--features NAME ... | all``: the internal features a command analyses
+    (default: none; ``None`` leaves the choice to the command)."""
+    parser.add_argument(
+        "--features",
+        nargs="*",
+        default=None if default is None else list(default),
+        help=FEATURES_HELP + help,
+    )
+
+
 def add_targets(parser: argparse.ArgumentParser) -> None:
     """``--targets OUTPUT=KEY ...``: the dataset key compared with each output."""
     parser.add_argument(

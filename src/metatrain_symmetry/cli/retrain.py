@@ -11,17 +11,17 @@ from ..retrain import DEFAULT_GAMMAS, DEFAULT_N_ROTATIONS, retrain_last_layer
 from . import options
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "retrain",
-        help="closed-form last-layer retraining with an equivariance penalty",
-        description=(
-            "Retrain the readout (last-layer weights and biases) of a metatrain PET "
-            "checkpoint exactly, minimizing L_mu + gamma * L_sigma on the structures "
-            "of DATA for every gamma; writes gamma-<value>.ckpt, pareto.csv, "
-            "pareto.md and pareto.png."
-        ),
-    )
+NAME = "retrain"
+HELP = "closed-form last-layer retraining with an equivariance penalty"
+DESCRIPTION = (
+    "Retrain the readout (last-layer weights and biases) of a metatrain PET "
+    "checkpoint exactly, minimizing L_mu + gamma * L_sigma on the structures "
+    "of DATA for every gamma; writes gamma-<value>.ckpt, pareto.csv, "
+    "pareto.md and pareto.png."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_and_data(parser, model="metatrain PET checkpoint (.ckpt)")
     options.add_output_directory(parser)
     parser.add_argument(
@@ -36,11 +36,8 @@ def add_parser(commands) -> None:
         + " ".join(f"{gamma:g}" for gamma in DEFAULT_GAMMAS)
         + ")",
     )
-    parser.add_argument(
-        "--outputs",
-        nargs="+",
-        default=None,
-        help="targets of the model to retrain (default: all of them)",
+    options.add_outputs(
+        parser, "targets of the model to retrain (default: all of them)"
     )
     options.add_targets(parser)
     parser.add_argument(
@@ -65,7 +62,6 @@ def add_parser(commands) -> None:
         new="--rotations",
     )
     options.add_device(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -9,24 +9,23 @@ import sys
 from ..hooks import register
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="'mtt train' with the equivariance loss registered explicitly",
-        description=(
-            "Register the 'equivariance' loss type in metatrain, then run "
-            "'mtt train' with the remaining arguments (OPTIONS.yaml, -o, "
-            "--restart, ...). Needed only where automatic registration is off "
-            "(METATRAIN_SYMMETRY_AUTOLOAD=0)."
-        ),
-    )
+NAME = "train"
+HELP = "'mtt train' with the equivariance loss registered explicitly"
+DESCRIPTION = (
+    "Register the 'equivariance' loss type in metatrain, then run "
+    "'mtt train' with the remaining arguments (OPTIONS.yaml, -o, "
+    "--restart, ...). Needed only where automatic registration is off "
+    "(METATRAIN_SYMMETRY_AUTOLOAD=0)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "mtt_arguments",
         nargs=argparse.REMAINDER,
         metavar="OPTIONS [mtt train arguments]",
         help="arguments passed on to 'mtt train'",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import ase
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ..diagnostics import AnalysisResult, analyze
+from ..diagnostics import DEFAULT_MAX_LAMBDA, AnalysisResult, analyze
 from ..grid import O3Grid
 from ..models import LoadedModel
 from ..quantities import FEATURE_PREFIX
@@ -32,7 +33,7 @@ def training_dynamics(
     frames: Sequence[SystemLike],
     outputs: Sequence[str] | None = None,
     features: Sequence[str] | str | None = None,
-    max_lambda: int = 4,
+    max_lambda: int = DEFAULT_MAX_LAMBDA,
     grid: O3Grid | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -75,16 +76,10 @@ def training_dynamics(
     # first pass: epochs and names, so that bad input fails before any analysis
     stored_epochs, names = _survey(paths, outputs, features, weights)
     paths, epochs, source = _in_epoch_order(paths, stored_epochs)
+    load = partial(load_checkpoint, weights=weights, dtype=dtype)
+    settings = {"max_lambda": max_lambda, "grid": grid, "batch_size": batch_size}
     results, model_features = _analyse_checkpoints(
-        paths,
-        frames,
-        names,
-        weights=weights,
-        dtype=dtype,
-        max_lambda=max_lambda,
-        grid=grid,
-        batch_size=batch_size,
-        progress=progress,
+        paths, frames, names, load, settings, progress
     )
     spectrum, structure_spectrum, rmse, errors = _stack_results(results, names, epochs)
     last = results[-1]
@@ -194,16 +189,18 @@ def _analyse_checkpoints(
     paths: list[Path],
     frames: list[SystemLike],
     names: list[str],
-    weights: str,
-    dtype: torch.dtype | None,
-    max_lambda: int,
-    grid: O3Grid | None,
-    batch_size: int | None,
+    load: Callable,
+    settings: dict,
     progress: bool,
 ) -> tuple[list[AnalysisResult], list[str]]:
     """Analyse every checkpoint on the grid of the first; the results keep only
     what the dynamics needs, except for the last checkpoint. Also returns the
-    features of the last checkpoint's model, in the order it computes them."""
+    features of the last checkpoint's model, in the order it computes them.
+
+    :param load: loads a checkpoint, see :py:func:`load_checkpoint`
+    :param settings: ``max_lambda``, ``grid`` and ``batch_size`` of
+        :py:func:`~metatrain_symmetry.analyze`
+    """
     iterator = paths
     if progress:
         from tqdm.auto import tqdm
@@ -211,16 +208,9 @@ def _analyse_checkpoints(
         iterator = tqdm(paths, unit="checkpoint", desc="checkpoints")
     results: list[AnalysisResult] = []
     for path in iterator:
-        model, _ = load_checkpoint(path, weights, dtype)
-        result = analyze(
-            model,
-            frames,
-            names,
-            max_lambda=max_lambda,
-            grid=grid,
-            batch_size=batch_size,
-        )
-        grid = result.grid
+        model, _ = load(path)
+        result = analyze(model, frames, names, **settings)
+        settings = {**settings, "grid": result.grid}
         if len(results) > 0:
             # keep only what the dynamics needs of all but the last checkpoint
             previous = results[-1]
