@@ -175,21 +175,7 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
         _, timing = timed(lambda: run_floor(model, batches), device)
         keep("floor", timing)
 
-    differences = {}
-    for name in names:
-        differences[f"variance {name}"] = relative_difference(
-            ours.variance[name], theirs["o3::variance::" + name]
-        )
-        differences[f"average {name}"] = relative_difference(
-            ours.average[name], theirs[name]
-        )
-        try:
-            differences[f"character_projection {name}"] = relative_difference(
-                ours.character_projection[name],
-                theirs["o3::character_projection::" + name],
-            )
-        except (KeyError, ValueError) as error:
-            differences[f"character_projection {name}"] = f"not compared ({error})"
+    differences = compare_with_symmetrized(ours, theirs, names)
     force = differences["variance non_conservative_force"]
     assert force < 1e-8, f"force variances differ by {force:.3e} (relative)"
     return {
@@ -205,6 +191,27 @@ def speed_case(label, model, frames, degree, repeats, device) -> dict:
         "wigner_setup": wigner_setup,
         "construction": construction,
     }
+
+
+def compare_with_symmetrized(ours, theirs: dict, names: list[str]) -> dict:
+    """Relative differences between ``analyze`` and ``SymmetrizedModel``, per
+    quantity and output (a message where a quantity cannot be compared)."""
+    differences = {}
+    for name in names:
+        differences[f"variance {name}"] = relative_difference(
+            ours.variance[name], theirs["o3::variance::" + name]
+        )
+        differences[f"average {name}"] = relative_difference(
+            ours.average[name], theirs[name]
+        )
+        try:
+            differences[f"character_projection {name}"] = relative_difference(
+                ours.character_projection[name],
+                theirs["o3::character_projection::" + name],
+            )
+        except (KeyError, ValueError) as error:
+            differences[f"character_projection {name}"] = f"not compared ({error})"
+    return differences
 
 
 # (module file, function) pairs whose cumulative time --profile reports
@@ -283,7 +290,7 @@ def print_speed_table(cases: list[dict]) -> None:
         )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -306,7 +313,30 @@ def main() -> None:
         help="also run analyze once per case under cProfile and show where its "
         "time goes",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def print_case(case: dict, start: float) -> None:
+    """What one speed case measured, besides its times."""
+    print(
+        f"[{time.perf_counter() - start:6.0f} s] {case['label']}: "
+        f"{case['structures']} structures, {case['atoms']} atoms, {case['copies']} "
+        f"rotated copies, {case['per_batch']} copies per batch, "
+        f"{case['model_calls']} calls",
+        flush=True,
+    )
+    print(
+        f"    untimed setup: SymmetrizedModel construction "
+        f"{case['symmetrized_setup']:.2f} s; timed inside analyze: Wigner "
+        f"matrices of a new O3Grid {case['wigner_setup']:.2f} s"
+    )
+    for what, value in case["differences"].items():
+        shown = value if isinstance(value, str) else f"{value:.2e}"
+        print(f"    relative difference ours vs SymmetrizedModel, {what}: {shown}")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -332,20 +362,7 @@ def main() -> None:
     for label, frames in inputs:
         case = speed_case(label, model, frames, args.degree, args.repeats, device)
         cases.append(case)
-        print(
-            f"[{time.perf_counter() - start:6.0f} s] {label}: {case['structures']} "
-            f"structures, {case['atoms']} atoms, {case['copies']} rotated copies, "
-            f"{case['per_batch']} copies per batch, {case['model_calls']} calls",
-            flush=True,
-        )
-        print(
-            f"    untimed setup: SymmetrizedModel construction "
-            f"{case['symmetrized_setup']:.2f} s; timed inside analyze: Wigner "
-            f"matrices of a new O3Grid {case['wigner_setup']:.2f} s"
-        )
-        for what, value in case["differences"].items():
-            shown = value if isinstance(value, str) else f"{value:.2e}"
-            print(f"    relative difference ours vs SymmetrizedModel, {what}: {shown}")
+        print_case(case, start)
         if args.profile:
             profile_analyze(model, frames, args.degree)
 

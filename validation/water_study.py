@@ -875,6 +875,44 @@ def finish_report(output, report):
     write_report(output, report)
 
 
+def correlation_rows(correlation: dict) -> list[str]:
+    """Rows of the table of rank correlations between equivariance and model
+    errors."""
+    rows = []
+    for model, outputs in correlation.items():
+        for name, value in outputs.items():
+            value = value or {}
+            rows.append(
+                f"| {model} | `{name}` | {fmt(value.get('rho'))} "
+                f"| {fmt(value.get('p_value'))} | {value.get('n_structures', 'n/a')} |"
+            )
+    return rows
+
+
+def symmetrized_export_lines(symmetrized: dict) -> list[str]:
+    """The table and the sentence on the symmetrized export."""
+    lines = [
+        "| model | energy equivariance RMSE (meV) | force equivariance RMSE (meV/Å) "
+        "| seconds per evaluation (energy and forces) |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("plain", "symmetrized"):
+        entry = symmetrized[kind]
+        lines.append(
+            f"| {kind} | {fmt(entry['energy']['equivariance_rmse'], 1000)} "
+            f"| {fmt(entry['forces']['equivariance_rmse'], 1000)} "
+            f"| {fmt(entry['seconds_per_evaluation'])} |"
+        )
+    return lines + [
+        "",
+        f"Averaging on a Lebedev quadrature of degree {symmetrized['grid_degree']}; "
+        f"cost ratio {fmt(symmetrized['cost_ratio'])}, timed with metatomic's ASE "
+        f"calculator on one structure of {symmetrized['timing_structure']['n_atoms']} "
+        f"atoms ({symmetrized['timing_structure']['set']}): the fastest of "
+        "repeated calls on the same positions, after three warm-up calls.",
+    ]
+
+
 def write_report(output, report):
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     audits = report["audits"]
@@ -908,13 +946,7 @@ def write_report(output, report):
         "| model | output | Spearman rho | p | structures |",
         "|---|---|---|---|---|",
     ]
-    for model, outputs in report["correlation"].items():
-        for name, value in outputs.items():
-            value = value or {}
-            lines.append(
-                f"| {model} | `{name}` | {fmt(value.get('rho'))} "
-                f"| {fmt(value.get('p_value'))} | {value.get('n_structures', 'n/a')} |"
-            )
+    lines += correlation_rows(report["correlation"])
     lines += ["", "## Spectra across epochs and layers", ""]
     for model, entry in report["dynamics"].items():
         lines += [
@@ -933,26 +965,8 @@ def write_report(output, report):
         "## Symmetrized export (conservative model)",
         "",
     ]
-    symmetrized = report["symmetrized_export"]
+    lines += symmetrized_export_lines(report["symmetrized_export"])
     lines += [
-        "| model | energy equivariance RMSE (meV) | force equivariance RMSE (meV/Å) "
-        "| seconds per evaluation (energy and forces) |",
-        "|---|---|---|---|",
-    ]
-    for kind in ("plain", "symmetrized"):
-        entry = symmetrized[kind]
-        lines.append(
-            f"| {kind} | {fmt(entry['energy']['equivariance_rmse'], 1000)} "
-            f"| {fmt(entry['forces']['equivariance_rmse'], 1000)} "
-            f"| {fmt(entry['seconds_per_evaluation'])} |"
-        )
-    lines += [
-        "",
-        f"Averaging on a Lebedev quadrature of degree {symmetrized['grid_degree']}; "
-        f"cost ratio {fmt(symmetrized['cost_ratio'])}, timed with metatomic's ASE "
-        f"calculator on one structure of {symmetrized['timing_structure']['n_atoms']} "
-        f"atoms ({symmetrized['timing_structure']['set']}): the fastest of "
-        "repeated calls on the same positions, after three warm-up calls.",
         "",
         "## Stages",
         "",
@@ -965,7 +979,7 @@ def write_report(output, report):
     (output / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="the small, short run")
@@ -984,15 +998,12 @@ def main(argv=None):
         help="redraw the figures and rewrite the report of the finished run in DIR "
         "from its report.json, data and training logs",
     )
-    args = parser.parse_args(argv)
-    if args.report_only:
-        report_path = args.output / "report.json"
-        if not report_path.is_file():
-            raise SystemExit(f"--report-only: no finished run in {args.output}")
-        finish_report(args.output, json.loads(report_path.read_text()))
-        print(f"report: {args.output / 'report.md'}")
-        return
+    return parser
 
+
+def prepare_output(args) -> tuple[Path, dict[str, Path]]:
+    """Check the data and the ``--extra`` files, and empty the output directory
+    (``--force``); the output directory and the extra sets by name."""
     if not args.data.is_file():
         raise SystemExit(
             f"water data not found at {args.data}: pass --data, or provide "
@@ -1010,7 +1021,19 @@ def main(argv=None):
             raise SystemExit(f"{output} is not empty (use --force to replace it)")
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
+    return output, extras
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.report_only:
+        report_path = args.output / "report.json"
+        if not report_path.is_file():
+            raise SystemExit(f"--report-only: no finished run in {args.output}")
+        finish_report(args.output, json.loads(report_path.read_text()))
+        print(f"report: {args.output / 'report.md'}")
+        return
+    output, extras = prepare_output(args)
     mode = "quick" if args.quick else "full"
     config = CONFIGS[mode]
     timer = Timer()
