@@ -15,6 +15,12 @@ import numpy as np
 from ._utils import first_line
 
 
+__all__ = [
+    "read_structures",
+    "reference_value",
+]
+
+
 def read_structures(path: str | os.PathLike, what: str = "data") -> list:
     """Read every structure of a file with ASE.
 

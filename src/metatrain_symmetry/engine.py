@@ -33,8 +33,23 @@ from .models import LoadedModel
 from .quantities import DERIVED_OUTPUTS
 
 
+__all__ = [
+    "DEFAULT_ATOMS_PER_BATCH",
+    "BlockChunk",
+    "OutputChunk",
+    "PreparedSystem",
+    "RotatedEvaluator",
+    "StructureChunk",
+    "batch_segments",
+    "prepare_rotations",
+    "rotated_copies",
+    "rotated_systems",
+]
+
+
 # default number of atoms evaluated in one model call, over all rotated copies
 DEFAULT_ATOMS_PER_BATCH = 4096
+"""atoms (over all evaluations) of one model call when no batch size is given"""
 
 
 @dataclass

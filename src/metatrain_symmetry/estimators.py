@@ -26,6 +26,15 @@ from __future__ import annotations
 import torch
 
 
+__all__ = [
+    "CentredMoments",
+    "factored_u_statistic",
+    "pair_u_covariance",
+    "pair_u_statistic",
+    "paired_mean_square_deviation",
+]
+
+
 # entries of the (M, M, batch) kernels materialized at once
 _KERNEL_ELEMENTS = 1 << 22
 

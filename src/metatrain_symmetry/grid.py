@@ -17,6 +17,13 @@ from metatomic.torch.o3 import O3Transformations, random_transformations
 from ._utils import is_integer
 
 
+__all__ = [
+    "LEBEDEV_ORDERS",
+    "MAX_DEGREE",
+    "O3Grid",
+]
+
+
 # orders available in scipy.integrate.lebedev_rule
 LEBEDEV_ORDERS = (
     *range(3, 33, 2),

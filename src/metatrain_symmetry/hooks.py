@@ -41,6 +41,17 @@ from types import ModuleType
 import _metatrain_symmetry_autoload as _autoload
 
 
+__all__ = [
+    "AUTOLOAD_VARIABLE",
+    "PATCHED_MODULES",
+    "SUPPORTED_METATRAIN",
+    "MetatrainVersionError",
+    "is_registered",
+    "patch_module",
+    "register",
+]
+
+
 SUPPORTED_METATRAIN = "2026.4.x"
 """metatrain versions whose internals these patches were written for."""
 
@@ -188,7 +199,7 @@ def _patch_evaluate_model(module: ModuleType) -> None:
             if _CONTEXTS:
                 step = None
                 if is_training and torch.is_grad_enabled():
-                    from .losses import TrainingStep
+                    from .rotated_predictions import TrainingStep
 
                     # keep the trainer's list object: average_by_num_atoms
                     # recognises the step by it

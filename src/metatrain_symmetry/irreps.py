@@ -17,6 +17,22 @@ import torch
 from metatensor.torch import Labels
 
 
+__all__ = [
+    "BlockLayout",
+    "Irrep",
+    "block_layout",
+    "decompose",
+    "irrep_keys",
+    "irrep_name",
+    "is_feature",
+    "mu_labels",
+    "sigma_index",
+    "spectrum_column",
+    "spectrum_irreps",
+    "undo_rotation",
+]
+
+
 def spectrum_irreps(max_lambda: int) -> list[tuple[int, int]]:
     """The ``(lambda, sigma)`` of a spectrum's columns, in order: for each
     ``lambda`` up to ``max_lambda``, ``sigma = +1`` then ``-1``."""

@@ -44,6 +44,17 @@ from .rotated_predictions import (
 )
 
 
+__all__ = [
+    "BASE_LOSSES",
+    "DEFAULTS",
+    "LOSS_TYPE",
+    "EquivarianceLoss",
+    "PenaltyContext",
+    "check_loss_options",
+    "check_options",
+    "equivariance_penalty",
+]
+
 LOSS_TYPE = "equivariance"
 """The ``type`` of the equivariance loss in metatrain options."""
 

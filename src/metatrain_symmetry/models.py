@@ -35,6 +35,9 @@ from .quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, QUANTITIES, quantity
 ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]  # noqa: UP007
 
 
+__all__ = ["LoadedModel", "ModelLike", "ModelTarget", "load_model"]
+
+
 @dataclass(frozen=True)
 class ModelTarget:
     """A quantity a model was trained to predict.

@@ -14,6 +14,16 @@ from .quantities import FEATURE_PREFIX
 from .systems import SystemRequirements, attach_neighbor_lists
 
 
+__all__ = [
+    "PETReadout",
+    "capture_cleanup",
+    "discover_features",
+    "is_pet",
+    "trainable_pet",
+    "unknown_feature_message",
+]
+
+
 # raw PET featurizer inputs worth analysing: they are geometric quantities with a
 # known symmetry (edge vectors are pure (1, +1), distances pure (0, +1))
 _GEOMETRIC_INPUTS = ("edge_vectors", "edge_distances")

@@ -16,6 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+__all__ = [
+    "DERIVED_OUTPUTS",
+    "FEATURE_PREFIX",
+    "NON_CONSERVATIVE_FORCES",
+    "QUANTITIES",
+    "Quantity",
+    "default_label_key",
+    "expected_irreps",
+    "quantity",
+    "standard_lambda",
+]
+
+
 FEATURE_PREFIX = "mtt::feature::"
 """prefix of the internal features a model can expose, ``mtt::feature::<path>``"""
 

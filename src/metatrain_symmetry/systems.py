@@ -17,6 +17,16 @@ from metatomic.torch import (
 )
 
 
+__all__ = [
+    "SystemLike",
+    "SystemRequirements",
+    "attach_neighbor_lists",
+    "is_system",
+    "prepare_systems",
+    "systems_fingerprint",
+]
+
+
 SystemLike = Union[System, "ase.Atoms"]  # noqa: F821
 
 

@@ -11,6 +11,21 @@ from pathlib import Path
 import torch
 
 
+__all__ = [
+    "CONSERVATIVE_TARGETS",
+    "PET_TARGETS",
+    "check_clean_failure",
+    "labelled_molecules",
+    "pet_model",
+    "pet_options",
+    "run_module",
+    "run_mtt_symmetry",
+    "tiny_pet",
+    "training_step_loss",
+    "write_dataset",
+]
+
+
 PET_TARGETS = """\
 energy: {key: energy, unit: eV, forces: false, stress: false}
 non_conservative_force:

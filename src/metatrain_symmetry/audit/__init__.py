@@ -1,24 +1,24 @@
 """The audit of a model on a dataset, and what is made of it.
 
-:py:func:`audit` evaluates a model on every structure of a dataset, unrotated and
-on an O(3) grid, and summarises per output: the error against the dataset's
-targets, the per-structure equivariance RMSE (also relative to that error), the
-symmetry leakage, and the dataset-mean ``(lambda, sigma)`` spectrum; per internal
-feature: the mean spectrum. The :py:class:`AuditResult` it returns is complete:
-its ``summary`` (the content of ``audit.json``, following the JSON schema of
-:py:func:`audit_schema`) records the identity of the model and the dataset.
-:py:func:`write_audit_report` writes the summary, a readable table, the spectra,
-a heatmap, a chemiscope dataset and an offline HTML viewer;
-:py:func:`export_audited` exports a checkpoint with its audit in the model's
-metadata.
+:py:func:`~metatrain_symmetry.audit.audit` evaluates a model on every structure of a
+dataset, unrotated and on an O(3) grid, and summarises per output: the error against the
+dataset's targets, the per-structure equivariance RMSE (also relative to that error),
+the symmetry leakage, and the dataset-mean ``(lambda, sigma)`` spectrum; per internal
+feature: the mean spectrum. The :py:class:`~metatrain_symmetry.AuditResult` it returns
+is complete: its ``summary`` (the content of ``audit.json``, following the JSON schema
+of :py:func:`~metatrain_symmetry.audit_schema`) records the identity of the model and
+the dataset. :py:func:`~metatrain_symmetry.write_audit_report` writes the summary, a
+readable table, the spectra, a heatmap, a chemiscope dataset and an offline HTML viewer;
+:py:func:`~metatrain_symmetry.export_audited` exports a checkpoint with its audit in the
+model's metadata.
 
 The modules of this package, in the order an audit uses them:
 
 - ``targets``: outputs compared with dataset targets, the targets, predictions;
-- ``run``: :py:func:`audit`, the recipe;
+- ``run``: :py:func:`~metatrain_symmetry.audit.audit`, the recipe;
 - ``summary``: identities of model and dataset, the summary and its schema;
 - ``viewer``: the chemiscope views and the offline HTML viewer;
-- ``result``: :py:class:`AuditResult`;
+- ``result``: :py:class:`~metatrain_symmetry.AuditResult`;
 - ``markdown`` and ``files``: ``audit.md`` and every file of an audit;
 - ``export``: the audited (and optionally symmetrized) export.
 """

@@ -5,7 +5,8 @@ Python API, and one group of shared options.
   outputs and targets, ``--max-lambda``, the grid, batch size, device, dtype),
   their checks and their reading, and the all-or-nothing writing of outputs;
 - ``analyze``, ``audit``, ``export``, ``dynamics``, ``retrain``, ``train``,
-  ``demo``: one sub-command each (``add_parser`` and ``run``);
+  ``demo``: one sub-command each (``NAME``, ``HELP``, ``DESCRIPTION``,
+  ``add_arguments`` and ``run``, listed in ``main.COMMANDS``);
 - ``main``: the parser, the processes of distributed runs, one-line errors.
 """
 

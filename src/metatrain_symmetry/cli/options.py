@@ -63,15 +63,21 @@ def add_features(
     )
 
 
-def add_targets(parser: argparse.ArgumentParser) -> None:
+AUDIT_TARGETS_DEFAULT = (
+    "energy=energy and <force output>=forces, where the dataset has them"
+)
+
+
+def add_targets(
+    parser: argparse.ArgumentParser, default: str = AUDIT_TARGETS_DEFAULT
+) -> None:
     """``--targets OUTPUT=KEY ...``: the dataset key compared with each output."""
     parser.add_argument(
         "--targets",
         nargs="+",
         default=None,
         metavar="OUTPUT=KEY",
-        help="dataset key of each output's target (default: energy=energy and "
-        "<force output>=forces, where the dataset has them)",
+        help=f"dataset key of each output's target (default: {default})",
     )
 
 

@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_outputs(
         parser, "targets of the model to retrain (default: all of them)"
     )
-    options.add_targets(parser)
+    options.add_targets(
+        parser,
+        "energy, forces and stress under those keys, other targets under "
+        "their own name",
+    )
     parser.add_argument(
         "--ridge", type=float, default=0.0, help="ridge coefficient (default: 0)"
     )

@@ -22,9 +22,9 @@ unchanged.
 
 The modules of this package: ``accumulators`` (moments of the rotated copies),
 ``assembly`` (TensorMaps from the finished moments), ``analysis`` (the pass and
-:py:func:`analyze`), ``result`` (:py:class:`AnalysisResult`), ``files`` and
-``plots`` (what an analysis writes).
-"""
+:py:func:`~metatrain_symmetry.analyze`), ``result``
+(:py:class:`~metatrain_symmetry.AnalysisResult`), ``files`` and ``plots`` (what an
+analysis writes)."""
 
 from .analysis import (
     DEFAULT_MAX_LAMBDA,

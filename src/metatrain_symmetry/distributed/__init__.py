@@ -17,12 +17,13 @@ Failures are agreed on: after each phase every rank reports its status to every
 other (:py:func:`agree`), and when one failed all of them raise, so that no rank
 waits forever for a peer that is gone.
 
-Every workflow runs through :py:func:`run_resumable`, with the work directory
-:py:func:`work_directory` names next to its output.
+Workflows that spread over processes run through :py:func:`run_resumable`, with
+the work directory :py:func:`work_directory` names next to their output.
 
 The modules of this package: ``processes`` (the process group and collectives)
 and ``runner`` (shards, their storage and :py:func:`run_resumable`, the one
-runner every workflow uses).
+runner of the workflows that spread over processes: ``analyze``, ``audit``
+and every command to come).
 """
 
 from .processes import (

@@ -18,6 +18,7 @@ TIMEOUT_VARIABLE = "MTT_SYMMETRY_DISTRIBUTED_TIMEOUT"
 (default 1800)"""
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+"""how long a rank waits for its peers at each collective by default"""
 
 
 class RankFailure(RuntimeError):

@@ -26,9 +26,12 @@ FAIL_RANK_VARIABLE = "MTT_SYMMETRY_TEST_FAIL_RANK"
 # shard cost targets in atom-copies: at most about a minute of CPU work, and at
 # least this many shards per dataset so that small datasets still spread evenly
 MAX_SHARD_COST = 1 << 20
+"""largest cost of a shard, in atom-copies"""
 MIN_SHARDS = 64
+"""shards a dataset is cut into at least (fewer when it has fewer items)"""
 
 MANIFEST = "manifest.json"
+"""file of a work directory identifying its run"""
 
 
 class ResumeMismatchError(ValueError):

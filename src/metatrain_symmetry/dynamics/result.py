@@ -12,7 +12,11 @@ from ..grid import O3Grid
 
 
 EPOCH_SOURCES = ("checkpoint", "file name", "order")
+"""where the epochs of a dynamics come from: stored in the checkpoints, the numbers
+ending their file names, or the order given"""
 WEIGHTS = ("epoch", "best")
+"""weights a checkpoint is analysed with: those saved at its epoch, or the best so
+far (as ``mtt export`` uses)"""
 
 
 @dataclass

@@ -28,13 +28,15 @@ The modules of this package, in the order a retraining uses them:
 - ``targets``: the terms of the objective (targets, their forces, labels, weights);
 - ``data``: structures, labels and per-structure scales;
 - ``designs`` and ``forces``: streaming passes giving each term's design;
+- ``passes``: the one streaming pass shared by training and validation;
 - ``solve``: normal equations and their minimum-norm solutions;
 - ``evaluation``: validation errors of every ``gamma`` at once;
-- ``result``: :py:class:`RetrainResult` and the checkpoints it writes;
+- ``result``: :py:class:`~metatrain_symmetry.RetrainResult` and the checkpoints it
+  writes;
 - ``files``: the trade-off tables and plot;
-- ``last_layer``: :py:func:`retrain_last_layer`, the recipe;
-- ``objective``: :py:func:`retraining_objective`, an independent implementation.
-"""
+- ``last_layer``: :py:func:`~metatrain_symmetry.retrain_last_layer`, the recipe;
+- ``objective``: :py:func:`~metatrain_symmetry.retraining_objective`, an independent
+  implementation."""
 
 from .files import plot_pareto, write_pareto_tables
 from .last_layer import DEFAULT_GAMMAS, DEFAULT_N_ROTATIONS, retrain_last_layer

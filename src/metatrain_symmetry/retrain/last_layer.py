@@ -24,6 +24,7 @@ from .targets import ForceTerm, Target, all_terms, loss_weights, setup_targets
 
 
 DEFAULT_N_ROTATIONS = 16
+"""random rotated copies of each structure (with their inversions) by default"""
 
 DEFAULT_GAMMAS = (0.0, 0.1, 1.0, 10.0, 100.0)
 """penalty weights of a retraining sweep by default"""
