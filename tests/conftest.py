@@ -1,14 +1,17 @@
+"""Fixtures shared by the tests of several folders: structures, a tiny PET and its
+audit, and small PETs trained by ``mtt train``.
+
+Helpers that are not fixtures live in :py:mod:`tests.helpers`.
+"""
+
+import subprocess
 import sys
-from pathlib import Path
 
 import ase
 import numpy as np
 import pytest
 
 from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
-
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture
@@ -73,3 +76,55 @@ def audit_directory(audit_inputs, tmp_path_factory):
     )
     assert process.returncode == 0, process.stderr
     return output
+
+
+@pytest.fixture(scope="session")
+def training(tmp_path_factory):
+    """Three epochs of a tiny PET trained by ``mtt train`` with a checkpoint after
+    every epoch (``model_<epoch>.ckpt``), and two structures in ``data.xyz``."""
+    import ase.io
+
+    from metatrain_symmetry.demo import make_dataset
+    from metatrain_symmetry.testing import pet_options, write_dataset
+
+    directory = tmp_path_factory.mktemp("training")
+    frames = make_dataset(8)
+    write_dataset(directory, frames, 6)
+    ase.io.write(directory / "data.xyz", frames[6:])
+    options = pet_options(
+        3, width=8, batch_size=3, log_interval=1, checkpoint_interval=1
+    )
+    (directory / "options.yaml").write_text(options)
+    process = subprocess.run(
+        [sys.executable, "-m", "metatrain", "train", "options.yaml", "-o", "model.pt"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    (run,) = (directory / "outputs").glob("*/*")
+    for epoch in range(3):
+        assert (run / f"model_{epoch}.ckpt").is_file()
+    assert not (run / "model_3.ckpt").exists()
+    for path in run.glob("model_*.ckpt"):
+        path.rename(directory / path.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small PET trained for one epoch with ``mtt train`` on EMT copper:
+    ``(directory, training structures, validation structures)``, the directory
+    holding ``model.ckpt``, ``train.xyz`` and ``validation.xyz``."""
+    from metatrain_symmetry.demo import make_dataset
+    from metatrain_symmetry.testing import pet_options, run_module, write_dataset
+
+    directory = tmp_path_factory.mktemp("retrain")
+    frames = make_dataset(20)
+    write_dataset(directory, frames, 14)
+    (directory / "options.yaml").write_text(pet_options(1))
+    process = run_module(
+        "metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    return directory, frames[:14], frames[14:]

@@ -1,7 +1,9 @@
-"""Small hand-written metatomic models whose rotational behaviour is known exactly.
+"""Helpers shared by the tests: small hand-written metatomic models whose
+rotational behaviour is known exactly (:py:class:`AnalyticModel`,
+:py:class:`PairPotential`), and :py:func:`epoch_weights`.
 
-All outputs are functions of the unit vectors ``x_k`` from atom 0 to atoms 1, 2 and
-3 of each structure:
+All outputs of :py:class:`AnalyticModel` are functions of the unit vectors ``x_k``
+from atom 0 to atoms 1, 2 and 3 of each structure:
 
 * ``mtt::x_z``: ``x_1 . e_z``, a pure (1, +1) function of the rotation
 * ``mtt::x_z_squared``: ``(x_1 . e_z)^2``, 5/9 in (0, +1) and 4/9 in (2, +1)
@@ -279,3 +281,15 @@ def pair_capabilities() -> ModelCapabilities:
         supported_devices=["cpu"],
         dtype="float64",
     )
+
+
+def epoch_weights(path):
+    """The model of a metatrain checkpoint with the weights of its own epoch (not
+    the best weights so far, which :py:func:`metatrain_symmetry.load_model`
+    takes)."""
+    from metatrain.utils.io import model_from_checkpoint
+
+    import metatrain_symmetry as msym
+
+    checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+    return msym.load_model(model_from_checkpoint(checkpoint, context="restart"))

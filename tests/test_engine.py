@@ -6,13 +6,13 @@ import ase.build
 import numpy as np
 import pytest
 import torch
-from analytic_models import PairPotential, pair_capabilities
 from metatomic.torch import ModelOutput, System, systems_to_torch
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.engine import RotatedEvaluator
 from metatrain_symmetry.systems import attach_neighbor_lists, prepare_systems
 from metatrain_symmetry.testing import tiny_pet
+from tests.helpers import PairPotential, pair_capabilities
 
 
 def copper_cell():
@@ -110,7 +110,7 @@ def test_derived_output_errors(molecules):
 
 
 def test_forces_need_an_energy():
-    from analytic_models import AnalyticModel, capabilities
+    from tests.helpers import AnalyticModel, capabilities
 
     model = msym.load_model(AnalyticModel(), capabilities=capabilities())
     atoms = ase.Atoms("CH3", positions=np.random.default_rng(0).normal(size=(4, 3)))

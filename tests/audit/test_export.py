@@ -14,10 +14,9 @@ from metatomic.torch import ModelOutput, load_atomistic_model
 from metatomic_ase import MetatomicCalculator
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.audit import audit_schema
+from metatrain_symmetry.audit import AUDIT_METADATA_KEY, audit_schema
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH, RotatedEvaluator
-from metatrain_symmetry.audit import AUDIT_METADATA_KEY
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
 
 

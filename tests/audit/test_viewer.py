@@ -4,14 +4,19 @@ real (headless) browser."""
 import gzip
 import json
 
+import ase.io
 import chemiscope
 import metatensor.torch as mts
 import numpy as np
 import pytest
-from browser import open_page, pixel_spread
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.audit import chemiscope_library, write_html_viewer
+from metatrain_symmetry.audit import (
+    audit_markdown,
+    chemiscope_library,
+    write_html_viewer,
+)
+from tests.audit.browser import open_page, pixel_spread
 
 
 def load_dataset(directory):
@@ -124,3 +129,30 @@ def test_viewer_renders_in_chromium(audit_directory):
     # both panels hold drawings, not blank areas
     assert pixel_spread(report.screenshot, dom["map"]["box"]) > 5
     assert pixel_spread(report.screenshot, dom["structure"]["box"]) > 5
+
+
+def test_reports_name_the_model_and_dataset_files(audit_directory, audit_inputs):
+    with gzip.open(audit_directory / "audit.chemiscope.json.gz") as file:
+        dataset = json.load(file)
+    title = "Symmetry audit of model.ckpt on data.xyz"
+    assert dataset["meta"]["name"] == title
+    assert f"<title>{title}</title>" in (audit_directory / "audit.html").read_text()
+    # a model loaded from a file before the audit keeps its file name
+    model = msym.load_model(audit_inputs / "model.ckpt")
+    frames = ase.io.read(audit_inputs / "data.xyz", ":")
+    result = msym.audit(model, frames, max_lambda=1)
+    assert result.summary["model"]["path"] == str(audit_inputs / "model.ckpt")
+    assert "model.ckpt" in audit_markdown(result.summary)
+
+
+def test_audit_shows_itself_as_a_chemiscope_widget(audit_inputs):
+    import chemiscope
+
+    result = msym.audit(
+        audit_inputs / "model.ckpt", audit_inputs / "data.xyz", max_lambda=1
+    )
+    widget = result.show()
+    assert isinstance(widget, chemiscope.widget.ChemiscopeWidgetBase)
+    assert len(result.frames) == 3
+    map_widget = result.show(mode="map")
+    assert type(map_widget) is not type(widget)

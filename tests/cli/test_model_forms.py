@@ -46,9 +46,9 @@ OPTIONS = pet_options(
 SAVE_PAIR_POTENTIAL = textwrap.dedent(
     """\
     import sys
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {root!r})
     from metatomic.torch import AtomisticModel, ModelMetadata
-    from analytic_models import PairPotential, pair_capabilities
+    from tests.helpers import PairPotential, pair_capabilities
     model = AtomisticModel(PairPotential().eval(), ModelMetadata(), pair_capabilities())
     model.save("pair.pt")
     """
@@ -115,7 +115,8 @@ def forms(tmp_path_factory):
     (first,) = root.glob("outputs/*/*/model_0.ckpt")
     (root / "epoch-0.ckpt").write_bytes(first.read_bytes())
 
-    tests = str(Path(__file__).parent)
+    # the repository, where the package ``tests`` is
+    root = str(Path(__file__).resolve().parents[2])
     with ThreadPoolExecutor(2) as pool:
         jobs = [
             pool.submit(
@@ -126,7 +127,7 @@ def forms(tmp_path_factory):
             ),
             pool.submit(
                 subprocess.run,
-                [sys.executable, "-c", SAVE_PAIR_POTENTIAL.format(tests=tests)],
+                [sys.executable, "-c", SAVE_PAIR_POTENTIAL.format(root=root)],
                 cwd=root,
                 capture_output=True,
                 text=True,

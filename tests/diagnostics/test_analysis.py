@@ -5,9 +5,9 @@ import metatensor.torch as mts
 import numpy as np
 import pytest
 import torch
-from analytic_models import OFFSET, AnalyticModel, capabilities
 
 import metatrain_symmetry as msym
+from tests.helpers import OFFSET, AnalyticModel, capabilities
 
 
 ANALYTIC = ["mtt::x_z", "mtt::x_z_squared", "mtt::triple", "mtt::distance"]
@@ -429,3 +429,33 @@ def test_float32_model_warns(molecules):
             ["mtt::distance"],
             max_lambda=1,
         )
+
+
+@pytest.mark.filterwarnings("ignore:the mean square")
+def test_random_rotations_equivariance_error_is_unbiased_with_its_error(molecules):
+    """Over seeds, the per-structure equivariance RMSE of random grids scatters as
+    much as its reported standard error says, around the exact grid's value."""
+    model = msym.load_model(AnalyticModel(), capabilities=capabilities())
+    name = "mtt::x_z_squared"
+    exact = msym.analyze(model, molecules, [name], max_lambda=2, grid=msym.O3Grid(8))
+    values, errors, means, mean_errors = [], [], [], []
+    for seed in range(40):
+        result = msym.analyze(
+            model,
+            molecules,
+            [name],
+            max_lambda=2,
+            grid=msym.O3Grid.random(16, seed=seed),
+        )
+        values.append(result.equivariance_rmse(name))
+        errors.append(result.equivariance_rmse_error[name])
+        means.append(float(values[-1].mean()))
+        mean_errors.append(result.mean_equivariance_rmse_error[name])
+    values, errors = torch.stack(values), torch.stack(errors)
+    spread = values.std(dim=0)
+    reported = errors.mean(dim=0)
+    assert bool(torch.all((reported / spread - 1).abs() < 0.35))
+    assert abs(np.mean(mean_errors) / np.std(means) - 1) < 0.35
+    # sqrt of an unbiased estimate: within a few standard errors of the mean
+    truth = exact.equivariance_rmse(name)
+    assert bool(torch.all((values.mean(dim=0) - truth).abs() < 4 * spread / 40**0.5))

@@ -14,18 +14,15 @@ from pathlib import Path
 import ase.build
 import ase.io
 import metatensor.torch as mts
-import numpy as np
 import pytest
 import torch
 
+from metatrain_symmetry.diagnostics import file_stem
 from metatrain_symmetry.distributed import (
     FAIL_RANK_VARIABLE,
     KILL_AFTER_SHARDS_VARIABLE,
     MANIFEST,
-    cut_into_shards,
-    shard_by_cost,
 )
-from metatrain_symmetry.diagnostics import file_stem
 from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
 
 
@@ -136,41 +133,6 @@ def _assert_same_audit(directory: Path, reference: Path) -> None:
         json.loads((directory / "audit.json").read_text()),
         json.loads((reference / "audit.json").read_text()),
     )
-
-
-# ------------------------------------------------------------------- sharding
-def test_shards_balance_cost_not_count():
-    rng = np.random.default_rng(0)
-    # a few large structures among many small ones
-    costs = [int(c) for c in rng.integers(1, 20, size=200)] + [500, 400, 300]
-    for world_size in (1, 2, 3, 7):
-        assigned = shard_by_cost(costs, world_size)
-        assert sorted(i for rank in assigned for i in rank) == list(range(len(costs)))
-        totals = [sum(costs[i] for i in rank) for rank in assigned]
-        # the greedy bound: no rank exceeds the mean by more than the largest item
-        assert max(totals) <= sum(costs) / world_size + max(costs)
-        assert shard_by_cost(costs, world_size) == assigned
-    totals = [sum(costs[i] for i in rank) for rank in shard_by_cost(costs, 2)]
-    assert abs(totals[0] - totals[1]) <= max(c for c in costs if c < 300)
-
-    # equal counts would be unbalanced here: cost, not count, is balanced
-    assert shard_by_cost([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [
-        [0],
-        list(range(1, 11)),
-    ]
-
-
-def test_shards_are_consecutive_and_independent_of_processes():
-    costs = [3, 50, 2, 2, 7, 1, 100, 4] * 30
-    shards = cut_into_shards(costs)
-    assert [i for shard in shards for i in shard] == list(range(len(costs)))
-    target = math.ceil(sum(costs) / 64)
-    # every shard but the last reaches the target, and none overshoots it by more
-    # than its last structure
-    for shard in shards[:-1]:
-        cost = sum(costs[i] for i in shard)
-        assert target <= cost < target + costs[shard[-1]]
-    assert cut_into_shards([1 << 30, 1, 1]) == [[0], [1, 2]]
 
 
 # ---------------------------------------------------------------------- inputs

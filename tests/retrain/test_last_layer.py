@@ -1,36 +1,23 @@
 """Closed-form last-layer retraining: optimality, agreement with gradient training
-and ``mtt train``, the accuracy/equivariance trade-off, round trips and bad input."""
+and ``mtt train``, the accuracy/equivariance trade-off, round trips and bad input
+(on the PET of the ``trained`` fixture of ``tests/conftest.py``)."""
 
 import csv
 
-import ase.io
 import pytest
 import torch
-from metatomic.torch import ModelOutput, System
+from metatomic.torch import ModelOutput
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.demo import make_dataset
 from metatrain_symmetry.pet import PETReadout
 from metatrain_symmetry.systems import prepare_systems
-from metatrain_symmetry.testing import pet_options, write_dataset
+from metatrain_symmetry.testing import pet_options
 from metatrain_symmetry.testing import run_module as run
 
 
 GAMMAS = [0.0, 0.1, 1.0, 10.0]
 RIDGE = 1e-6
 TARGETS = ["energy", "non_conservative_force"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small PET trained for one epoch with ``mtt train`` on EMT copper."""
-    directory = tmp_path_factory.mktemp("retrain")
-    frames = make_dataset(20)
-    write_dataset(directory, frames, 14)
-    (directory / "options.yaml").write_text(pet_options(1))
-    process = run("metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory)
-    assert process.returncode == 0, process.stderr[-2000:]
-    return directory, frames[:14], frames[14:]
 
 
 @pytest.fixture(scope="module")
@@ -305,179 +292,3 @@ def test_fixed_composition_without_ridge(trained, tmp_path):
     assert value <= initial_value
     assert abs(value - float(result.objective[0])) < 1e-8 * initial_value
     assert gradient.norm() < 1e-6 * initial_gradient.norm()
-
-
-def test_cli_end_to_end(trained, tmp_path):
-    directory, _, _ = trained
-    output = tmp_path / "retrained"
-    process = run(
-        "metatrain_symmetry.cli",
-        "retrain",
-        directory / "model.ckpt",
-        directory / "train.xyz",
-        "--validation",
-        directory / "validation.xyz",
-        "--gamma",
-        "0.1",
-        "10",
-        "--rotations",
-        "4",
-        "--ridge",
-        "1e-6",
-        "-o",
-        output,
-    )
-    assert process.returncode == 0, process.stderr[-2000:]
-    names = sorted(path.name for path in output.iterdir())
-    assert names == [
-        "gamma-0.1.ckpt",
-        "gamma-10.ckpt",
-        "pareto.csv",
-        "pareto.md",
-        "pareto.png",
-    ]
-    failing = tmp_path / "failing"
-    process = run(
-        "metatrain_symmetry.cli",
-        "retrain",
-        directory / "model.ckpt",
-        directory / "train.xyz",
-        "--targets",
-        "dipole",
-        "-o",
-        failing,
-    )
-    assert process.returncode == 2
-    assert "unknown target 'dipole'" in process.stderr
-    assert "Traceback" not in process.stderr
-    assert not failing.exists()
-
-
-@pytest.fixture(scope="module")
-def trained_with_forces(tmp_path_factory):
-    """A small PET whose energy is trained with conservative forces (position
-    gradients, loss weight 0.5), one epoch of ``mtt train``, retrained in closed
-    form."""
-    directory = tmp_path_factory.mktemp("forces")
-    frames = make_dataset(6)
-    train, validation = frames[:4], frames[4:]
-    ase.io.write(directory / "train.xyz", train)
-    ase.io.write(directory / "validation.xyz", validation)
-    options = (
-        pet_options(1)
-        .replace("forces: false", "forces: true")
-        .replace("batch_size: 8", "batch_size: 2")
-        .replace("d_head: 16", "d_head: 8")
-        .replace(
-            "    checkpoint_interval: 1\n",
-            "    checkpoint_interval: 1\n"
-            "    loss:\n"
-            "      energy: {gradients: {positions: {weight: 0.5}}}\n",
-        )
-    )
-    (directory / "options.yaml").write_text(options)
-    process = run("metatrain", "train", "options.yaml", "-o", "model.pt", cwd=directory)
-    assert process.returncode == 0, process.stderr[-2000:]
-    grid = msym.O3Grid.random(2, seed=2)
-    result = msym.retrain_last_layer(
-        directory / "model.ckpt",
-        train,
-        validation,
-        gammas=[0.0, 1.0],
-        targets=["energy"],
-        grid=grid,
-        ridge=RIDGE,
-        output=directory / "retrained",
-    )
-    return directory, train, validation, result, grid
-
-
-def test_conservative_forces(trained_with_forces):
-    directory, train, validation, result, grid = trained_with_forces
-    assert result.terms == ["energy", "energy/forces"]
-    # the saved checkpoint's autograd forces are the solver's forces
-    model = msym.load_model(directory / "retrained" / "gamma-1.ckpt")
-    solver = result.validation_predictions["energy/forces"]
-    for frame, predicted in zip(validation, solver, strict=True):
-        (system,) = prepare_systems([frame], model)
-        positions = system.positions.detach().requires_grad_(True)
-        (system,) = prepare_systems(
-            [
-                System(
-                    types=system.types,
-                    positions=positions,
-                    cell=system.cell,
-                    pbc=system.pbc,
-                )
-            ],
-            model,
-        )
-        outputs = model([system], {"energy": ModelOutput(sample_kind="system")})
-        energy = outputs["energy"]
-        (gradient,) = torch.autograd.grad(energy.block().values.sum(), positions)
-        torch.testing.assert_close(
-            -gradient, predicted[1].reshape(-1, 3), rtol=1e-9, atol=1e-9
-        )
-
-    # stationarity of the objective with the force term (weight 0.5 from the
-    # checkpoint's loss options), evaluated by forward passes and autograd
-    def objective(checkpoint):
-        model = msym.load_model(checkpoint)
-        for parameter in model.module.parameters():
-            parameter.requires_grad_(False)
-        parameters = PETReadout(model.module, "energy").parameters()
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        value = msym.retraining_objective(
-            model,
-            train,
-            1.0,
-            grid,
-            targets=["energy"],
-            ridge=RIDGE,
-            weights={"energy/forces": 0.5},
-        )
-        gradient = torch.autograd.grad(value, parameters)
-        return float(value.detach()), torch.cat(
-            [g.reshape(-1) for g in gradient]
-        ).norm()
-
-    value, gradient = objective(directory / "retrained" / "gamma-1.ckpt")
-    _, initial_gradient = objective(directory / "model.ckpt")
-    assert value == pytest.approx(float(result.objective[1]), rel=1e-6)
-    assert gradient < 1e-6 * initial_gradient
-    # ignoring the gradients retrains the energy alone
-    energy_only = msym.retrain_last_layer(
-        directory / "model.ckpt",
-        train,
-        gammas=[1.0],
-        targets=["energy"],
-        grid=grid,
-        ridge=RIDGE,
-        ignore_gradients=True,
-    )
-    assert energy_only.terms == ["energy"]
-
-
-def test_conservative_stress_is_refused():
-    from metatrain.pet import PET
-    from metatrain.utils.architectures import get_default_hypers
-    from metatrain.utils.data import DatasetInfo
-    from metatrain.utils.data.target_info import get_energy_target_info
-
-    from metatrain_symmetry.retrain.targets import check_gradients
-
-    energy = get_energy_target_info(
-        "energy",
-        {"quantity": "energy", "unit": "eV"},
-        add_position_gradients=True,
-        add_strain_gradients=True,
-    )
-    info = DatasetInfo(
-        length_unit="Angstrom", atomic_types=[29], targets={"energy": energy}
-    )
-    pet = PET(get_default_hypers("pet")["model"], info)
-    model = msym.load_model(pet)
-    with pytest.raises(ValueError, match=r"\['strain'\] \(conservative stress\)"):
-        check_gradients(model, ["energy"], ignore_gradients=False)
-    assert check_gradients(model, ["energy"], ignore_gradients=True) == []

@@ -1,0 +1,151 @@
+"""``audit.md``: the summary of an audit as Markdown, from hand-made summaries."""
+
+import copy
+
+from metatrain_symmetry.audit import SCHEMA_VERSION, audit_markdown
+
+
+def exact_summary() -> dict:
+    """A summary of an audit on an exact grid, with one output compared with a
+    target and one without."""
+    equivariance = {"mean": 0.001, "median": 0.002, "max": 0.003}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"path": "/models/pet.ckpt", "sha256": "0123456789abcdef" * 4},
+        "dataset": {"path": "water.xyz", "n_structures": 2, "n_atoms": 6},
+        "grid": {
+            "kind": "lebedev",
+            "degree": 4,
+            "n_elements": 96,
+            "inversion": True,
+            "estimated": False,
+        },
+        "max_lambda": 1,
+        "irreps": [[0, 1], [0, -1], [1, 1], [1, -1]],
+        "outputs": {
+            "energy": {
+                "unit": "eV",
+                "target": {
+                    "key": "free_energy",
+                    "mae": 0.5,
+                    "rmse": 0.25,
+                    "symmetrized_mae": 0.125,
+                    "symmetrized_rmse": 0.0625,
+                },
+                "equivariance_rmse": {
+                    **equivariance,
+                    "mean_standard_error": None,
+                    "fraction_of_mae": 0.002,
+                    "fraction_of_rmse": 0.004,
+                },
+                "leakage": {
+                    "irreps": [[0, 1]],
+                    "mean": 0.01,
+                    "median": 0.01,
+                    "max": 0.02,
+                    "mean_standard_error": None,
+                },
+                "mean_spectrum": [0.99, 0.0, 0.01, 0.0],
+                "mean_spectrum_standard_error": None,
+            },
+            "mtt::distance": {
+                "unit": "",
+                "target": None,
+                "equivariance_rmse": {
+                    "mean": None,
+                    "median": None,
+                    "max": None,
+                    "mean_standard_error": None,
+                },
+                "leakage": None,
+                "mean_spectrum": [1.0, 0.0, 0.0, 0.0],
+                "mean_spectrum_standard_error": None,
+            },
+        },
+        "features": {
+            "mtt::feature::gnn_layers.0_node": {
+                "equivariance_rmse": {**equivariance, "mean_standard_error": None},
+                "mean_spectrum": [0.5, 0.25, 0.125, 0.125],
+                "mean_spectrum_standard_error": None,
+            }
+        },
+    }
+
+
+def test_exact_grid_report():
+    """Every output has its row, numbers to four significant digits, ``n/a`` for
+    what is missing, and no ``±``: nothing is an estimate."""
+    lines = audit_markdown(exact_summary()).splitlines()
+    assert lines[0] == "# Symmetry audit"
+    assert "- model: `/models/pet.ckpt` (sha256 `0123456789abcdef...`)" in lines
+    assert "- dataset: 2 structures, 6 atoms from `water.xyz`" in lines
+    assert (
+        "- O(3) grid: lebedev, degree 4, 96 elements; spectra up to lambda = 1"
+    ) in lines
+    assert f"- schema version {SCHEMA_VERSION}" in lines
+    assert (
+        "| `energy` [eV] | `free_energy` | 0.5 (0.125) | 0.25 (0.0625) | 0.001 "
+        "| 0.002 | 0.003 | 0.002 | 0.004 | 0.01 | 0.02 |"
+    ) in lines
+    assert (
+        "| `mtt::distance` [-] | none | n/a | n/a | n/a | n/a | n/a | n/a | n/a "
+        "| n/a | n/a |"
+    ) in lines
+    assert "| name | (0,+) | (0,-) | (1,+) | (1,-) |" in lines
+    assert "| `energy` | 0.99 | 0 | 0.01 | 0 |" in lines
+    assert "| `mtt::distance` | 1 | 0 | 0 | 0 |" in lines
+    assert "| `mtt::feature::gnn_layers.0_node` | 0.5 | 0.25 | 0.125 | 0.125 |" in lines
+    # one row per output in the table of outputs, in the summary's order
+    rows = [line for line in lines if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [
+        "energy",
+        "mtt::distance",
+        "energy",
+        "mtt::distance",
+        "mtt::feature::gnn_layers.0_node",
+    ]
+    assert "±" not in "\n".join(lines)
+    assert "Monte-Carlo" not in "\n".join(lines)
+
+
+def test_in_memory_model_and_dataset():
+    summary = exact_summary()
+    summary["model"] = {"path": None, "sha256": None, "name": ""}
+    summary["dataset"]["path"] = None
+    lines = audit_markdown(summary).splitlines()
+    assert "- model: `in-memory model`" in lines
+    assert "- dataset: 2 structures, 6 atoms" in lines
+    summary["model"]["name"] = "my PET"
+    assert "- model: `my PET`" in audit_markdown(summary).splitlines()
+
+
+def test_random_grid_report():
+    """On a random grid the estimates (equivariance RMSE means, leakage means,
+    spectra) carry ``± standard error``; medians, maxima and errors against
+    targets do not."""
+    summary = copy.deepcopy(exact_summary())
+    summary["grid"] = {
+        "kind": "random",
+        "degree": None,
+        "n_elements": 16,
+        "inversion": True,
+        "estimated": True,
+    }
+    energy = summary["outputs"]["energy"]
+    energy["equivariance_rmse"]["mean_standard_error"] = 0.0001
+    energy["leakage"]["mean_standard_error"] = 0.005
+    energy["mean_spectrum_standard_error"] = [0.01, 0.0, 0.01, 0.0]
+    lines = audit_markdown(summary).splitlines()
+    assert "- O(3) grid: 16 Haar-random elements (an estimate); spectra up to " in (
+        "\n".join(lines)
+    )
+    assert any("Monte-Carlo estimates from 8 random rotations" in x for x in lines)
+    assert (
+        "| `energy` [eV] | `free_energy` | 0.5 (0.125) | 0.25 (0.0625) "
+        "| 0.001 ± 0.0001 | 0.002 | 0.003 | 0.002 | 0.004 | 0.01 ± 0.005 | 0.02 |"
+    ) in lines
+    assert "| `energy` | 0.99 ± 0.01 | 0 ± 0 | 0.01 ± 0.01 | 0 ± 0 |" in lines
+    # outputs without standard errors are shown as before
+    assert "| `mtt::distance` | 1 | 0 | 0 | 0 |" in lines
+    table = [line for line in lines if line.startswith("| `")]
+    assert sum(line.count("±") for line in table) == 2 + 4
