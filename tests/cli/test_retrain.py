@@ -92,3 +92,21 @@ def test_old_spelling_of_the_targets_to_retrain(audit_inputs, tmp_path, capsys):
     assert status == 2
     assert "missing_key" in capsys.readouterr().err
     assert not (tmp_path / "keys").exists()
+
+
+def test_old_spelling_of_the_targets_with_outputs_is_refused(
+    audit_inputs, tmp_path, capsys
+):
+    """``--targets NAME`` (the old ``--outputs``) together with ``--outputs`` is
+    ambiguous: one error line, nothing written."""
+    from metatrain_symmetry.testing import check_clean_failure
+
+    arguments = [str(audit_inputs / "model.ckpt"), str(audit_inputs / "data.xyz")]
+    arguments += ["--outputs", "energy", "--targets", "energy"]
+    check_clean_failure(
+        main,
+        ["retrain", *arguments, "-o", str(tmp_path / "out")],
+        tmp_path,
+        capsys,
+        "cannot be combined with --outputs",
+    )

@@ -219,13 +219,17 @@ def _equivariance_statistics(analysis: AnalysisResult, name: str) -> dict:
 
 
 def _derived_unit(name: str, model: LoadedModel) -> str:
+    """The unit of an output derived from the energy (``forces`` or ``stress``);
+    empty for any other undeclared name or an energy without unit."""
     energy = model.outputs.get("energy")
     if energy is None or energy.unit == "":
         return ""
     length = model.length_unit
     if name == "forces":
         return f"{energy.unit}/{length}"
-    return f"{energy.unit}/{length}^3"
+    if name == "stress":
+        return f"{energy.unit}/{length}^3"
+    return ""
 
 
 def _mean_spectrum(analysis: AnalysisResult, name: str) -> dict:

@@ -102,6 +102,11 @@ def _outputs_and_keys(args: argparse.Namespace):
     """The targets to retrain and their dataset keys; ``--targets NAME ...``
     without keys is the old spelling of ``--outputs``."""
     if args.targets is not None and not any("=" in item for item in args.targets):
+        if args.outputs is not None:
+            raise ValueError(
+                "--targets NAME (the old spelling of --outputs) cannot be combined "
+                "with --outputs: name the targets to retrain with --outputs only"
+            )
         warnings.warn(
             "--targets NAME is deprecated for the targets to retrain; use --outputs "
             "NAME (--targets OUTPUT=KEY names dataset keys, as in every command)",
