@@ -42,6 +42,18 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelCapabilities, ModelOutput, NeighborListOptions, System
 
 
+EXACT_AUDIT_FILES = [
+    "audit.chemiscope.json.gz",
+    "audit.html",
+    "audit.json",
+    "audit.md",
+    "spectra.mts",
+    "spectra.png",
+    "tensors",
+]
+"""what an audit on an exact grid writes, in sorted order"""
+
+
 OUTPUTS = {
     "mtt::x_z": ModelOutput(sample_kind="system"),
     "mtt::x_z_squared": ModelOutput(sample_kind="system"),

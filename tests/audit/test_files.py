@@ -16,6 +16,7 @@ from metatrain_symmetry.audit import (
     spectra_tensormap,
     write_audit_report,
 )
+from tests.helpers import EXACT_AUDIT_FILES
 
 
 def test_random_grid_audit_reports_estimates(pet_audit, tmp_path):
@@ -105,15 +106,7 @@ def test_exact_grid_report_files(pet_audit, tmp_path):
     ``audit.md`` is the Markdown of ``audit.json``."""
     _, _, result = pet_audit
     write_audit_report(result, tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "audit.chemiscope.json.gz",
-        "audit.html",
-        "audit.json",
-        "audit.md",
-        "spectra.mts",
-        "spectra.png",
-        "tensors",
-    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == EXACT_AUDIT_FILES
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written["files"] == {
         "spectra": "spectra.mts",

@@ -18,19 +18,12 @@ from metatrain_symmetry.audit import (
 )
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
+from tests.helpers import EXACT_AUDIT_FILES
 
 
 def test_audit_command_writes_every_file(audit_directory, audit_inputs):
     names = sorted(path.name for path in audit_directory.iterdir())
-    assert names == [
-        "audit.chemiscope.json.gz",
-        "audit.html",
-        "audit.json",
-        "audit.md",
-        "spectra.mts",
-        "spectra.png",
-        "tensors",
-    ]
+    assert names == EXACT_AUDIT_FILES
     summary = json.loads((audit_directory / "audit.json").read_text())
     jsonschema.validate(summary, audit_schema())
     assert summary["schema_version"] == SCHEMA_VERSION
