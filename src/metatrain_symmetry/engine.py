@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 
-# default number of atoms evaluated in one model call, over all rotated copies
 DEFAULT_ATOMS_PER_BATCH = 4096
 """atoms (over all evaluations) of one model call when no batch size is given"""
 

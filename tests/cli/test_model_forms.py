@@ -115,8 +115,8 @@ def forms(tmp_path_factory):
     (first,) = root.glob("outputs/*/*/model_0.ckpt")
     (root / "epoch-0.ckpt").write_bytes(first.read_bytes())
 
-    # the repository, where the package ``tests`` is
-    root = str(Path(__file__).resolve().parents[2])
+    # the repository, from which the hand-written model imports ``tests.helpers``
+    repository = str(Path(__file__).resolve().parents[2])
     with ThreadPoolExecutor(2) as pool:
         jobs = [
             pool.submit(
@@ -127,7 +127,7 @@ def forms(tmp_path_factory):
             ),
             pool.submit(
                 subprocess.run,
-                [sys.executable, "-c", SAVE_PAIR_POTENTIAL.format(root=root)],
+                [sys.executable, "-c", SAVE_PAIR_POTENTIAL.format(root=repository)],
                 cwd=root,
                 capture_output=True,
                 text=True,

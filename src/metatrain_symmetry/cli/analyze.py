@@ -46,11 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     output = options.output_directory(args)
+    settings = options.shared_settings(args)
     model = load_model(
-        args.model, dtype=options.dtype_from_args(args), device=args.device
+        args.model, dtype=settings.pop("dtype"), device=settings.pop("device")
     )
     frames = read_structures(args.data)
-    features = options.features_from_args(args.features)
+    features = settings.pop("features")
     names = list(args.outputs) + (model.features if features == "all" else features)
     if len(names) == 0:
         raise ValueError("nothing to analyse: give --outputs and/or --features")
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> None:
         model,
         frames,
         names,
-        max_lambda=args.max_lambda,
-        grid=options.grid_from_args(args),
-        batch_size=args.batch_size,
+        **settings,
         progress=True,
         per_atom=args.per_atom,
         distributed=args.context.is_distributed,

@@ -69,13 +69,9 @@ def run(args: argparse.Namespace) -> None:
         checkpoints,
         read_structures(data),
         outputs=args.outputs,
-        features=options.features_from_args(args.features),
-        max_lambda=args.max_lambda,
-        grid=options.grid_from_args(args),
-        batch_size=args.batch_size,
+        **options.shared_settings(args),
         progress=True,
         weights=args.weights,
-        dtype=options.dtype_from_args(args),
     )
     options.write_output(output, partial(save_dynamics, dynamics))
     print(dynamics_markdown(dynamics))

@@ -221,6 +221,27 @@ def parse_targets(pairs: list[str] | None) -> dict[str, str] | None:
     return targets
 
 
+def shared_settings(args: argparse.Namespace) -> dict:
+    """The shared options a command has, read and checked at once, as keyword
+    arguments of the Python API: ``features``, ``targets``, ``max_lambda``,
+    ``grid``, ``batch_size``, ``device`` and ``dtype``."""
+    readers = {
+        "features": lambda: features_from_args(args.features),
+        "targets": lambda: parse_targets(args.targets),
+        "max_lambda": lambda: args.max_lambda,
+        "grid": lambda: grid_from_args(args),
+        "batch_size": lambda: args.batch_size,
+        "device": lambda: args.device,
+        "dtype": lambda: dtype_from_args(args),
+    }
+    option = {"grid": "grid_degree"}
+    return {
+        name: read()
+        for name, read in readers.items()
+        if hasattr(args, option.get(name, name))
+    }
+
+
 def output_directory(args: argparse.Namespace) -> Path:
     """The ``--output`` directory, checked before any work (an existing
     non-empty directory needs ``--force``), and the device."""
