@@ -30,17 +30,40 @@ def brute_force(first, second):
     return estimate, estimate * other - fourth
 
 
+def jackknife_variance(kernel):
+    """Delete-one jackknife variance of the U-statistic of ``kernel``, from the
+    U-statistics of every subset that leaves one sample out."""
+    n = kernel.shape[0]
+    left_out = []
+    for k in range(n):
+        kept = [i for i in range(n) if i != k]
+        left_out.append(brute_force(kernel[kept][:, kept], kernel[kept][:, kept])[0])
+    left_out = torch.stack(left_out)
+    return (n - 1) / n * (left_out - left_out.mean()).square().sum()
+
+
+def floored(kernel):
+    """The variance the estimators report: the unbiased one, floored at half the
+    jackknife variance."""
+    _, variance = brute_force(kernel, kernel)
+    return torch.maximum(variance, jackknife_variance(kernel) / 2)
+
+
 def test_u_statistics_match_sums_over_distinct_samples():
     generator = torch.Generator().manual_seed(0)
     kernels = symmetric(generator, 2, 6, 6)
     estimate, variance = pair_u_statistic(kernels[0].unsqueeze(-1))
-    expected, expected_variance = brute_force(kernels[0], kernels[0])
+    expected, unbiased = brute_force(kernels[0], kernels[0])
+    # this sample's unbiased variance estimate is negative: the floor applies
+    assert unbiased < 0 < variance[0]
+    expected_variance = floored(kernels[0])
     torch.testing.assert_close(estimate[0], expected)
     torch.testing.assert_close(variance[0], expected_variance)
 
     estimates, covariance = pair_u_covariance(kernels)
     torch.testing.assert_close(estimates[0], expected)
     torch.testing.assert_close(covariance[0, 0], expected_variance)
+    torch.testing.assert_close(covariance[1, 1], floored(kernels[1]))
     _, expected_covariance = brute_force(kernels[0], kernels[1])
     torch.testing.assert_close(covariance[0, 1], expected_covariance)
     torch.testing.assert_close(covariance[1, 0], expected_covariance)
@@ -66,9 +89,9 @@ def test_factored_and_paired_kernels():
         kernel = (squares[:, entry, None] + squares[None, :, entry]) / 2 - (
             mean[:, :, entry] @ mean[:, :, entry].T
         )
-        expected, expected_variance = brute_force(kernel, kernel)
+        expected, _ = brute_force(kernel, kernel)
         torch.testing.assert_close(estimate[entry], expected)
-        torch.testing.assert_close(variance[entry], expected_variance)
+        torch.testing.assert_close(variance[entry], floored(kernel))
     # the estimate never depends on the origin of the samples
     shifted, _ = paired_mean_square_deviation(first + 3.0, second + 3.0)
     torch.testing.assert_close(shifted, estimate)

@@ -58,7 +58,7 @@ def pair_u_statistic(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fourth = (
         total.square() - 4.0 * rows.square().sum(dim=0) + 2.0 * squares
     ) / _falling(n, 4)
-    return estimate, estimate.square() - fourth
+    return estimate, _floored(estimate.square() - fourth, rows, dim=0)
 
 
 def pair_u_covariance(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,10 @@ def pair_u_covariance(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     fourth = (
         torch.outer(totals, totals) - 4.0 * rows @ rows.T + 2.0 * cross
     ) / _falling(n, 4)
-    return estimates, torch.outer(estimates, estimates) - fourth
+    covariance = torch.outer(estimates, estimates) - fourth
+    diagonal = torch.diagonal(covariance)
+    diagonal.copy_(_floored(diagonal.clone(), rows, dim=1))
+    return estimates, covariance
 
 
 def factored_u_statistic(
@@ -106,7 +109,7 @@ def factored_u_statistic(
     fourth = (
         total.square() - 4.0 * rows.square().sum(dim=1) + 2.0 * squares
     ) / _falling(n, 4)
-    return estimate, estimate.square() - fourth
+    return estimate, _floored(estimate.square() - fourth, rows, dim=1)
 
 
 def paired_mean_square_deviation(
@@ -143,6 +146,30 @@ def paired_mean_square_deviation(
         estimates.append(estimate)
         variances.append(variance)
     return torch.cat(estimates), torch.cat(variances)
+
+
+def _floored(variance: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """The unbiased variance of a U-statistic, floored at half its delete-one
+    jackknife variance.
+
+    The unbiased estimate is a difference of two sums: with few samples it
+    comes out near zero or negative while the estimate itself scatters, which
+    would show a standard error of 0. The jackknife variance is never negative;
+    for the kernels of the analysis it is between one and about two times the
+    true variance (twice where the true value is zero, as in the channels an
+    output does not reach), so half of it is a floor that does not inflate an
+    honest estimate.
+
+    :param rows: the sums ``sum_{j != i} K_ij`` over the ``M`` samples, along
+        ``dim``
+    """
+    n = rows.shape[dim]
+    deviations = rows - rows.mean(dim=dim, keepdim=True)
+    # leaving sample i out changes the U-statistic by -2 (rows_i - mean) / ...
+    jackknife = (
+        4.0 * (n - 1) / n * deviations.square().sum(dim=dim) / _falling(n - 1, 2) ** 2
+    )
+    return torch.maximum(variance, jackknife / 2)
 
 
 def _off_diagonal(kernel: torch.Tensor) -> torch.Tensor:
