@@ -5,6 +5,10 @@ import copy
 from metatrain_symmetry.audit import SCHEMA_VERSION, audit_markdown
 
 
+# no structure left out of the spectra
+COUNTS = {"zero_structures": 0, "unresolved_structures": 0}
+
+
 def exact_summary() -> dict:
     """A summary of an audit on an exact grid, with one output compared with a
     target and one without."""
@@ -45,6 +49,7 @@ def exact_summary() -> dict:
                     "max": 0.02,
                     "mean_standard_error": None,
                 },
+                **COUNTS,
                 "mean_spectrum": [0.99, 0.0, 0.01, 0.0],
                 "mean_spectrum_standard_error": None,
             },
@@ -58,6 +63,7 @@ def exact_summary() -> dict:
                     "mean_standard_error": None,
                 },
                 "leakage": None,
+                **COUNTS,
                 "mean_spectrum": [1.0, 0.0, 0.0, 0.0],
                 "mean_spectrum_standard_error": None,
             },
@@ -65,6 +71,7 @@ def exact_summary() -> dict:
         "features": {
             "mtt::feature::gnn_layers.0_node": {
                 "equivariance_rmse": {**equivariance, "mean_standard_error": None},
+                **COUNTS,
                 "mean_spectrum": [0.5, 0.25, 0.125, 0.125],
                 "mean_spectrum_standard_error": None,
             }
@@ -149,3 +156,40 @@ def test_random_grid_report():
     assert "| `mtt::distance` | 1 | 0 | 0 | 0 |" in lines
     table = [line for line in lines if line.startswith("| `")]
     assert sum(line.count("±") for line in table) == 2 + 4
+
+
+def test_round_off_prints_as_zero_on_exact_grids_only():
+    """An exact grid's spectral weight within round-off of zero prints as 0; the
+    same number from a random grid is an estimate and keeps its digits."""
+    summary = copy.deepcopy(exact_summary())
+    summary["outputs"]["energy"]["mean_spectrum"] = [1.0, -3.775e-15, 2e-16, 0.0]
+    summary["outputs"]["energy"]["leakage"]["mean"] = -3.775e-15
+    lines = audit_markdown(summary).splitlines()
+    assert "| `energy` | 1 | 0 | 0 | 0 |" in lines
+    assert not any("e-15" in line or "e-16" in line for line in lines)
+    summary["outputs"]["energy"]["mean_spectrum_standard_error"] = [0.1] * 4
+    lines = audit_markdown(summary).splitlines()
+    assert "| `energy` | 1 ± 0.1 | -3.775e-15 ± 0.1 | 2e-16 ± 0.1 | 0 ± 0.1 |" in lines
+
+
+def test_output_zero_on_every_structure_has_no_leakage():
+    """Forces that vanish on every structure (single atoms) show n/a (zero), not a
+    leakage of 1, and the report says which structures were left out."""
+    summary = copy.deepcopy(exact_summary())
+    energy = summary["outputs"]["energy"]
+    energy["leakage"].update(mean=None, median=None, max=None)
+    energy["mean_spectrum"] = [None] * 4
+    energy["zero_structures"] = 2
+    summary["features"]["mtt::feature::gnn_layers.0_node"]["unresolved_structures"] = 1
+    lines = audit_markdown(summary).splitlines()
+    (row,) = [line for line in lines if line.startswith("| `energy` [eV]")]
+    assert row.endswith("| n/a (zero) | n/a (zero) |")
+    assert "| `energy` | n/a (zero) | n/a (zero) | n/a (zero) | n/a (zero) |" in lines
+    assert (
+        "- `energy` is zero on 2 structure(s), left out of its leakage and mean "
+        "spectrum."
+    ) in lines
+    assert (
+        "- `mtt::feature::gnn_layers.0_node` is too noisy to normalize on 1 "
+        "structure(s), left out of its leakage and mean spectrum."
+    ) in lines

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import metatrain_symmetry as msym
-from tests.helpers import OFFSET, AnalyticModel, capabilities
+from metatrain_symmetry.irreps import spectrum_column
+from tests.helpers import (
+    OFFSET,
+    AnalyticModel,
+    PairPotential,
+    capabilities,
+    pair_capabilities,
+)
 
 
 ANALYTIC = ["mtt::x_z", "mtt::x_z_squared", "mtt::triple", "mtt::distance"]
@@ -459,3 +466,51 @@ def test_random_rotations_equivariance_error_is_unbiased_with_its_error(molecule
     # sqrt of an unbiased estimate: within a few standard errors of the mean
     truth = exact.equivariance_rmse(name)
     assert bool(torch.all((values.mean(dim=0) - truth).abs() < 4 * spread / 40**0.5))
+
+
+@pytest.mark.parametrize("grid", [msym.O3Grid(4), msym.O3Grid.random(16, seed=0)])
+def test_zero_output_has_no_spectrum(grid):
+    """The conservative forces of an isolated atom vanish: they are zero, not
+    broken. Their spectrum is NaN there, the structure is marked in
+    ``zero_structures``, and the dataset mean runs over the other structures."""
+    model = msym.load_model(PairPotential(), capabilities=pair_capabilities())
+    frames = [
+        ase.Atoms("Cu", positions=[[0, 0, 0]]),
+        ase.Atoms("Cu3", positions=[[0, 0, 0], [2.5, 0, 0], [0.2, 2.4, 0.3]]),
+        ase.Atoms("Cu2", positions=[[0, 0, 0], [2.2, 0.4, 0.1]]),
+    ]
+    result = msym.analyze(model, frames, ["forces"], max_lambda=2, grid=grid)
+    assert result.zero_structures["forces"].tolist() == [True, False, False]
+    spectra = result.spectrum["forces"].block().values
+    assert bool(torch.isnan(spectra[0]).all())
+    assert not bool(torch.isnan(spectra[1:]).any())
+    mean, _ = result.mean_spectrum("forces")
+    assert torch.allclose(mean, spectra[1:].mean(dim=0))
+    vector = spectrum_column(1, 1)
+    # exactly equivariant forces: all of their weight is in (1, +1)
+    assert abs(float(mean[vector]) - 1.0) < (1e-10 if grid.degree else 0.3)
+    # a zero output is exactly equivariant: its equivariance error is 0, not NaN
+    assert float(result.equivariance_rmse("forces")[0]) == 0.0
+
+
+def test_noisy_normalization_gives_no_spectrum():
+    """With 16 random elements the mean square of a component of a unit vector is
+    known to about 60 %: its normalized spectrum is not given, with a warning that
+    says how many elements would resolve it; its equivariance error still is."""
+    model = msym.load_model(AnalyticModel(), capabilities=capabilities())
+    frames = [ase.Atoms("CHHH", positions=np.random.default_rng(1).normal(size=(4, 3)))]
+    with pytest.warns(UserWarning, match=r"use at least (\d+) random elements"):
+        result = msym.analyze(
+            model,
+            frames,
+            ["mtt::legendre_1_3", "mtt::harmonics_1_3"],
+            max_lambda=3,
+            grid=msym.O3Grid.random(16, seed=0),
+        )
+    assert bool(torch.isnan(result.spectrum["mtt::legendre_1_3"].block().values).all())
+    assert bool(torch.isnan(result.mean_spectrum("mtt::legendre_1_3")[0]).all())
+    assert bool(torch.isfinite(result.equivariance_rmse("mtt::legendre_1_3")).all())
+    # the same weights with a norm that does not depend on orientation
+    values = result.spectrum["mtt::harmonics_1_3"].block().values
+    assert bool(torch.isfinite(values).all())
+    assert not bool(result.zero_structures["mtt::legendre_1_3"].any())

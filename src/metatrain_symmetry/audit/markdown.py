@@ -15,13 +15,15 @@ def audit_markdown(summary: dict) -> str:
         "",
         "Errors of the prediction on the unrotated structures (of the O(3) average "
         "in parentheses); equivariance RMSE per structure; leakage = 1 - spectral "
-        "weight at the expected irreps.",
+        "weight at the expected irreps, over the structures where the output is "
+        "not zero (n/a (zero) when it is zero on every one).",
         "",
         "| output | target | MAE | RMSE | equivariance RMSE mean | median | max "
         "| mean / MAE | mean / RMSE | leakage mean | leakage max |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_output_row(name, entry) for name, entry in summary["outputs"].items()]
+    lines += _left_out(summary)
     irrep_names = [irrep_name(lam, sigma) for lam, sigma in summary["irreps"]]
     lines += [
         "",
@@ -44,6 +46,21 @@ def _estimate(value, error) -> str:
     if error is None:
         return _number(value)
     return f"{_number(value)} ± {_number(error)}"
+
+
+# a spectral weight (between 0 and 1) of an exact grid within this of zero is
+# round-off
+_ROUND_OFF = 1e-9
+
+
+def _weight(value, error, missing: str = "n/a") -> str:
+    """A spectral weight or leakage: ``missing`` when it has no value, 0 when an
+    exact grid gives round-off, else as :py:func:`_estimate`."""
+    if value is None:
+        return missing
+    if error is None and abs(value) < _ROUND_OFF:
+        return "0"
+    return _estimate(value, error)
 
 
 def _grid_description(grid: dict) -> str:
@@ -79,11 +96,34 @@ def _header(summary: dict) -> list[str]:
     return lines
 
 
+def _left_out(summary: dict) -> list[str]:
+    """Sentences on the structures left out of the leakages and spectra."""
+    lines = []
+    for group in ("outputs", "features"):
+        for name, entry in summary[group].items():
+            reasons = [
+                f"zero on {entry['zero_structures']}",
+                f"too noisy to normalize on {entry['unresolved_structures']}",
+            ]
+            counts = (entry["zero_structures"], entry["unresolved_structures"])
+            said = [
+                reason for reason, count in zip(reasons, counts, strict=True) if count
+            ]
+            if said:
+                lines.append(
+                    f"- `{name}` is {' and '.join(said)} structure(s), left out of "
+                    "its leakage and mean spectrum."
+                )
+    return [""] + lines if lines else []
+
+
 def _output_row(name: str, entry: dict) -> str:
     """One row of the table of outputs."""
     target = entry["target"] or {}
     equivariance = entry["equivariance_rmse"]
     leakage = entry["leakage"] or {}
+    # a leakage that exists for the output but not on any structure
+    missing = "n/a (zero)" if leakage and entry["zero_structures"] else "n/a"
     mae = _number(target.get("mae"))
     rmse = _number(target.get("rmse"))
     if target:
@@ -99,8 +139,8 @@ def _output_row(name: str, entry: dict) -> str:
         _number(equivariance["max"]),
         _number(equivariance.get("fraction_of_mae")),
         _number(equivariance.get("fraction_of_rmse")),
-        _estimate(leakage.get("mean"), leakage.get("mean_standard_error")),
-        _number(leakage.get("max")),
+        _weight(leakage.get("mean"), leakage.get("mean_standard_error"), missing),
+        _weight(leakage.get("max"), None, missing),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -111,7 +151,7 @@ def _spectrum_row(name: str, entry: dict) -> str:
     if errors is None:
         errors = [None] * len(entry["mean_spectrum"])
     cells = [
-        _estimate(value, error)
+        _weight(value, error, "n/a (zero)" if entry["zero_structures"] else "n/a")
         for value, error in zip(entry["mean_spectrum"], errors, strict=True)
     ]
     return f"| `{name}` | " + " | ".join(cells) + " |"

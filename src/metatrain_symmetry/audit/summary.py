@@ -24,7 +24,7 @@ from ..models import LoadedModel
 from ..quantities import expected_irreps
 
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """Version of the ``audit.json`` schema; the major number changes when a field
 changes meaning or disappears."""
 
@@ -35,6 +35,10 @@ def _number(value) -> float | None:
 
 
 def _statistics(values: torch.Tensor) -> dict:
+    """Mean, median and max of the values that are defined (not NaN)."""
+    values = values[~torch.isnan(values)]
+    if len(values) == 0:
+        return {"mean": None, "median": None, "max": None}
     return {
         "mean": _number(values.mean()),
         "median": _number(values.median()),
@@ -159,6 +163,7 @@ def audit_summary(
         "features": {
             name: {
                 "equivariance_rmse": _equivariance_statistics(analysis, name),
+                **_spectrum_counts(analysis, name),
                 **_mean_spectrum(analysis, name),
             }
             for name in features
@@ -177,6 +182,7 @@ def _output_entry(
         "target": None,
         "equivariance_rmse": equivariance,
         "leakage": None,
+        **_spectrum_counts(analysis, name),
         **_mean_spectrum(analysis, name),
     }
     if comparison is not None:
@@ -230,6 +236,17 @@ def _derived_unit(name: str, model: LoadedModel) -> str:
     if name == "stress":
         return f"{energy.unit}/{length}^3"
     return ""
+
+
+def _spectrum_counts(analysis: AnalysisResult, name: str) -> dict:
+    """How many structures have no spectrum, because the output is zero there
+    or its mean square is too noisy on a random grid."""
+    zero = analysis.zero_structures[name]
+    missing = torch.isnan(analysis.spectrum[name].block().values).any(dim=1)
+    return {
+        "zero_structures": int(zero.sum()),
+        "unresolved_structures": int((missing & ~zero).sum()),
+    }
 
 
 def _mean_spectrum(analysis: AnalysisResult, name: str) -> dict:

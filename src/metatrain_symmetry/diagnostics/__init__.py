@@ -35,6 +35,7 @@ from .analysis import (
     model_fingerprint,
     run_context,
 )
+from .assembly import SPECTRUM_NORM_TOLERANCE, ZERO_OUTPUT_TOLERANCE
 from .files import file_stem, save_result, summary_table
 from .plots import hatch_unresolved, plot_spectra
 from .result import AnalysisResult, equivariance_rmse
@@ -43,6 +44,8 @@ from .result import AnalysisResult, equivariance_rmse
 __all__ = [
     "DEFAULT_MAX_LAMBDA",
     "MIN_RANDOM_ELEMENTS",
+    "SPECTRUM_NORM_TOLERANCE",
+    "ZERO_OUTPUT_TOLERANCE",
     "AnalysisPart",
     "AnalysisPlan",
     "AnalysisResult",

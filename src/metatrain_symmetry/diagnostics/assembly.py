@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,9 +19,15 @@ from .accumulators import Integrator, is_centred
 from .result import AnalysisResult
 
 
-# relative standard error of a random grid's estimate of <||u||^2> above which the
-# linearized normalized spectrum (a ratio of estimates) is not trusted
-_NORM_TOLERANCE = 0.1
+ZERO_OUTPUT_TOLERANCE = 1e-6
+"""root mean square of an output on a structure, relative to the largest over
+the structures analysed together, at or below which the output is zero there: it
+then has no spectrum (NaN) and no leakage"""
+
+SPECTRUM_NORM_TOLERANCE = 0.2
+"""relative standard error of a random grid's estimate of an output's mean square
+above which its normalized spectrum (a ratio of two estimates) is not given
+(NaN): the standard errors of the ratio then fall short of its spread"""
 
 
 def _samples(structure: int, names: list[str], values: torch.Tensor) -> torch.Tensor:
@@ -78,22 +85,23 @@ def assemble(
             _labels(projections.keys), projections.errors
         )
 
-    norms = torch.stack(
-        [sum(block["direct_norm"] for block in blocks) for _, blocks in finished]
-    )
     properties = Labels(
         ["chi_lambda", "chi_sigma"],
         torch.tensor(spectrum_irreps(max_lambda), dtype=torch.int32),
     )
     structures = torch.tensor([[s] for s, _ in finished], dtype=torch.int32)
+    zero = zero_structures([blocks for _, blocks in finished])
+    result.zero_structures[name] = zero
 
     if not estimated:
-        normalized = spectrum / torch.where(
-            norms > 0, norms, torch.ones_like(norms)
-        ).view(-1, 1, 1)
-        result.spectrum[name] = _spectrum_map(
-            normalized.reshape(len(finished), -1), structures, properties
+        norms = torch.stack(
+            [sum(block["direct_norm"] for block in blocks) for _, blocks in finished]
         )
+        normalized = spectrum.reshape(len(finished), -1) / torch.where(
+            zero, 1.0, norms
+        ).view(-1, 1)
+        normalized[zero] = torch.nan
+        result.spectrum[name] = _spectrum_map(normalized, structures, properties)
         return
 
     rmse_errors, mean_rmse_error = _equivariance_rmse_errors(
@@ -102,13 +110,32 @@ def assemble(
     result.equivariance_rmse_error[name] = rmse_errors
     result.mean_equivariance_rmse_error[name] = mean_rmse_error
     values, covariance, mean_covariance = _estimated_spectra(
-        name, [blocks for _, blocks in finished], integrator
+        name, [blocks for _, blocks in finished], integrator, zero
     )
     result.spectrum[name] = _spectrum_map(values, structures, properties)
     errors = torch.diagonal(covariance, dim1=1, dim2=2).clamp(min=0.0).sqrt()
     result.spectrum_error[name] = _spectrum_map(errors, structures, properties)
     result.spectrum_covariance[name] = covariance
     result.mean_spectrum_covariance[name] = mean_covariance
+
+
+def zero_structures(structures: list[list[dict]]) -> torch.Tensor:
+    """Which structures have an output that is zero to round-off: a root mean
+    square at most :py:data:`ZERO_OUTPUT_TOLERANCE` of the largest over the
+    structures (and every structure when the output vanishes everywhere).
+
+    :param structures: per structure, the finished blocks of one output
+    :return: ``(n_structures,)`` booleans
+    """
+    mean_squares = torch.stack(
+        [
+            sum(block["direct_norm"] for block in blocks)
+            / max(1, sum(block["average"].numel() for block in blocks))
+            for blocks in structures
+        ]
+    )
+    largest = float(mean_squares.max())
+    return mean_squares <= ZERO_OUTPUT_TOLERANCE**2 * largest
 
 
 def _block_samples(finished: list[tuple[int, list[dict]]], index: int) -> Labels:
@@ -258,6 +285,7 @@ def _estimated_spectra(
     name: str,
     structures: list[list[dict]],
     integrator: Integrator,
+    zero: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized spectra estimated on a Monte-Carlo grid, and their covariances.
 
@@ -277,8 +305,14 @@ def _estimated_spectra(
     grid's pairs, so the error of the dataset mean is that of the mean of their
     ``L``.
 
-    :param structures: per structure, the finished blocks of one output
+    The linearization holds when ``n`` is well estimated. Structures whose
+    ``n`` has a relative standard error above :py:data:`SPECTRUM_NORM_TOLERANCE`
+    get no spectrum (NaN), nor do those where the output is zero; the dataset
+    mean runs over the others.
+
     :param name: the output, for warnings
+    :param structures: per structure, the finished blocks of one output
+    :param zero: ``(n_structures,)``, the structures where the output is zero
     :return: spectra ``(n_structures, n_irreps)``, their covariances
         ``(n_structures, n_irreps, n_irreps)`` and the covariance of their mean
         ``(n_irreps, n_irreps)``; irreps ordered as the ``spectrum`` properties
@@ -293,25 +327,45 @@ def _estimated_spectra(
     values = torch.zeros(len(structures), n_irreps, dtype=torch.float64)
     covariance = torch.zeros(len(structures), n_irreps, n_irreps, dtype=torch.float64)
     mean_kernel = torch.zeros(n_irreps, samples, samples, dtype=torch.float64)
-    norm_errors = []
+    norm_errors = torch.zeros(len(structures), dtype=torch.float64)
     for row, blocks in enumerate(structures):
         ratio, linear, joint = _linearized_spectrum(blocks, weights, channels)
         # E[B / n] = b - Cov(B - b n, n) / n^2 to first order
         values[row] = ratio + joint[:n_irreps, n_irreps]
         covariance[row] = joint[:n_irreps, :n_irreps]
-        norm_errors.append(float(joint[n_irreps, n_irreps].clamp(min=0.0).sqrt()))
-        mean_kernel += linear
-    if max(norm_errors) > _NORM_TOLERANCE:
+        norm_errors[row] = joint[n_irreps, n_irreps].clamp(min=0.0).sqrt()
+        if not zero[row] and norm_errors[row] <= SPECTRUM_NORM_TOLERANCE:
+            mean_kernel += linear
+    unresolved = (norm_errors > SPECTRUM_NORM_TOLERANCE) & ~zero
+    if bool(unresolved.any()):
         warnings.warn(
-            f"the mean square of '{name}' varies strongly with orientation: the grid "
-            f"estimates it with a relative standard error of {max(norm_errors):.0%}, "
-            "so its normalized spectrum and their standard errors hold only to "
-            "first order; use more rotations or an exact grid (O3Grid(degree))",
-            stacklevel=5,
+            _unresolved_message(name, unresolved, norm_errors, samples), stacklevel=5
         )
-    mean_kernel /= len(structures)
+    kept = ~(unresolved | zero)
+    values[~kept] = torch.nan
+    covariance[~kept] = torch.nan
+    mean_kernel /= max(1, int(kept.sum()))
     _, mean_covariance = pair_u_covariance(mean_kernel)
+    if not bool(kept.any()):
+        mean_covariance[:] = torch.nan
     return values, covariance, mean_covariance
+
+
+def _unresolved_message(
+    name: str, unresolved: torch.Tensor, norm_errors: torch.Tensor, samples: int
+) -> str:
+    """The warning for spectra left out because the norm is too noisy, with the
+    number of random elements that would resolve them."""
+    worst = float(norm_errors[unresolved].max())
+    # the relative error of the norm falls as one over the root of the pairs
+    pairs = math.ceil(samples * (worst / SPECTRUM_NORM_TOLERANCE) ** 2) + 1
+    return (
+        f"the mean square of '{name}' varies so strongly with orientation that the "
+        f"grid estimates it with a relative standard error up to {worst:.0%} "
+        f"(above {SPECTRUM_NORM_TOLERANCE:.0%}): its normalized spectrum is not "
+        f"given on {int(unresolved.sum())} structure(s); use at least "
+        f"{2 * pairs} random elements or an exact grid (O3Grid(degree))"
+    )
 
 
 def _linearized_spectrum(

@@ -6,6 +6,7 @@ failed or interrupted run leaves no partial output.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import metatensor.torch as mts
@@ -32,6 +33,13 @@ def save_result(result: AnalysisResult, directory: Path) -> None:
             mts.save(str(directory / f"{stem}.{quantity}.mts"), tensor)
 
 
+def _spectrum_cell(value: float, error: float | None) -> str:
+    """A mean spectral weight, ``n/a`` where no structure has a spectrum."""
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4f}" if error is None else f"{value:.4f} ± {error:.4f}"
+
+
 def summary_table(result: AnalysisResult) -> str:
     """Markdown table: per output, the equivariance RMSE over structures and the
     dominant irreps of the mean spectrum."""
@@ -49,12 +57,11 @@ def summary_table(result: AnalysisResult) -> str:
         rmse = result.equivariance_rmse(name)
         spectrum, errors = result.mean_spectrum(name)
         if errors is None:
-            cells = [f"{float(v):.4f}" for v in spectrum]
-        else:
-            cells = [
-                f"{float(v):.4f} ± {float(e):.4f}"
-                for v, e in zip(spectrum, errors.reshape(-1), strict=True)
-            ]
+            errors = [None] * len(spectrum)
+        cells = [
+            _spectrum_cell(float(v), None if e is None else float(e))
+            for v, e in zip(spectrum, errors, strict=True)
+        ]
         lines.append(
             f"| `{name}` | {float(rmse.mean()):.3e} | {float(rmse.max()):.3e} | "
             + " | ".join(cells)

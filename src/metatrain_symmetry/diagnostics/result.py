@@ -37,7 +37,9 @@ class AnalysisResult:
     """symmetrized prediction ``t_bar``, with the output's own metadata"""
     spectrum: dict[str, TensorMap]
     """normalized per-structure spectrum ``b``: one block, samples ``["system"]``,
-    properties ``["chi_lambda", "chi_sigma"]``"""
+    properties ``["chi_lambda", "chi_sigma"]``; NaN on the structures where the
+    output is zero (see ``zero_structures``) or, on random grids, where its mean
+    square is too noisy to normalize by"""
     grid: O3Grid
     max_lambda: int
     outputs: list[str] = field(default_factory=list)
@@ -65,6 +67,10 @@ class AnalysisResult:
     """standard error of the mean over structures of the equivariance RMSE; the
     structures share the grid's rotations, so their errors are correlated (random
     grids only)"""
+    zero_structures: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``(n_structures,)`` booleans: the structures where the output is zero to
+    round-off, which have no spectrum (see
+    :py:data:`~metatrain_symmetry.diagnostics.ZERO_OUTPUT_TOLERANCE`)"""
     mean_spectrum_covariance: dict[str, torch.Tensor] = field(default_factory=dict)
     """covariance of the mean spectrum over structures, ``(n_irreps, n_irreps)``;
     the structures share the grid's rotations, so their errors are correlated and
@@ -94,13 +100,13 @@ class AnalysisResult:
         return values, variance.clamp(min=0.0).sqrt()
 
     def mean_spectrum(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mean of the normalized spectrum of ``name`` over structures, and its
-        standard error.
+        """Mean of the normalized spectrum of ``name`` over the structures that
+        have one, and its standard error (NaN when none has).
 
         :return: ``(values, errors)``, both ``(n_irreps,)`` ordered as the
             ``spectrum`` properties; ``errors`` is ``None`` on exact grids
         """
-        values = self.spectrum[name].block().values.mean(dim=0)
+        values = self.spectrum[name].block().values.nanmean(dim=0)
         if not self.estimated:
             return values, None
         covariance = self.mean_spectrum_covariance[name]
@@ -109,10 +115,11 @@ class AnalysisResult:
     def mean_spectrum_sum(
         self, name: str, irreps: Sequence[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mean over structures of :py:meth:`spectrum_sum` and its standard error
-        (``None`` on exact grids), both scalars."""
+        """Mean of :py:meth:`spectrum_sum` over the structures that have a
+        spectrum, and its standard error (``None`` on exact grids), both
+        scalars."""
         selection = self._irrep_selection(irreps)
-        values = self.spectrum[name].block().values.mean(dim=0) @ selection
+        values = self.spectrum[name].block().values.nanmean(dim=0) @ selection
         if not self.estimated:
             return values, None
         covariance = self.mean_spectrum_covariance[name]
