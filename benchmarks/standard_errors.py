@@ -24,7 +24,7 @@ Run: ``python benchmarks/standard_errors.py [--elements 16 64 256] [--seeds 200]
 
 import argparse
 import warnings
-from typing import Optional  # noqa: UP035
+from typing import Optional
 
 import ase
 import numpy as np

@@ -44,7 +44,8 @@ def periodic_frames():
 
 @pytest.fixture(scope="session")
 def audit_inputs(tmp_path_factory):
-    """A tiny PET checkpoint and three molecules with energy and force targets."""
+    """A tiny PET checkpoint and three molecules with energy and force targets
+    (``data.xyz``; ``close.xyz`` has two atoms 0.02 Å apart)."""
     import ase.build
     import ase.io
     import torch
@@ -55,6 +56,10 @@ def audit_inputs(tmp_path_factory):
     torch.save(tiny_pet().get_checkpoint(), directory / "model.ckpt")
     frames = labelled_molecules(("CH3OH", "H2O", "CH4"), seed=2)
     ase.io.write(directory / "data.xyz", frames)
+    # the same with two atoms of the water 0.02 A apart
+    close = [atoms.copy() for atoms in frames]
+    close[1].positions[2] = close[1].positions[1] + [0.02, 0.0, 0.0]
+    ase.io.write(directory / "close.xyz", close)
     return directory
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from metatrain_symmetry.data import read_structures, reference_value
+from metatrain_symmetry.data import (
+    CLOSE_ATOMS_DISTANCE,
+    check_close_atoms,
+    read_structures,
+    reference_value,
+)
 
 
 def test_read_structures(tmp_path):
@@ -36,3 +41,30 @@ def test_reference_value_lookup_order():
     atoms.info["label"] = "text"
     with pytest.raises(ValueError, match="'label' is not numeric"):
         reference_value(atoms, "label")
+
+
+def test_close_atoms_are_refused_with_the_structure_and_pair(tmp_path):
+    """Atoms closer than the threshold, directly or through a periodic image, are
+    an error naming the structure and the pair; ``allow`` turns it into a
+    warning."""
+    fine = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7]])
+    close = ase.Atoms("H3", positions=[[0, 0, 0], [0, 0, 0.7], [0.01, 0, 0.7]])
+    # 0.05 A apart through the periodic boundary only
+    periodic = ase.Atoms(
+        "H2", positions=[[0.02, 1, 1], [2.97, 1, 1]], cell=[3, 3, 3], pbc=True
+    )
+    check_close_atoms([fine])
+    with pytest.raises(ValueError, match=r"structure 1 has atoms 1 and 2 0.01 Å"):
+        check_close_atoms([fine, close])
+    with pytest.raises(ValueError, match=r"structure 0 has atoms 0 and 1 0.05 Å"):
+        check_close_atoms([periodic])
+    at_threshold = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, CLOSE_ATOMS_DISTANCE]])
+    check_close_atoms([at_threshold])
+    with pytest.warns(UserWarning, match="structure 0 has atoms 1 and 2"):
+        check_close_atoms([close], allow=True)
+
+    ase.io.write(tmp_path / "close.xyz", [fine, close])
+    with pytest.raises(ValueError, match="pass --allow-close-atoms"):
+        read_structures(tmp_path / "close.xyz")
+    with pytest.warns(UserWarning, match="structure 1"):
+        assert len(read_structures(tmp_path / "close.xyz", allow_close_atoms=True)) == 2

@@ -8,6 +8,8 @@ missing reference value always gives the same clear error.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +18,55 @@ from ._utils import first_line
 
 
 __all__ = [
+    "CLOSE_ATOMS_DISTANCE",
+    "check_close_atoms",
     "read_structures",
     "reference_value",
 ]
 
 
-def read_structures(path: str | os.PathLike, what: str = "data") -> list:
+CLOSE_ATOMS_DISTANCE = 0.1
+"""distance (in Å, periodic images included) below which two atoms of a
+structure are an error in the structure: no potential describes them, and the
+symmetry numbers of such a structure mean nothing"""
+
+
+def check_close_atoms(frames: Sequence, allow: bool = False) -> None:
+    """Refuse structures with two atoms closer than :py:data:`CLOSE_ATOMS_DISTANCE`.
+
+    :param frames: ``ase.Atoms`` structures
+    :param allow: warn instead of raising
+    :raises ValueError: naming the first such structure and pair of atoms
+    """
+    from ase.neighborlist import neighbor_list
+
+    for index, atoms in enumerate(frames):
+        first, second, distances = neighbor_list("ijd", atoms, CLOSE_ATOMS_DISTANCE)
+        if len(distances) == 0:
+            continue
+        closest = int(np.argmin(distances))
+        message = (
+            f"structure {index} has atoms {first[closest]} and {second[closest]} "
+            f"{distances[closest]:.3g} Å apart (closer than {CLOSE_ATOMS_DISTANCE} "
+            "Å), so its numbers mean nothing"
+        )
+        if not allow:
+            raise ValueError(
+                f"{message}: fix or remove it, or pass --allow-close-atoms "
+                "(allow_close_atoms=True) to go on"
+            )
+        warnings.warn(message, stacklevel=2)
+
+
+def read_structures(
+    path: str | os.PathLike, what: str = "data", allow_close_atoms: bool = False
+) -> list:
     """Read every structure of a file with ASE.
 
     :param path: any file ASE can read
     :param what: what the file holds, for error messages (``"data"``,
         ``"training"``, ``"validation"``)
+    :param allow_close_atoms: see :py:func:`check_close_atoms`
     :return: the ``ase.Atoms`` of the file, at least one
     """
     import ase.io
@@ -43,6 +83,7 @@ def read_structures(path: str | os.PathLike, what: str = "data") -> list:
         ) from error
     if len(frames) == 0:
         raise ValueError(f"'{path}' contains no structures")
+    check_close_atoms(frames, allow_close_atoms)
     return frames
 
 

@@ -65,6 +65,10 @@ def test_audit_command_writes_every_file(audit_directory, audit_inputs):
             "structure 0 has no target 'free_energy'",
         ),
         (["model.ckpt", "data.xyz", "--targets", "energy"], "OUTPUT=KEY"),
+        (
+            ["model.ckpt", "close.xyz"],
+            "structure 1 has atoms 1 and 2 0.02 Å apart (closer than 0.1 Å)",
+        ),
     ],
 )
 def test_audit_command_bad_input(audit_inputs, arguments, message, capsys, monkeypatch):
@@ -73,6 +77,25 @@ def test_audit_command_bad_input(audit_inputs, arguments, message, capsys, monke
     monkeypatch.chdir(audit_inputs)
     arguments = ["audit", *arguments, "-o", "result"]
     check_clean_failure(main, arguments, audit_inputs, capsys, message)
+
+
+def test_audit_command_allows_close_atoms_when_asked(audit_inputs, tmp_path):
+    output = tmp_path / "close"
+    process = run_mtt_symmetry(
+        "audit",
+        audit_inputs / "model.ckpt",
+        audit_inputs / "close.xyz",
+        "-o",
+        output,
+        "--allow-close-atoms",
+        "--max-lambda",
+        "1",
+        "--grid-degree",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    assert "structure 1 has atoms 1 and 2 0.02 Å apart" in process.stderr
+    assert json.loads((output / "audit.json").read_text())["dataset"]["n_structures"]
 
 
 def test_audit_command_refuses_a_busy_directory(audit_inputs, tmp_path, capsys):

@@ -108,6 +108,7 @@ def export_audited(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    allow_close_atoms: bool = False,
 ) -> AuditResult:
     """Audit a checkpoint on ``data`` and export it with the audit summary in its
     metadata.
@@ -130,6 +131,7 @@ def export_audited(
     :param device: run the audit on this device (default: CPU); the model is
         exported from CPU whatever the device of its audit
     :param progress: show progress bars
+    :param allow_close_atoms: see :py:func:`audit`
     :return: the audit (of the model before any symmetrization)
     """
     output = _check_output_file(output)
@@ -155,6 +157,7 @@ def export_audited(
         targets=targets,
         device=device,
         progress=progress,
+        allow_close_atoms=allow_close_atoms,
         **settings,
     )
     model = _with_audit(model, result.summary, symmetrize, grid_degree)

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from ..data import read_structures
+from ..data import check_close_atoms, read_structures
 from ..diagnostics import (
     DEFAULT_MAX_LAMBDA,
     AnalysisPart,
@@ -40,6 +40,7 @@ def audit(
     progress: bool = False,
     distributed: bool = False,
     work_dir: str | os.PathLike | None = None,
+    allow_close_atoms: bool = False,
 ) -> AuditResult | None:
     """Audit the rotational symmetry of a model on a dataset.
 
@@ -70,12 +71,14 @@ def audit(
         structures and settings saved there (another audit's directory is
         refused); needs a model loaded from a file; the directory is kept:
         remove it once the result is saved
+    :param allow_close_atoms: warn, instead of raising, on structures with atoms
+        closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
     :return: the audit, with its JSON-ready ``summary``; ``None`` on ranks other
         than 0 when ``distributed``
     """
     context = run_context(distributed)
     loaded = load_model(model, dtype=dtype, device=device)
-    frames, data_path = _read_frames(frames)
+    frames, data_path = _read_frames(frames, allow_close_atoms)
     outputs, targets = resolve_targets(loaded, frames, outputs, targets)
     features = _ordered_features(loaded, features)
     _check_outputs(loaded, outputs, max_lambda)
@@ -176,16 +179,17 @@ class _AuditRequest:
         )
 
 
-def _read_frames(frames) -> tuple[list, str | os.PathLike | None]:
+def _read_frames(
+    frames, allow_close_atoms: bool
+) -> tuple[list, str | os.PathLike | None]:
     """The structures to audit, and the file they were read from (or ``None``)."""
-    data_path = None
     if isinstance(frames, (str, os.PathLike)):
-        data_path = frames
-        frames = read_structures(frames)
+        return read_structures(frames, allow_close_atoms=allow_close_atoms), frames
     frames = list(frames)
     if len(frames) == 0:
         raise ValueError("no structures given: pass at least one structure")
-    return frames, data_path
+    check_close_atoms(frames, allow_close_atoms)
+    return frames, None
 
 
 def _ordered_features(model: LoadedModel, features) -> list[str]:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(
         args.model, dtype=settings.pop("dtype"), device=settings.pop("device")
     )
-    frames = read_structures(args.data)
+    frames = read_structures(args.data, allow_close_atoms=args.allow_close_atoms)
     features = settings.pop("features")
     names = list(args.outputs) + (model.features if features == "all" else features)
     if len(names) == 0:

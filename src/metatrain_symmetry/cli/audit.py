@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
         progress=True,
         distributed=args.context.is_distributed,
         work_dir=work_dir,
+        allow_close_atoms=args.allow_close_atoms,
     )
     if result is None:
         return

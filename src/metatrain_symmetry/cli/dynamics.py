@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="checkpoints (.ckpt) of one training run, then " + options.DATA_HELP,
     )
+    options.add_allow_close_atoms(parser)
     options.add_output_directory(parser)
     options.add_outputs(
         parser,
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist")
     dynamics = training_dynamics(
         checkpoints,
-        read_structures(data),
+        read_structures(data, allow_close_atoms=args.allow_close_atoms),
         outputs=args.outputs,
         **options.shared_settings(args),
         progress=True,

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_outputs(
         parser, "model outputs to audit (default: energy and the force output)"
     )
+    options.add_allow_close_atoms(parser)
     options.add_targets(parser)
     options.add_grid(
         parser,
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
     options.check_device(args.device)
-    read_structures(args.audit)  # fail early on unreadable data
+    # fail early on unreadable data
+    read_structures(args.audit, allow_close_atoms=args.allow_close_atoms)
     result = export_audited(
         args.checkpoint,
         output,
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         progress=True,
+        allow_close_atoms=args.allow_close_atoms,
     )
     print(audit_markdown(result.summary))
     kind = "O(3)-averaged model" if args.symmetrize else "model"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .._utils import atomic_directory, check_output_directory
+from ..data import CLOSE_ATOMS_DISTANCE
 from ..diagnostics import DEFAULT_MAX_LAMBDA, MIN_RANDOM_ELEMENTS
 from ..engine import DEFAULT_ATOMS_PER_BATCH
 from ..grid import O3Grid
@@ -28,9 +29,20 @@ FEATURES_HELP = "internal features ('mtt::feature::<path>'), or 'all'"
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, model: str = MODEL_HELP):
-    """The positional ``model`` and ``data`` arguments."""
+    """The positional ``model`` and ``data`` arguments, and
+    ``--allow-close-atoms``."""
     parser.add_argument("model", help=model)
     parser.add_argument("data", help=DATA_HELP)
+    add_allow_close_atoms(parser)
+
+
+def add_allow_close_atoms(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-close-atoms",
+        action="store_true",
+        help=f"go on, with a warning, with structures that have atoms closer than "
+        f"{CLOSE_ATOMS_DISTANCE} Å (an error by default)",
+    )
 
 
 def add_output_directory(parser: argparse.ArgumentParser) -> None:

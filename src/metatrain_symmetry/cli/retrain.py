@@ -74,10 +74,12 @@ def run(args: argparse.Namespace) -> None:
     outputs, label_keys = _outputs_and_keys(args)
     validation = None
     if args.validation is not None:
-        validation = read_structures(args.validation, "validation")
+        validation = read_structures(
+            args.validation, "validation", args.allow_close_atoms
+        )
     result = retrain_last_layer(
         args.model,
-        read_structures(args.data, "training"),
+        read_structures(args.data, "training", args.allow_close_atoms),
         validation=validation,
         gammas=args.gamma,
         targets=outputs,
