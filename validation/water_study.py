@@ -348,6 +348,7 @@ def audit_entry(result, output):
         "equivariance_over_mae": equivariance.get("fraction_of_mae"),
         "equivariance_over_rmse": equivariance.get("fraction_of_rmse"),
         "leakage": (entry["leakage"] or {}).get("mean"),
+        "leakage_standard_error": (entry["leakage"] or {}).get("mean_standard_error"),
     }
 
 
@@ -374,6 +375,13 @@ def fmt(value, scale=1.0, digits=3):
     return f"{value * scale:.{digits}g}"
 
 
+def fmt_estimate(value, error, scale=1.0):
+    """A value with ``± standard error`` when it is a random-grid estimate."""
+    if value is None or error is None:
+        return fmt(value, scale)
+    return f"{fmt(value, scale)} ± {fmt(error, scale, 2)}"
+
+
 def audit_table(audits):
     lines = [
         "| model | set | output | MAE | RMSE | equivariance RMSE | "
@@ -385,12 +393,15 @@ def audit_table(audits):
             for output, entry in entries["outputs"].items():
                 scale = 1000.0  # meV, meV/A
                 unit = "meV" if output == "energy" else "meV/Å"
+                rmse = entry["equivariance_rmse"]
+                rmse_error = entry["equivariance_rmse_standard_error"]
+                leakage_error = entry.get("leakage_standard_error")
                 lines.append(
                     f"| {model} | {name} | `{output}` ({unit}) "
                     f"| {fmt(entry['mae'], scale)} | {fmt(entry['rmse'], scale)} "
-                    f"| {fmt(entry['equivariance_rmse'], scale)} "
+                    f"| {fmt_estimate(rmse, rmse_error, scale)} "
                     f"| {fmt(entry['equivariance_over_mae'])} "
-                    f"| {fmt(entry['leakage'])} |"
+                    f"| {fmt_estimate(entry['leakage'], leakage_error)} |"
                 )
     return "\n".join(lines) + "\n"
 
