@@ -116,12 +116,17 @@ def collect(model, frames, elements: int, seeds: int) -> dict:
     }
 
 
-def ratios(estimates: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-    """Reported error over spread, per entry (NaN where nothing scatters or no
-    estimate is given)."""
-    spread = estimates.std(dim=0)
-    reported = errors.square().mean(dim=0).sqrt()
-    return torch.where(spread > 1e-12, reported / spread, torch.nan)
+def ratios(estimates: torch.Tensor, errors: torch.Tensor) -> np.ndarray:
+    """Reported error over spread, per entry, over the seeds that give an
+    estimate (NaN where nothing scatters or fewer than 10 seeds give one)."""
+    estimates, errors = estimates.numpy(), errors.numpy()
+    given = ~np.isnan(estimates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spread = np.nanstd(estimates, axis=0, ddof=1)
+        reported = np.sqrt(np.nanmean(np.square(errors), axis=0))
+    ratio = reported / np.where(spread > 1e-12, spread, np.nan)
+    return np.where(given.sum(axis=0) >= 10, ratio, np.nan)
 
 
 def report(collected: dict, elements: int, seeds: int) -> None:
@@ -133,9 +138,12 @@ def report(collected: dict, elements: int, seeds: int) -> None:
         given = ~torch.isnan(values["spectrum"]).any(dim=2)
         print(f"{name:<20} {'given':<10} {float(given.double().mean()):8.0%}")
         per_structure = ratios(values["spectrum"], values["spectrum_error"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(per_structure, axis=0)
         rows = {
-            "spectrum": np.nanmedian(per_structure.numpy(), axis=0),
-            "mean": ratios(values["mean"], values["mean_error"]).numpy(),
+            "spectrum": median,
+            "mean": ratios(values["mean"], values["mean_error"]),
         }
         for quantity, row in rows.items():
             cells = " ".join(
@@ -143,7 +151,9 @@ def report(collected: dict, elements: int, seeds: int) -> None:
             )
             print(f"{name:<20} {quantity:<10} {cells}")
         rmse = ratios(values["rmse"], values["rmse_error"])
-        print(f"{name:<20} {'rmse':<10} {float(rmse.nanmean()):8.2f}")
+        # an invariant output has no equivariance error to scatter
+        cell = "-" if np.isnan(rmse).all() else f"{float(np.nanmean(rmse)):8.2f}"
+        print(f"{name:<20} {'rmse':<10} {cell:>8}")
 
 
 def main() -> None:
