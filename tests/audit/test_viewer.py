@@ -3,6 +3,7 @@ real (headless) browser."""
 
 import gzip
 import json
+import math
 
 import ase.io
 import chemiscope
@@ -17,6 +18,10 @@ from metatrain_symmetry.audit import (
     write_html_viewer,
 )
 from tests.audit.browser import open_page, pixel_spread
+from tests.helpers import PairPotential, pair_capabilities
+
+
+NAN = float("nan")
 
 
 def load_dataset(directory):
@@ -104,15 +109,39 @@ def test_html_viewer_is_self_contained(audit_directory):
 
 
 def test_viewer_escapes_script_endings(tmp_path):
+    """The dataset is a JavaScript literal that no string can end early, and it
+    keeps the NaN of missing values, which chemiscope hides from the map."""
     dataset = {
         "meta": {"name": "</script><script>alert(1)</script>"},
         "structures": [],
-        "properties": {},
+        "properties": {"leakage": {"target": "structure", "values": [0.5, NAN]}},
     }
     write_html_viewer(dataset, tmp_path / "page.html")
     page = (tmp_path / "page.html").read_text()
-    body = page.split('type="application/json">')[1].split("</script>")[0]
-    assert json.loads(body) == dataset
+    body = page.split("window.chemiscopeDataset = ")[1].split(";</script>")[0]
+    assert "</script>" not in body
+    parsed = json.loads(body)
+    assert parsed["meta"] == dataset["meta"]
+    assert parsed["properties"]["leakage"]["values"][0] == 0.5
+    assert math.isnan(parsed["properties"]["leakage"]["values"][1])
+
+
+def test_viewer_loads_structures_without_leakage(tmp_path):
+    """A single atom first (its forces are zero: no leakage, one atom error) and
+    a trimer: the viewer loads in Chromium without errors."""
+    model = msym.load_model(PairPotential(), capabilities=pair_capabilities())
+    frames = [
+        ase.Atoms("Cu", positions=[[0, 0, 0]]),
+        ase.Atoms("Cu3", positions=[[0, 0, 0], [2.5, 0, 0], [0.2, 2.4, 0.3]]),
+    ]
+    result = msym.audit(model, frames, ["energy", "forces"], max_lambda=1)
+    assert result.summary["outputs"]["forces"]["zero_structures"] == 1
+    leakage = result.leakage("forces")
+    assert math.isnan(float(leakage[0])) and not math.isnan(float(leakage[1]))
+    msym.write_audit_report(result, tmp_path)
+    report = open_page(tmp_path / "audit.html")
+    assert report.status == "loaded", report.errors
+    assert report.errors == []
 
 
 def test_viewer_renders_in_chromium(audit_directory):

@@ -22,7 +22,6 @@ import gzip
 import html
 import io
 import json
-import math
 import os
 from pathlib import Path
 
@@ -99,7 +98,7 @@ class ChemiscopeViews:
             settings=self._default_settings(force_outputs),
             parameters={SPECTRUM_PARAMETER: _spectrum_axis(self.analysis.max_lambda)},
         )
-        return _finite(data)
+        return data
 
     def show(self, mode: str = "default"):
         """The audit as an interactive chemiscope widget, as
@@ -245,8 +244,16 @@ class ChemiscopeViews:
                 break
         structure = {"keepOrientation": False}
         if force_outputs:
+            # a fixed range: chemiscope's own, from the atoms shown, is empty on a
+            # structure whose atoms all have the same error (a single atom)
+            largest = max(
+                float(errors.max()) if len(errors) else 0.0
+                for errors in self.atom_equivariance_errors(force_outputs[0])
+            )
             structure["color"] = {
-                "property": f"{force_outputs[0]}: atom equivariance error"
+                "property": f"{force_outputs[0]}: atom equivariance error",
+                "min": 0.0,
+                "max": largest if largest > 0 else 1.0,
             }
             structure["shape"] = [f"{force_outputs[0]}: deviation"]
             structure["environments"] = {"activated": False}
@@ -332,21 +339,11 @@ def _plain_atoms(atoms):
     )
 
 
-def _finite(value):
-    """Replace NaN and infinities (which are not JSON) by ``None``."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_chemiscope(dataset: dict, path: str | os.PathLike) -> None:
     """Write a chemiscope dataset as (gzip-compressed when ``path`` ends with
-    ``.gz``) JSON."""
-    text = json.dumps(dataset, allow_nan=False).encode("utf8")
+    ``.gz``) JSON, with ``NaN`` for the values a structure does not have (as
+    chemiscope writes and reads them: such points are hidden from the map)."""
+    text = json.dumps(dataset).encode("utf8")
     if str(path).endswith(".gz"):
         with gzip.open(path, "wb", 9) as file:
             file.write(text)
@@ -400,7 +397,7 @@ body {{ margin: 0; font-family: sans-serif; background: white; }}
   <div><div id="chemiscope-meta"></div><div id="chemiscope-map"></div></div>
   <div><div id="chemiscope-structure"></div><div id="chemiscope-info"></div></div>
 </div>
-<script id="chemiscope-dataset" type="application/json">{dataset}</script>
+<script>window.chemiscopeDataset = {dataset};</script>
 <script>{library}</script>
 <script>
 (async () => {{
@@ -409,9 +406,8 @@ body {{ margin: 0; font-family: sans-serif; background: white; }}
     meta: "chemiscope-meta", structure: "chemiscope-structure",
   }};
   try {{
-    const text = document.getElementById("chemiscope-dataset").textContent;
     window.visualizer = await Chemiscope.DefaultVisualizer.load(
-      config, JSON.parse(text));
+      config, window.chemiscopeDataset);
     document.body.dataset.chemiscope = "loaded";
   }} catch (error) {{
     document.body.dataset.chemiscope = "error";
@@ -457,8 +453,9 @@ def write_html_viewer(
     """
     if title is None:
         title = dataset.get("meta", {}).get("name", "chemiscope")
-    # "<" escaped: the JSON cannot end its <script> element early
-    text = json.dumps(dataset, allow_nan=False).replace("<", "\\u003c")
+    # a JavaScript literal, which reads the NaN of missing values; "<" escaped
+    # (it only occurs in strings) so that it cannot end its <script> element early
+    text = json.dumps(dataset).replace("<", "\\u003c")
     page = _PAGE.format(
         title=html.escape(title),
         dataset=text,
