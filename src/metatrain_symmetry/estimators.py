@@ -80,8 +80,8 @@ def pair_u_covariance(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         torch.outer(totals, totals) - 4.0 * rows @ rows.T + 2.0 * cross
     ) / _falling(n, 4)
     covariance = torch.outer(estimates, estimates) - fourth
-    diagonal = torch.diagonal(covariance)
-    diagonal.copy_(_floored(diagonal.clone(), rows, dim=1))
+    floored = _floored(torch.diagonal(covariance), rows, dim=1)
+    torch.diagonal(covariance).copy_(floored)
     return estimates, covariance
 
 

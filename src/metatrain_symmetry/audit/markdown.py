@@ -53,6 +53,11 @@ def _estimate(value, error) -> str:
 _ROUND_OFF = 1e-9
 
 
+def _missing(entry: dict) -> str:
+    """How a spectral weight or leakage the entry has no value for reads."""
+    return "n/a (zero)" if entry["zero_structures"] else "n/a"
+
+
 def _weight(value, error, missing: str = "n/a") -> str:
     """A spectral weight or leakage: ``missing`` when it has no value, 0 when an
     exact grid gives round-off, else as :py:func:`_estimate`."""
@@ -101,14 +106,13 @@ def _left_out(summary: dict) -> list[str]:
     lines = []
     for group in ("outputs", "features"):
         for name, entry in summary[group].items():
-            reasons = [
-                f"zero on {entry['zero_structures']}",
-                f"too noisy to normalize on {entry['unresolved_structures']}",
-            ]
-            counts = (entry["zero_structures"], entry["unresolved_structures"])
-            said = [
-                reason for reason, count in zip(reasons, counts, strict=True) if count
-            ]
+            said = []
+            if entry["zero_structures"]:
+                said.append(f"zero on {entry['zero_structures']}")
+            if entry["unresolved_structures"]:
+                said.append(
+                    f"too noisy to normalize on {entry['unresolved_structures']}"
+                )
             if said:
                 lines.append(
                     f"- `{name}` is {' and '.join(said)} structure(s), left out of "
@@ -122,8 +126,8 @@ def _output_row(name: str, entry: dict) -> str:
     target = entry["target"] or {}
     equivariance = entry["equivariance_rmse"]
     leakage = entry["leakage"] or {}
-    # a leakage that exists for the output but not on any structure
-    missing = "n/a (zero)" if leakage and entry["zero_structures"] else "n/a"
+    # "(zero)" only for a leakage the output has but no structure gives
+    missing = _missing(entry) if leakage else "n/a"
     mae = _number(target.get("mae"))
     rmse = _number(target.get("rmse"))
     if target:
@@ -151,7 +155,7 @@ def _spectrum_row(name: str, entry: dict) -> str:
     if errors is None:
         errors = [None] * len(entry["mean_spectrum"])
     cells = [
-        _weight(value, error, "n/a (zero)" if entry["zero_structures"] else "n/a")
+        _weight(value, error, _missing(entry))
         for value, error in zip(entry["mean_spectrum"], errors, strict=True)
     ]
     return f"| `{name}` | " + " | ".join(cells) + " |"

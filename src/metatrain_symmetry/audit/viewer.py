@@ -95,7 +95,7 @@ class ChemiscopeViews:
             properties=properties,
             environments=environments,
             shapes=shapes or None,
-            settings=self._default_settings(force_outputs),
+            settings=self._default_settings(force_outputs, properties),
             parameters={SPECTRUM_PARAMETER: _spectrum_axis(self.analysis.max_lambda)},
         )
         return data
@@ -224,9 +224,10 @@ class ChemiscopeViews:
             },
         }
 
-    def _default_settings(self, force_outputs: list[str]) -> dict:
+    def _default_settings(self, force_outputs: list[str], properties: dict) -> dict:
         """What the viewer shows first: equivariance RMSEs on the map coloured by
-        leakage, and the first force output's errors on the structure."""
+        leakage, and the first force output's errors on the structure (from
+        ``properties``, the dataset's)."""
         outputs = self.outputs
         x = f"{outputs[0]}: equivariance RMSE"
         y = (
@@ -244,14 +245,12 @@ class ChemiscopeViews:
                 break
         structure = {"keepOrientation": False}
         if force_outputs:
+            colour = f"{force_outputs[0]}: atom equivariance error"
             # a fixed range: chemiscope's own, from the atoms shown, is empty on a
             # structure whose atoms all have the same error (a single atom)
-            largest = max(
-                float(errors.max()) if len(errors) else 0.0
-                for errors in self.atom_equivariance_errors(force_outputs[0])
-            )
+            largest = float(np.max(properties[colour]["values"], initial=0.0))
             structure["color"] = {
-                "property": f"{force_outputs[0]}: atom equivariance error",
+                "property": colour,
                 "min": 0.0,
                 "max": largest if largest > 0 else 1.0,
             }

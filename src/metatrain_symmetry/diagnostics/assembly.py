@@ -90,13 +90,16 @@ def assemble(
         torch.tensor(spectrum_irreps(max_lambda), dtype=torch.int32),
     )
     structures = torch.tensor([[s] for s, _ in finished], dtype=torch.int32)
-    zero = zero_structures([blocks for _, blocks in finished])
+    norms = torch.stack(
+        [sum(block["direct_norm"] for block in blocks) for _, blocks in finished]
+    )
+    sizes = [
+        sum(block["average"].numel() for block in blocks) for _, blocks in finished
+    ]
+    zero = zero_structures(norms, sizes)
     result.zero_structures[name] = zero
 
     if not estimated:
-        norms = torch.stack(
-            [sum(block["direct_norm"] for block in blocks) for _, blocks in finished]
-        )
         normalized = spectrum.reshape(len(finished), -1) / torch.where(
             zero, 1.0, norms
         ).view(-1, 1)
@@ -119,21 +122,16 @@ def assemble(
     result.mean_spectrum_covariance[name] = mean_covariance
 
 
-def zero_structures(structures: list[list[dict]]) -> torch.Tensor:
+def zero_structures(norms: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Which structures have an output that is zero to round-off: a root mean
     square at most :py:data:`ZERO_OUTPUT_TOLERANCE` of the largest over the
     structures (and every structure when the output vanishes everywhere).
 
-    :param structures: per structure, the finished blocks of one output
+    :param norms: ``(n_structures,)`` grid means of the squared norm of the output
+    :param sizes: number of scalar entries of the output on each structure
     :return: ``(n_structures,)`` booleans
     """
-    mean_squares = torch.stack(
-        [
-            sum(block["direct_norm"] for block in blocks)
-            / max(1, sum(block["average"].numel() for block in blocks))
-            for blocks in structures
-        ]
-    )
+    mean_squares = norms / torch.tensor(sizes, dtype=norms.dtype).clamp(min=1)
     largest = float(mean_squares.max())
     return mean_squares <= ZERO_OUTPUT_TOLERANCE**2 * largest
 
