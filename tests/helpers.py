@@ -247,12 +247,17 @@ def capabilities(dtype: str = "float64") -> ModelCapabilities:
 class PairPotential(torch.nn.Module):
     """An exactly invariant energy ``E = sum_{i<j} exp(-r_ij) (r_ij - r_c)^2`` over
     the pairs of a half neighbour list, computed from its distance vectors so
-    that forces and stress flow through the neighbour list."""
+    that forces and stress flow through the neighbour list.
 
-    def __init__(self, cutoff: float = 3.0, dtype=torch.float64):
+    With ``lab_frame = a``, the energy has the lab-frame term ``a sum_{i<j}
+    (r_ij . e_z)^2``, which breaks its invariance (not its translation invariance).
+    """
+
+    def __init__(self, cutoff: float = 3.0, dtype=torch.float64, lab_frame=0.0):
         super().__init__()
         self.register_buffer("scale", torch.ones((), dtype=dtype))
         self.options = NeighborListOptions(cutoff=cutoff, full_list=False, strict=True)
+        self.lab_frame = float(lab_frame)
 
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
         return [self.options]
@@ -269,6 +274,7 @@ class PairPotential(torch.nn.Module):
             vectors = system.get_neighbor_list(self.options).values.squeeze(-1)
             distances = torch.linalg.norm(vectors * self.scale, dim=1)
             pair = torch.exp(-distances) * (distances - self.options.cutoff) ** 2
+            pair = pair + self.lab_frame * (vectors[:, 2] * self.scale) ** 2
             energies.append(pair.sum())
         samples = Labels(
             ["system"], torch.arange(len(systems), dtype=torch.int32).reshape(-1, 1)
@@ -305,3 +311,46 @@ def epoch_weights(path):
 
     checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     return msym.load_model(model_from_checkpoint(checkpoint, context="restart"))
+
+
+def finite_lie_derivative(model, atoms, name: str, generator: int, step=1e-3):
+    """``L_k f`` of a Cartesian output by central differences of rotated copies
+    (Richardson-extrapolated, error of order ``step^4``), evaluated through the
+    engine at the identity of each rotated structure.
+
+    :return: ``(n_samples, *components, n_properties)``
+    """
+    import numpy as np
+    import scipy.linalg
+
+    from metatrain_symmetry.engine import RotatedEvaluator
+    from metatrain_symmetry.grid import O3Grid
+    from metatrain_symmetry.systems import prepare_systems
+
+    matrix = np.zeros((3, 3))
+    i, j = [(1, 2), (2, 0), (0, 1)][generator]
+    matrix[j, i], matrix[i, j] = 1.0, -1.0
+
+    def back_rotated(angle):
+        rotation = scipy.linalg.expm(angle * matrix)
+        rotated = atoms.copy()
+        rotated.positions = atoms.positions @ rotation.T
+        if atoms.cell.rank > 0:
+            rotated.cell = np.asarray(atoms.cell) @ rotation.T
+        systems = prepare_systems([rotated], model)
+        request = {name: ModelOutput(sample_kind=model.natural_sample_kind(name))}
+        evaluator = RotatedEvaluator(model, O3Grid.identity())
+        (chunk,) = evaluator.stream(systems, request)
+        values = chunk.outputs[name].blocks[0].values[0]
+        # rho(R)^-1 on every Cartesian axis: v_i -> sum_j R_ji v_j
+        back = torch.tensor(rotation, dtype=values.dtype)
+        for axis in range(values.ndim - 2):
+            moved = values.movedim(1 + axis, 1)
+            moved = torch.einsum("ji,sj...->si...", back, moved)
+            values = moved.movedim(1, 1 + axis)
+        return values
+
+    def central(h):
+        return (back_rotated(h) - back_rotated(-h)) / (2 * h)
+
+    return (4 * central(step / 2) - central(step)) / 3

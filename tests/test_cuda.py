@@ -254,3 +254,24 @@ def test_exported_symmetrized_model(audit_inputs, tmp_path):
         predictions[device] = model(systems, requests, None)
     for name in requests:
         assert_maps_close(predictions["cuda"][name], predictions["cpu"][name])
+
+
+@pytest.mark.parametrize("method", ["forward", "double-backward"])
+def test_infinitesimal(molecules, method):
+    import metatrain_symmetry as msym
+    from metatrain_symmetry.testing import tiny_pet
+
+    outputs = ["energy", "non_conservative_force", "forces"]
+    results = {
+        device: msym.infinitesimal(
+            msym.load_model(tiny_pet(), device=device),
+            molecules,
+            outputs,
+            method=method,
+        )
+        for device in ("cpu", "cuda")
+    }
+    for name in outputs:
+        expected = results["cpu"].lie_derivative[name]
+        assert_maps_close(results["cuda"].lie_derivative[name], expected)
+    assert_maps_close(results["cuda"].torque, results["cpu"].torque)

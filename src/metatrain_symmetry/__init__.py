@@ -15,6 +15,7 @@ from .audit import (
 from .diagnostics import AnalysisResult, analyze, equivariance_rmse
 from .dynamics import TrainingDynamics, training_dynamics
 from .grid import O3Grid
+from .infinitesimal import InfinitesimalResult, infinitesimal
 from .models import LoadedModel, ModelTarget, load_model
 from .retrain import RetrainResult, retrain_last_layer, retraining_objective
 
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "AnalysisResult",
     "AuditResult",
+    "InfinitesimalResult",
     "LoadedModel",
     "ModelTarget",
     "O3Grid",
@@ -34,6 +36,7 @@ __all__ = [
     "chemiscope_dataset",
     "equivariance_rmse",
     "export_audited",
+    "infinitesimal",
     "load_model",
     "read_audit",
     "retrain_last_layer",

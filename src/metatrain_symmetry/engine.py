@@ -41,9 +41,11 @@ __all__ = [
     "RotatedEvaluator",
     "StructureChunk",
     "batch_segments",
+    "check_periodic",
     "prepare_rotations",
     "rotated_copies",
     "rotated_systems",
+    "split_by_copy",
 ]
 
 
@@ -149,7 +151,7 @@ class RotatedEvaluator:
         prepared = [prepare_rotations(system) for system in systems]
         derived = [name for name in outputs if name in DERIVED_OUTPUTS]
         if "stress" in derived:
-            _check_periodic(systems)
+            check_periodic(systems)
         requests = {n: o for n, o in outputs.items() if n not in DERIVED_OUTPUTS}
         if len(derived) != 0 and "energy" not in requests:
             requests["energy"] = ModelOutput(sample_kind="system")
@@ -184,7 +186,7 @@ class RotatedEvaluator:
 
                 copy_counts = [last - first for _, first, last in segments]
                 split = {
-                    name: _split_by_copy(results[name], copy_counts, name)
+                    name: split_by_copy(results[name], copy_counts, name)
                     for name in outputs
                 }
                 for index, (structure, first, last) in enumerate(segments):
@@ -339,7 +341,8 @@ def _build_systems():
     return torch.jit.script(_build_systems_impl)
 
 
-def _check_periodic(systems: Sequence[System]) -> None:
+def check_periodic(systems: Sequence[System]) -> None:
+    """Refuse non-periodic structures when the stress is requested."""
     for index, system in enumerate(systems):
         if not bool(torch.all(system.pbc)) or float(torch.det(system.cell)) == 0.0:
             raise ValueError(
@@ -431,8 +434,14 @@ def _rotate_data(data, rotation: torch.Tensor):
     return O3Transformations(rotation, 8).transform_tensormap(data)
 
 
-def _split_by_copy(tensor, copy_counts: list[int], name: str):
+def split_by_copy(
+    tensor: TensorMap, copy_counts: list[int], name: str
+) -> tuple[Labels, list[list[BlockChunk]]]:
     """Cut every block of a batched output into per-structure chunks.
+
+    :param tensor: an output of a model call on consecutive segments of copies,
+        ``copy_counts[i]`` copies of the same structure in segment ``i``
+    :param name: the output's name, for errors
 
     :return: the output keys, and for each segment the list of its block chunks
     """

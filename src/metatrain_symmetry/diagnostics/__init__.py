@@ -33,9 +33,10 @@ from .analysis import (
     AnalysisPlan,
     analyze,
     model_fingerprint,
+    output_request,
     run_context,
 )
-from .assembly import SPECTRUM_NORM_TOLERANCE, ZERO_OUTPUT_TOLERANCE
+from .assembly import SPECTRUM_NORM_TOLERANCE, ZERO_OUTPUT_TOLERANCE, zero_structures
 from .files import file_stem, save_result, summary_table
 from .plots import hatch_unresolved, plot_spectra
 from .result import AnalysisResult, equivariance_rmse
@@ -54,8 +55,10 @@ __all__ = [
     "file_stem",
     "hatch_unresolved",
     "model_fingerprint",
+    "output_request",
     "plot_spectra",
     "run_context",
     "save_result",
     "summary_table",
+    "zero_structures",
 ]

@@ -98,7 +98,7 @@ class AnalysisPlan:
         self.max_lambda = int(max_lambda)
         self.grid = grid
         self.per_atom = per_atom
-        self.requests = {name: _request(model, name, per_atom) for name in names}
+        self.requests = {name: output_request(model, name, per_atom) for name in names}
         self.evaluator = RotatedEvaluator(model, grid, batch_size)
         self.integrator = Integrator(grid, max_lambda)
 
@@ -334,7 +334,10 @@ def _check_names(outputs) -> list[str]:
     )
 
 
-def _request(model: LoadedModel, name: str, per_atom: bool) -> ModelOutput:
+def output_request(model: LoadedModel, name: str, per_atom: bool) -> ModelOutput:
+    """What to ask the model for ``name``: its unit, and its natural sample kind
+    (per atom for per-structure outputs when ``per_atom``, but never for the
+    stress)."""
     kind = model.natural_sample_kind(name)
     if per_atom and kind == "system" and name != "stress":
         kind = "atom"
