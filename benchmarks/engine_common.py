@@ -125,6 +125,28 @@ def busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def status_kib(field: str) -> int | None:
+    """A field of ``/proc/self/status`` in KiB (``VmRSS``, ``VmHWM``), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the resident-set high-water mark; False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def timed(function, device: torch.device):
     """Run ``function()`` and return ``(result, (wall, cpu, other))``: wall-clock
     seconds, CPU seconds of this process, and the average number of cores that

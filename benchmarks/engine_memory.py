@@ -31,6 +31,8 @@ from engine_common import (
     add_model_arguments,
     build_model,
     requests,
+    reset_peak,
+    status_kib,
     timed,
     water_box,
 )
@@ -38,26 +40,6 @@ from engine_common import (
 import metatrain_symmetry as msym
 from metatrain_symmetry.engine import RotatedEvaluator, rotated_systems
 from metatrain_symmetry.systems import prepare_systems
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_worker(mode: str, args) -> None:
@@ -92,12 +74,12 @@ def memory_worker(mode: str, args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
-    before = _status_kib("VmRSS")
-    resettable = _reset_peak()
+    before = status_kib("VmRSS")
+    resettable = reset_peak()
     if not resettable:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result, (wall, _, _) = timed(operation, device)
-    peak = _status_kib("VmHWM") if resettable else None
+    peak = status_kib("VmHWM") if resettable else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = {

@@ -113,8 +113,9 @@ def relative_difference(ours: TensorMap, theirs: TensorMap) -> float:
         order = [rows[tuple(s)] for s in block.samples.values.tolist()]
         if len(order) != len(rows):
             raise ValueError("the two results have different samples")
-        other_values = other.values[order].to(torch.float64)
-        values = block.values.to(torch.float64)
+        # analyze returns its maps on CPU, SymmetrizedModel on the model's device
+        other_values = other.values[order].to("cpu", torch.float64)
+        values = block.values.to("cpu", torch.float64)
         difference += float((values - other_values).square().sum())
         norm += float(other_values.square().sum())
     if their_blocks:

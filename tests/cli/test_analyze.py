@@ -96,3 +96,79 @@ def test_existing_output_directory_needs_force(inputs, tmp_path):
     assert process.returncode != 0
     assert "--force" in process.stderr
     assert (output / "keep.txt").read_text() == "user data"
+
+
+def test_infinitesimal_end_to_end(inputs, tmp_path):
+    import metatrain_symmetry as msym
+
+    output = tmp_path / "infinitesimal"
+    process = analyze_command(
+        inputs / "model.ckpt",
+        inputs / "data.xyz",
+        output,
+        "forces",
+        "--features",
+        "mtt::feature::gnn_layers.0_node",
+        "--infinitesimal",
+    )
+    assert process.returncode == 0, process.stderr
+    names = ["energy", "non_conservative_force", "forces"]
+    names.append("mtt::feature::gnn_layers.0_node")
+    expected = msym.infinitesimal(
+        inputs / "model.ckpt", ase.io.read(inputs / "data.xyz", ":"), names
+    )
+    for name in names:
+        stem = msym.diagnostics.file_stem(name)
+        lie = mts.load(str(output / f"{stem}.lie_derivative.mts"))
+        assert mts.allclose(lie, expected.lie_derivative[name], rtol=1e-10)
+        assert lie.block().components[0].names == ["generator"]
+    torque = mts.load(str(output / "torque.mts"))
+    assert mts.allclose(torque, expected.torque, rtol=1e-10)
+    assert "`forces`" in (output / "infinitesimal.md").read_text()
+    rows = (output / "infinitesimal.csv").read_text().splitlines()
+    assert rows[0].startswith("structure,energy:relative_lie_derivative")
+    assert len(rows) == 3
+    value = float(rows[1].split(",")[1])
+    assert value == pytest.approx(float(expected.relative_lie_derivative["energy"][0]))
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--grid-degree", "4"], "--grid-degree sets the grid of the grid analysis"),
+        (["--rotations", "8"], "--rotations sets the grid of the grid analysis"),
+        (["--per-atom"], "remove --per-atom"),
+        (["--method", "sideways"], "invalid choice: 'sideways'"),
+    ],
+)
+def test_infinitesimal_bad_input(inputs, arguments, message):
+    process = mtt_symmetry(
+        "analyze",
+        "model.ckpt",
+        "data.xyz",
+        "-o",
+        "result",
+        "--infinitesimal",
+        *arguments,
+        cwd=inputs,
+    )
+    assert process.returncode != 0
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
+    assert not (inputs / "result").exists()
+
+
+def test_method_needs_infinitesimal(inputs):
+    process = mtt_symmetry(
+        "analyze",
+        "model.ckpt",
+        "data.xyz",
+        "-o",
+        "result",
+        "--method",
+        "forward",
+        cwd=inputs,
+    )
+    assert process.returncode != 0
+    assert "--method applies to --infinitesimal only" in process.stderr
+    assert not (inputs / "result").exists()

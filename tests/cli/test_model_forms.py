@@ -175,6 +175,9 @@ def command_line(command: str, form: str) -> tuple[list[str], str]:
     output = f"{command}-{form}"
     if command in ("analyze", "audit"):
         return [command, model, "structures.xyz", "-o", output, *grid], output
+    if command == "analyze-infinitesimal":
+        arguments = ["analyze", model, "structures.xyz", "-o", output]
+        return arguments + ["--infinitesimal", "--outputs", "energy", "forces"], output
     if command in ("export", "export-symmetrized"):
         output += ".pt"
         arguments = ["export", model, "-o", output, "--audit", "structures.xyz"]
@@ -192,7 +195,15 @@ def command_line(command: str, form: str) -> tuple[list[str], str]:
     return arguments + ["--rotations", "2", "-o", output], output
 
 
-COMMANDS = ["analyze", "audit", "export", "export-symmetrized", "dynamics", "retrain"]
+COMMANDS = [
+    "analyze",
+    "analyze-infinitesimal",
+    "audit",
+    "export",
+    "export-symmetrized",
+    "dynamics",
+    "retrain",
+]
 CASES = [(command, form) for command in COMMANDS for form in FORMS]
 
 

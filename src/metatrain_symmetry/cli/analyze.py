@@ -9,6 +9,13 @@ from pathlib import Path
 from ..data import read_structures
 from ..diagnostics import analyze, plot_spectra, save_result, summary_table
 from ..distributed import work_directory
+from ..infinitesimal import (
+    METHODS,
+    infinitesimal,
+    infinitesimal_csv,
+    infinitesimal_table,
+    save_infinitesimal,
+)
 from ..models import load_model
 from . import options
 
@@ -21,8 +28,14 @@ DESCRIPTION = (
     "Evaluate MODEL (exported .pt or metatrain .ckpt) on rotated copies of "
     "every structure in DATA and write equivariance errors, character "
     "projections, symmetrized predictions and spectra as TensorMaps, a "
-    "summary table (summary.md) and spectra.png."
+    "summary table (summary.md) and spectra.png. With --infinitesimal, write "
+    "instead the Lie derivatives of every output along the three generators of "
+    "rotations, their inversion errors, and the torque and antisymmetric virial "
+    "of the energy, from one model call per structure."
 )
+
+# the grid-analysis options that --infinitesimal has no use for
+_GRID_OPTIONS = {"grid_degree": "--grid-degree", "rotations": "--rotations"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +52,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-atom", action="store_true", help="per-atom energies and stresses"
     )
-    options.add_grid(parser)
+    options.add_grid(
+        parser, batch_unit="rotated copies (structures with --infinitesimal)"
+    )
+    parser.add_argument(
+        "--infinitesimal",
+        action="store_true",
+        help="Lie derivatives, inversion errors, torque and antisymmetric virial "
+        "(one model call per structure) instead of the grid analysis",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="with --infinitesimal: how the derivatives of model outputs are "
+        "taken (default: forward mode, double backward where the model has no "
+        "forward-mode derivative)",
+    )
     options.add_device(parser)
     options.add_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     output = options.output_directory(args)
+    if args.infinitesimal:
+        _check_infinitesimal_options(args)
     settings = options.shared_settings(args)
     model = load_model(
         args.model, dtype=settings.pop("dtype"), device=settings.pop("device")
@@ -56,6 +87,11 @@ def run(args: argparse.Namespace) -> None:
     if len(names) == 0:
         raise ValueError("nothing to analyse: give --outputs and/or --features")
     model.check_names(names)
+    if args.infinitesimal:
+        _run_infinitesimal(args, output, model, frames, names, settings["batch_size"])
+        return
+    if args.method != "auto":
+        raise ValueError("--method applies to --infinitesimal only: add it")
     work_dir = work_directory(output)
     result = analyze(
         model,
@@ -77,4 +113,38 @@ def run(args: argparse.Namespace) -> None:
 
     options.write_output(output, write, work_dir)
     print(summary_table(result))
+    print(f"results written to {output}/")
+
+
+def _check_infinitesimal_options(args: argparse.Namespace) -> None:
+    """Refuse the options of the grid analysis that ``--infinitesimal`` ignores."""
+    for option, flag in _GRID_OPTIONS.items():
+        if getattr(args, option) is not None:
+            raise ValueError(
+                f"{flag} sets the grid of the grid analysis, which --infinitesimal "
+                "does not use: remove one of them"
+            )
+    if args.per_atom:
+        raise ValueError(
+            "--infinitesimal gives per-atom Lie derivatives of per-atom outputs "
+            "only: remove --per-atom"
+        )
+    if args.context.is_distributed:
+        raise ValueError(
+            "--infinitesimal runs in one process: start it without torchrun or srun"
+        )
+
+
+def _run_infinitesimal(args, output: Path, model, frames, names, batch_size) -> None:
+    result = infinitesimal(
+        model, frames, names, batch_size=batch_size, method=args.method, progress=True
+    )
+
+    def write(directory: Path) -> None:
+        save_infinitesimal(result, directory)
+        (directory / "infinitesimal.md").write_text(infinitesimal_table(result))
+        (directory / "infinitesimal.csv").write_text(infinitesimal_csv(result))
+
+    options.write_output(output, write)
+    print(infinitesimal_table(result))
     print(f"results written to {output}/")

@@ -98,9 +98,10 @@ def add_grid(
     max_lambda: bool = True,
     degree_help: str | None = None,
     default_rotations: int | None = None,
+    batch_unit: str = "rotated copies",
 ) -> None:
     """The O(3) grid (``--grid-degree`` or ``--rotations N`` with ``--seed``),
-    ``--max-lambda`` and ``--batch-size``."""
+    ``--max-lambda`` and ``--batch-size`` (counting ``batch_unit``)."""
     if max_lambda:
         parser.add_argument(
             "--max-lambda",
@@ -133,15 +134,17 @@ def add_grid(
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the --rotations elements"
     )
-    add_batch_size(parser)
+    add_batch_size(parser, batch_unit)
 
 
-def add_batch_size(parser: argparse.ArgumentParser) -> None:
+def add_batch_size(
+    parser: argparse.ArgumentParser, unit: str = "rotated copies"
+) -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="rotated copies per model call (default: as many as fit in about "
+        help=f"{unit} per model call (default: as many as fit in about "
         f"{DEFAULT_ATOMS_PER_BATCH} atoms)",
     )
 

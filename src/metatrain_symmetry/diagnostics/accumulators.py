@@ -97,10 +97,11 @@ class BlockAccumulator:
         self.irrep_keys = [
             irrep_keys(key_names, key_values, irrep) for irrep in self.irreps
         ]
+        # the moments are accumulated on CPU (see ``add``): so is their metadata
         self.sample_names = block.sample_names
-        self.sample_values = block.sample_values
-        self.components = block.components
-        self.properties = block.properties
+        self.sample_values = block.sample_values.cpu()
+        self.components = [labels.to("cpu") for labels in block.components]
+        self.properties = block.properties.to("cpu")
         self.reference: torch.Tensor | None = None
         self.first_moment: torch.Tensor | None = None
         self.second_moments: list[torch.Tensor] = []

@@ -198,7 +198,7 @@ class AnalysisPlan:
             current = chunk.structure
             shard = order[current][0]
             for name, output in chunk.outputs.items():
-                parts[shard].keys.setdefault(name, output.keys)
+                parts[shard].keys.setdefault(name, output.keys.to("cpu"))
                 per_structure = accumulators[name]
                 if chunk.structure not in per_structure:
                     per_structure[chunk.structure] = [

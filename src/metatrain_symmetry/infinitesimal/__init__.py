@@ -11,8 +11,9 @@ come with the forces.
 The modules of this package: ``algebra`` (the generators and how they act on
 each kind of output block), ``derivatives`` (the derivatives on one batch of
 structures, by forward mode or double backward), ``run``
-(:py:func:`~metatrain_symmetry.infinitesimal`) and ``result``
-(:py:class:`~metatrain_symmetry.InfinitesimalResult`)."""
+(:py:func:`~metatrain_symmetry.infinitesimal`), ``result``
+(:py:class:`~metatrain_symmetry.InfinitesimalResult`) and ``files`` (the
+result on disk)."""
 
 from .algebra import (
     GENERATOR_NAMES,
@@ -21,6 +22,7 @@ from .algebra import (
     so3_generators,
     spherical_generators,
 )
+from .files import infinitesimal_csv, infinitesimal_table, save_infinitesimal
 from .result import InfinitesimalResult
 from .run import METHODS, infinitesimal
 
@@ -31,7 +33,10 @@ __all__ = [
     "InfinitesimalResult",
     "apply_generator",
     "infinitesimal",
+    "infinitesimal_csv",
+    "infinitesimal_table",
     "inversion_sign",
+    "save_infinitesimal",
     "so3_generators",
     "spherical_generators",
 ]

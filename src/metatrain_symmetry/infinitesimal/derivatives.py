@@ -83,20 +83,20 @@ def _lacks_forward_mode(error: Exception) -> bool:
 def forward_derivatives(
     model: LoadedModel, prepared: Sequence[PreparedSystem], requests: dict
 ) -> Derivatives:
-    """Lie derivatives by forward-mode differentiation: four copies of each
-    structure (one per generator, and the inverted one) in one model call.
+    """Lie derivatives by forward-mode differentiation: three copies of each
+    structure (one per generator) in one model call on dual inputs, and the
+    inverted structures in a plain call (a dual input costs several times more).
 
     :raise ForwardModeUnsupported: when an operation of the model has no
         forward-mode formula
     """
     eye = torch.eye(3, dtype=model.dtype, device=model.device)
-    primal = torch.stack([eye, eye, eye, -eye])
-    tangent = torch.cat([so3_generators(model.dtype, model.device), 0 * eye[None]])
+    generators = so3_generators(model.dtype, model.device)
     try:
         # PyTorch's fused attention kernels have no forward-mode formula; the
         # reference (math) kernel computes the same function with ones that do
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
-            rotations = forward_ad.make_dual(primal, tangent)
+            rotations = forward_ad.make_dual(torch.stack([eye] * 3), generators)
             systems = [c for p in prepared for c in rotated_copies(p, rotations)[0]]
             results = model(systems, requests, None)
             maps = {name: _unpack_dual(results[name]) for name in requests}
@@ -104,24 +104,29 @@ def forward_derivatives(
         if _lacks_forward_mode(error):
             raise ForwardModeUnsupported(str(error)) from error
         raise
+    with torch.no_grad():
+        inverted = [c for p in prepared for c in rotated_copies(p, -eye[None])[0]]
+        inverted_results = model(inverted, requests, None)
     derivatives: Derivatives = {}
-    counts = [4] * len(prepared)
     for name, (values, tangents) in maps.items():
-        keys, value_chunks = split_by_copy(values, counts, name)
-        _, tangent_chunks = split_by_copy(tangents, counts, name)
+        keys, value_chunks = split_by_copy(values, [3] * len(prepared), name)
+        _, tangent_chunks = split_by_copy(tangents, [3] * len(prepared), name)
+        _, inverted_chunks = split_by_copy(
+            _detached(inverted_results[name]), [1] * len(prepared), name
+        )
         derivatives[name] = (
             keys,
             [
                 [
                     _block_derivatives(
-                        name, keys, index, chunk, chunk.values[3], d.values
+                        name, keys, index, chunk, inverse.values[0], tangent.values
                     )
-                    for index, (chunk, d) in enumerate(
-                        zip(value_blocks, tangent_blocks, strict=True)
+                    for index, (chunk, inverse, tangent) in enumerate(
+                        zip(*structure, strict=True)
                     )
                 ]
-                for value_blocks, tangent_blocks in zip(
-                    value_chunks, tangent_chunks, strict=True
+                for structure in zip(
+                    value_chunks, inverted_chunks, tangent_chunks, strict=True
                 )
             ],
         )
@@ -317,8 +322,8 @@ def _block_derivatives(
     derivative: torch.Tensor,
 ) -> BlockDerivatives:
     """``L_k f = D_k f - d rho(G_k) f`` from the derivatives ``D_k f``
-    (``derivative``, ``(3, n_samples, ...)``, or ``(4, ...)`` whose first three
-    are used)."""
+    (``derivative``, ``(3, n_samples, ...)``), with the values of the inverted
+    copy (``(n_samples, ...)``)."""
     layout = block_layout(name, keys.names, keys.values[index], chunk.components)
     values = chunk.values[0]
     generators = so3_generators(values.dtype, values.device)

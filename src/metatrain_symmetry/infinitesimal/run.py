@@ -40,7 +40,7 @@ ENERGY_OUTPUTS = ("energy", *DERIVED_OUTPUTS)
 """outputs whose Lie derivatives come from derivatives of the energy"""
 
 _COPIES = 4
-"""copies of each structure in one model call: one per generator, the inverted"""
+"""copies of each structure in a batch: one per generator, and the inverted one"""
 
 
 def infinitesimal(

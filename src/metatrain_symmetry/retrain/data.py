@@ -93,9 +93,17 @@ def structure_infos(model: LoadedModel, systems: list[System], targets) -> list:
             t.name: ModelOutput(sample_kind="system" if t.per_structure else "atom")
             for t in targets
         }
-        full = pet.scaler.get_scales([system], requests)
+        # the scaler's target layouts stay on CPU when the model moves to a GPU,
+        # and its scales follow the structures' device: ask on a CPU copy
+        on_cpu = System(
+            types=system.types.cpu(),
+            positions=system.positions.detach().cpu(),
+            cell=system.cell.detach().cpu(),
+            pbc=system.pbc.cpu(),
+        )
+        full = pet.scaler.get_scales([on_cpu], requests)
         per_target = pet.scaler.get_scales(
-            [system], requests, use_per_property_scales=False
+            [on_cpu], requests, use_per_property_scales=False
         )
         volume = abs(float(torch.det(system.cell.to(torch.float64))))
         infos.append(
