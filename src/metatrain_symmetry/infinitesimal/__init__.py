@@ -11,7 +11,7 @@ come with the forces.
 The modules of this package: ``algebra`` (the generators and how they act on
 each kind of output block), ``derivatives`` (the derivatives on one batch of
 structures, by forward mode or double backward), ``run``
-(:py:func:`~metatrain_symmetry.infinitesimal`), ``result``
+(:py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`), ``result``
 (:py:class:`~metatrain_symmetry.InfinitesimalResult`) and ``files`` (the
 result on disk)."""
 
