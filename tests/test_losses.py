@@ -165,13 +165,21 @@ def make_systems(seed=0):
     return systems
 
 
-def penalty_for(name, matrix, n_rotations, gradient=None, per_structure=()):
+def penalty_for(
+    name, matrix, n_rotations=None, gradient=None, per_structure=(), method="rotations"
+):
     model = LinearModel(matrix)
     systems = make_systems()
     infos = target_infos(() if gradient is None else (gradient,))
     context = PenaltyContext(seed=1)
     loss = EquivarianceLoss(
-        name, gradient, 1.0, "mean", n_rotations=n_rotations, context=context
+        name,
+        gradient,
+        1.0,
+        "mean",
+        n_rotations=n_rotations,
+        method=method,
+        context=context,
     )
     context.step = TrainingStep(
         model, systems, {name: infos[name]}, list(per_structure)
@@ -225,10 +233,64 @@ def test_without_a_training_step_the_loss_is_the_base_loss():
     )
 
 
+@pytest.mark.parametrize("method", ["rotations", "generators"])
 @pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical", "energy"])
-def test_exactly_equivariant_outputs_have_no_penalty(name):
-    penalty, _, _ = penalty_for(name, 1.7 * torch.eye(3), n_rotations=3)
+def test_exactly_equivariant_outputs_have_no_penalty(name, method):
+    n_rotations = 3 if method == "rotations" else None
+    penalty, _, _ = penalty_for(name, 1.7 * torch.eye(3), n_rotations, method=method)
     assert abs(float(penalty.detach())) < 1e-24
+
+
+def generators():
+    from metatrain_symmetry.generators import so3_generators
+
+    return so3_generators(torch.float64)
+
+
+@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
+def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
+    # L_k (D x) = D G_k x - G_k D x = [D, G_k] x for every atom; the spherical
+    # block holds the same vector with its components permuted
+    penalty, model, systems = penalty_for(name, ANISOTROPIC, method="generators")
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([s.positions for s in systems])
+    expected = (
+        sum(
+            (x @ (matrix @ g - g @ matrix).T).square().sum(dim=1) for g in generators()
+        ).mean()
+        / 3
+    )
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    # and so is its gradient with respect to the parameters
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+
+
+def test_generator_penalty_of_an_energy():
+    # d/dt E(exp(t G_k) x) = sum_i (G_k x_i) . D_sym x_i, divided by the number of
+    # atoms as metatrain does before the loss
+    penalty, model, systems = penalty_for("energy", ANISOTROPIC, method="generators")
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    symmetric = (matrix + matrix.T) / 2
+    lie = torch.stack(
+        [
+            torch.stack(
+                [
+                    ((s.positions @ g.T) * (s.positions @ symmetric.T)).sum()
+                    for g in generators()
+                ]
+            )
+            / len(s)
+            for s in systems
+        ]
+    )
+    expected = lie.square().sum(dim=1).mean()
+    assert float(expected.detach()) > 1e-3
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
@@ -358,6 +420,11 @@ def test_compute_adds_gamma_times_penalty():
         ({"sigma": 1.0}, "training.loss.energy.sigma"),
         ({"delta": 0.5}, "training.loss.energy.delta"),
         ({"base": "huber", "delta": -1.0}, "training.loss.energy.delta"),
+        ({"method": "grids"}, "training.loss.energy.method"),
+        (
+            {"method": "generators", "n_rotations": 2},
+            "training.loss.energy.n_rotations applies to method: rotations",
+        ),
     ],
 )
 def test_invalid_options_name_the_option(options, message):
@@ -365,7 +432,7 @@ def test_invalid_options_name_the_option(options, message):
         check_options({"type": "equivariance", **options}, "training.loss.energy")
     # the class checks the same (unknown keywords are Python's TypeError)
     with pytest.raises(
-        (ValueError, TypeError), match="gamma|n_rotations|base|delta|sigma"
+        (ValueError, TypeError), match="gamma|n_rotations|base|delta|sigma|method"
     ):
         EquivarianceLoss("energy", None, 1.0, "mean", **options)
 
@@ -375,6 +442,7 @@ def test_defaults_and_nested_entries():
         "base": "mse",
         "gamma": 1.0,
         "n_rotations": 2,
+        "method": "rotations",
     }
     assert check_options({"base": "huber"}, "x")["delta"] == 1.0
     check_loss_options({"energy": "mse", "force": {"type": "mae"}})
@@ -392,3 +460,16 @@ def test_defaults_and_nested_entries():
                 }
             }
         )
+
+
+def test_generators_penalise_values_only():
+    with pytest.raises(
+        ValueError,
+        match=r"training\.loss\.energy\.forces\.method: generators penalises the "
+        "values of a target",
+    ):
+        check_loss_options(
+            {"energy": {"forces": {"type": "equivariance", "method": "generators"}}}
+        )
+    with pytest.raises(ValueError, match="not its gradients: use method: rotations"):
+        EquivarianceLoss("energy", "positions", 1.0, "mean", method="generators")

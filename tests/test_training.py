@@ -36,9 +36,12 @@ def pet_options(loss: str, epochs: int = EPOCHS, training_extra: str = "") -> st
     )
 
 
-def equivariance_loss(energy_gamma: float, force_gamma: float) -> str:
-    energy = f"{{type: equivariance, base: mse, gamma: {energy_gamma}, n_rotations: 2}}"
-    force = f"{{type: equivariance, gamma: {force_gamma}}}"
+def equivariance_loss(
+    energy_gamma: float, force_gamma: float, method: str = "rotations"
+) -> str:
+    copies = "n_rotations: 2" if method == "rotations" else f"method: {method}"
+    energy = f"{{type: equivariance, base: mse, gamma: {energy_gamma}, {copies}}}"
+    force = f"{{type: equivariance, gamma: {force_gamma}, method: {method}}}"
     return f"loss:\n  energy: {energy}\n  non_conservative_force: {force}\n"
 
 
@@ -136,6 +139,10 @@ def runs(tmp_path_factory):
         root / "penalised": start(
             root / "penalised", pet_options(equivariance_loss(30, 30))
         ),
+        root / "generators": start(
+            root / "generators",
+            pet_options(equivariance_loss(30, 30, "generators")),
+        ),
     }
     finish(first)
 
@@ -193,11 +200,15 @@ def force_error(checkpoint: Path, frames) -> float:
     return float(result.equivariance_rmse("non_conservative_force").mean())
 
 
-def test_penalty_lowers_the_equivariance_error(runs):
+def force_error_ratio(runs, name: str) -> float:
+    """The force equivariance error of run ``name`` over that of ``gamma0``."""
     frames = ase.io.read(runs / "validation.xyz", ":")
     plain = force_error(runs / "gamma0" / "model.ckpt", frames)
-    penalised = force_error(runs / "penalised" / "model.ckpt", frames)
-    assert penalised < 0.9 * plain
+    return force_error(runs / name / "model.ckpt", frames) / plain
+
+
+def test_penalty_lowers_the_equivariance_error(runs):
+    assert force_error_ratio(runs, "penalised") < 0.9
 
     rows = metrics(runs / "penalised")
     assert len(rows) == EPOCHS
@@ -208,6 +219,14 @@ def test_penalty_lowers_the_equivariance_error(runs):
     assert not any(key.startswith("validation L_sigma") for key in rows[0])
     log = (runs / "penalised" / "run.log").read_text()
     assert "training L_sigma(non_conservative_force):" in log
+
+
+def test_generator_penalty_lowers_the_equivariance_error(runs):
+    assert force_error_ratio(runs, "generators") < 0.9
+    rows = metrics(runs / "generators")
+    assert float(rows[-1]["training L_sigma(non_conservative_force)"]) < float(
+        rows[0]["training L_sigma(non_conservative_force)"]
+    )
 
 
 def test_exports_with_plain_mtt_export(runs):

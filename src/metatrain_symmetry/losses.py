@@ -15,6 +15,14 @@ an unbiased estimate of the component-averaged equivariance error ``A`` that
 units of the base loss (after metatrain's removal of the composition baseline and
 target scale, division by the number of atoms and per-property scales).
 
+With ``method: generators``, ``L_sigma`` is instead the mean over samples,
+components and properties of ``sum_k (L_k z)^2``, the squared Lie derivatives of
+the prediction along the three generators of rotations (per radian squared, in
+the same normalized units), from one forward-mode evaluation of three copies of
+the batch: zero exactly when the prediction is equivariant, with no random
+rotation. It applies to the values of a target (energies, non-conservative
+forces, spherical targets), not to gradients.
+
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
 to inversions, so only the independent copies give an unbiased estimate.
@@ -36,16 +44,20 @@ from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
+from .generators import apply_generator, so3_generators
 from .irreps import block_layout, undo_rotation
 from .rotated_predictions import (
+    GeneratorDerivatives,
     RotatedPredictions,
     TrainingStep,
+    evaluate_generator_derivatives,
     evaluate_rotated_copies,
 )
 
 
 __all__ = [
     "BASE_LOSSES",
+    "PENALTY_METHODS",
     "DEFAULTS",
     "LOSS_TYPE",
     "EquivarianceLoss",
@@ -53,6 +65,7 @@ __all__ = [
     "check_loss_options",
     "check_options",
     "equivariance_penalty",
+    "generator_penalty",
 ]
 
 LOSS_TYPE = "equivariance"
@@ -61,7 +74,11 @@ LOSS_TYPE = "equivariance"
 BASE_LOSSES = ("mse", "mae", "huber")
 """Built-in pointwise metatrain losses usable as ``base``."""
 
-DEFAULTS = {"base": "mse", "gamma": 1.0, "n_rotations": 2}
+DEFAULTS = {"base": "mse", "gamma": 1.0, "n_rotations": 2, "method": "rotations"}
+
+PENALTY_METHODS = ("rotations", "generators")
+"""how ``L_sigma`` is estimated: the variance over random rotated copies, or the
+squared Lie derivatives along the generators of rotations"""
 
 # left to metatrain, including its energy shorthands for the gradient entries
 _GENERIC_OPTIONS = (
@@ -76,14 +93,18 @@ _GENERIC_OPTIONS = (
 _OPTIONS = (*DEFAULTS, "delta")
 
 
-def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
+def check_options(
+    options: Mapping[str, Any], where: str, gradient: bool = False
+) -> dict[str, Any]:
     """Validate the options of one equivariance loss entry.
 
     :param options: the entry, as written under ``training.loss`` (``type``,
         ``weight``, ``reduction`` and ``gradients`` are left to metatrain)
     :param where: the option path used in error messages, e.g.
         ``"training.loss.energy"``
-    :return: ``base``, ``gamma``, ``n_rotations`` and ``delta`` with defaults filled
+    :param gradient: whether the entry is that of a gradient (forces, stress)
+    :return: ``base``, ``gamma``, ``n_rotations``, ``method`` and ``delta`` with
+        defaults filled
     :raises ValueError: naming the offending option
     """
     unknown = [
@@ -120,6 +141,7 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
             f"{where}.n_rotations must be at least 2 (the variance needs two "
             f"copies), got {n_rotations}"
         )
+    _check_method(options, checked["method"], where, gradient)
     delta = checked.get("delta")
     if delta is not None and base != "huber":
         raise ValueError(f"{where}.delta is only used with base: huber")
@@ -131,6 +153,26 @@ def check_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
     else:
         checked.pop("delta", None)
     return checked
+
+
+def _check_method(options, method, where: str, gradient: bool) -> None:
+    if method not in PENALTY_METHODS:
+        raise ValueError(
+            f"{where}.method must be one of {', '.join(PENALTY_METHODS)}, "
+            f"got {method!r}"
+        )
+    if method != "generators":
+        return
+    if "n_rotations" in options:
+        raise ValueError(
+            f"{where}.n_rotations applies to method: rotations; method: generators "
+            "uses no rotated copies: remove one of them"
+        )
+    if gradient:
+        raise ValueError(
+            f"{where}.method: generators penalises the values of a target, not its "
+            "gradients: use method: rotations here"
+        )
 
 
 def check_loss_options(loss: Any, where: str = "training.loss") -> None:
@@ -155,7 +197,7 @@ def check_loss_options(loss: Any, where: str = "training.loss") -> None:
         for name, sub in subentries.items():
             if isinstance(sub, Mapping) and sub.get("type") == LOSS_TYPE:
                 prefix = "gradients." if name not in entry else ""
-                check_options(sub, f"{path}.{prefix}{name}")
+                check_options(sub, f"{path}.{prefix}{name}", gradient=True)
 
 
 class PenaltyContext:
@@ -177,6 +219,7 @@ class PenaltyContext:
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self._step: Optional[TrainingStep] = None
         self._rotated: Optional[RotatedPredictions] = None
+        self._derivatives: Optional[GeneratorDerivatives] = None
         # sums stay tensors on the model's device until logged: converting each
         # step's value to a float would wait for the device in mid-step
         self._log_sums: dict[str, list] = {}
@@ -189,6 +232,7 @@ class PenaltyContext:
     def step(self, step: Optional[TrainingStep]) -> None:
         self._step = step
         self._rotated = None
+        self._derivatives = None
 
     def rotated_predictions(self, loss: EquivarianceLoss) -> RotatedPredictions:
         """Predictions on rotated copies for the current step, evaluated once for
@@ -202,13 +246,7 @@ class PenaltyContext:
                 loss.gradient is None or loss.gradient in cached.gradients[loss.target]
             ):
                 return cached
-        active = [
-            other
-            for other in self.losses
-            if other.gamma > 0 and other.target in step.targets
-        ]
-        if loss not in active:
-            active.append(loss)
+        active = self._active(loss, "rotations")
         n_copies = max(other.n_rotations for other in active)
         gradients: dict[str, set] = {}
         for other in active:
@@ -219,6 +257,33 @@ class PenaltyContext:
             step, gradients, n_copies, self.generator
         )
         return self._rotated
+
+    def generator_derivatives(self, loss: EquivarianceLoss) -> GeneratorDerivatives:
+        """Predictions and their derivatives along the generators for the
+        current step, evaluated once for every active loss of this context with
+        ``method: generators`` (or again if ``loss`` needs another target)."""
+        step = self._step
+        assert step is not None
+        cached = self._derivatives
+        if cached is not None and loss.target in cached.predictions:
+            return cached
+        targets = {other.target for other in self._active(loss, "generators")}
+        self._derivatives = evaluate_generator_derivatives(step, sorted(targets))
+        return self._derivatives
+
+    def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
+        """The losses of this context that penalise the current step with
+        ``method``, ``loss`` included."""
+        active = [
+            other
+            for other in self.losses
+            if other.gamma > 0
+            and other.method == method
+            and other.target in self._step.targets
+        ]
+        if loss not in active:
+            active.append(loss)
+        return active
 
     def record(self, label: str, value: torch.Tensor) -> None:
         """Add one step's ``L_sigma`` (a detached scalar tensor) to the log."""
@@ -319,6 +384,35 @@ def equivariance_penalty(
     return torch.cat(deviations).mean()
 
 
+def generator_penalty(derivatives: GeneratorDerivatives, target: str) -> torch.Tensor:
+    """``L_sigma`` of one target with ``method: generators``.
+
+    :param derivatives: predictions on three copies of the step's systems and
+        their tangents along ``G_x``, ``G_y``, ``G_z`` (copy ``k``: ``G_k``)
+    :param target: target name
+    :return: scalar, mean over samples, components and properties of
+        ``sum_k (L_k z)^2`` with ``L_k z = D_k z - d rho(G_k) z``
+    """
+    tensor = derivatives.predictions[target]
+    tangents = derivatives.tangents[target]
+    n_systems = derivatives.n_systems
+    squares = []
+    for (key, block), tangent in zip(tensor.items(), tangents.blocks(), strict=True):
+        layout = block_layout(
+            target, list(tensor.keys.names), key.values, block.components
+        )
+        generators = so3_generators(block.values.dtype, block.values.device)
+        system = block.samples.column("system").to(torch.long)
+        copy = torch.div(system, n_systems, rounding_mode="floor")
+        lie = [
+            tangent.values[copy == k]
+            - apply_generator(block.values[copy == k], layout, generators[k])
+            for k in range(3)
+        ]
+        squares.append(sum(value.square() for value in lie).reshape(-1))
+    return torch.cat(squares).mean()
+
+
 class EquivarianceLoss(LossInterface):
     """``L = L_mu + gamma * L_sigma`` for one target (or one of its gradients).
 
@@ -331,6 +425,7 @@ class EquivarianceLoss(LossInterface):
     :param gamma: weight of ``L_sigma``, ``>= 0``; with ``0`` the loss is exactly the
         base loss and no rotated copy is evaluated
     :param n_rotations: rotated copies per structure, ``>= 2``
+    :param method: see :py:data:`PENALTY_METHODS`
     :param delta: threshold of the Huber base loss (default 1)
     :param context: the :py:class:`PenaltyContext` this loss takes training steps
         from; a new one by default
@@ -344,19 +439,23 @@ class EquivarianceLoss(LossInterface):
         reduction: str,
         base: str = "mse",
         gamma: float = 1.0,
-        n_rotations: int = 2,
+        n_rotations: Optional[int] = None,
+        method: str = "rotations",
         delta: Optional[float] = None,
         context: Optional[PenaltyContext] = None,
     ):
-        options = {"base": base, "gamma": gamma, "n_rotations": n_rotations}
+        options = {"base": base, "gamma": gamma, "method": method}
+        if n_rotations is not None:
+            options["n_rotations"] = n_rotations
         if delta is not None:
             options["delta"] = delta
         where = f"training.loss.{name}" + (f".gradients.{gradient}" if gradient else "")
-        checked = check_options(options, where)
+        checked = check_options(options, where, gradient is not None)
         super().__init__(name, gradient, weight, reduction)
         self.base = checked["base"]
         self.gamma = checked["gamma"]
         self.n_rotations = checked["n_rotations"]
+        self.method = checked["method"]
         extra = {"delta": checked["delta"]} if self.base == "huber" else {}
         self.base_loss = LossType.from_key(self.base).cls(
             name=name, gradient=gradient, weight=weight, reduction=reduction, **extra
@@ -399,10 +498,14 @@ class EquivarianceLoss(LossInterface):
     def penalty(self) -> torch.Tensor:
         """``L_sigma`` for the current training step of the context (differentiable
         with respect to the model's parameters)."""
-        rotated = self.context.rotated_predictions(self)
-        penalty = equivariance_penalty(
-            rotated, self.target, self.gradient, self.n_rotations
-        )
+        if self.method == "generators":
+            derivatives = self.context.generator_derivatives(self)
+            penalty = generator_penalty(derivatives, self.target)
+        else:
+            rotated = self.context.rotated_predictions(self)
+            penalty = equivariance_penalty(
+                rotated, self.target, self.gradient, self.n_rotations
+            )
         self.last_penalty = penalty.detach()
         self.context.record(self.label, self.last_penalty)
         return penalty

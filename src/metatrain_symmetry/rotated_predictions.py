@@ -8,9 +8,12 @@ per-property scales).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
@@ -45,6 +48,115 @@ class RotatedPredictions:
     predictions: dict[str, TensorMap]
     gradients: dict[str, set]
     """for each target, the gradients that were computed"""
+
+
+@dataclass
+class GeneratorDerivatives:
+    """Predictions on three copies of every system of a step, ordered copy-major
+    (system ``k * n_systems + i`` is copy ``k`` of system ``i``), and their
+    derivatives along the generator ``G_k`` of copy ``k``: the tangents of a
+    rotation ``exp(t G_k)`` at ``t = 0``, in the units of the loss and
+    differentiable with respect to the model's parameters."""
+
+    n_systems: int
+    predictions: dict[str, TensorMap]
+    """the predictions of every copy (the same for the three copies of a system)"""
+    tangents: dict[str, TensorMap]
+    """``d/dt z(exp(t G_k) x)`` at ``t = 0``, with the metadata of ``predictions``"""
+
+
+def evaluate_generator_derivatives(
+    step: TrainingStep, targets: Iterable[str]
+) -> GeneratorDerivatives:
+    """Evaluate the step's model on three copies of each system whose rotation
+    is the dual number ``I + t G_k`` (forward-mode differentiation), in one
+    batch, and split the predictions of ``targets`` into values and tangents.
+
+    :param step: the training step
+    :param targets: the targets to evaluate (their values; no gradients)
+    """
+    from .generators import so3_generators
+
+    systems = step.systems
+    n_systems = len(systems)
+    positions = systems[0].positions
+    eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+    tangent = so3_generators(positions.dtype, positions.device)
+    infos = _requested_targets(step.targets, {name: set() for name in targets})
+    with _differentiable_attention(), forward_ad.dual_level():
+        rotations = forward_ad.make_dual(
+            eye.expand(3 * n_systems, 3, 3).clone(),
+            tangent.repeat_interleave(n_systems, dim=0),
+        )
+        rotated = _copy_major_systems(systems, rotations, 3)
+        predictions = _predictions_in_loss_units(step, rotated, infos)
+        split = {name: _split_dual(tensor) for name, tensor in predictions.items()}
+    return GeneratorDerivatives(
+        n_systems,
+        {name: values for name, (values, _) in split.items()},
+        {name: tangents for name, (_, tangents) in split.items()},
+    )
+
+
+def _split_dual(tensor: TensorMap) -> tuple[TensorMap, TensorMap]:
+    """The primal and tangent values of a map computed on dual inputs (a zero
+    tangent where the values do not depend on them)."""
+    from metatensor.torch import TensorBlock
+
+    primals, tangents = [], []
+    for block in tensor.blocks():
+        primal, tangent = forward_ad.unpack_dual(block.values)
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        for values, kept in ((primal, primals), (tangent, tangents)):
+            kept.append(
+                TensorBlock(
+                    values=values,
+                    samples=block.samples,
+                    components=block.components,
+                    properties=block.properties,
+                )
+            )
+    return TensorMap(tensor.keys, primals), TensorMap(tensor.keys, tangents)
+
+
+def _reference_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
+):
+    """``scaled_dot_product_attention`` written out, with a softmax free of
+    in-place operations."""
+    if dropout_p != 0.0 or is_causal:
+        raise ValueError(
+            "method: generators supports attention without dropout or causal masks"
+        )
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    weights = (query @ key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attn_mask, float("-inf"))
+        else:
+            weights = weights + attn_mask
+    weights = torch.exp(weights - weights.amax(dim=-1, keepdim=True).detach())
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ value
+
+
+@contextlib.contextmanager
+def _differentiable_attention() -> Iterator[None]:
+    """Replace ``torch.nn.functional.scaled_dot_product_attention`` by the same
+    function written out, for the duration.
+
+    Back-propagating through forward-mode tangents fails in every kernel of
+    PyTorch's own (the fused ones have no forward-mode formula, the math one
+    modifies its softmax in place); the written-out attention computes the same
+    function with operations that support both.
+    """
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _reference_attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
 
 
 def evaluate_rotated_copies(

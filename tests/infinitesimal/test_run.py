@@ -10,7 +10,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, System
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.infinitesimal import so3_generators
+from metatrain_symmetry.generators import so3_generators
 from tests.helpers import (
     AnalyticModel,
     PairPotential,

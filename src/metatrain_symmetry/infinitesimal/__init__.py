@@ -8,35 +8,24 @@ output. For a conservative energy, ``L_k E`` is minus the net torque of a
 molecule, and the antisymmetric part of the virial of a periodic structure; both
 come with the forces.
 
-The modules of this package: ``algebra`` (the generators and how they act on
-each kind of output block), ``derivatives`` (the derivatives on one batch of
+The generators and how they act on each kind of output block are in
+:py:mod:`metatrain_symmetry.generators`. The modules of this package:
+``derivatives`` (the derivatives on one batch of
 structures, by forward mode or double backward), ``run``
 (:py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`), ``result``
 (:py:class:`~metatrain_symmetry.InfinitesimalResult`) and ``files`` (the
 result on disk)."""
 
-from .algebra import (
-    GENERATOR_NAMES,
-    apply_generator,
-    inversion_sign,
-    so3_generators,
-    spherical_generators,
-)
 from .files import infinitesimal_csv, infinitesimal_table, save_infinitesimal
 from .result import InfinitesimalResult
 from .run import METHODS, infinitesimal
 
 
 __all__ = [
-    "GENERATOR_NAMES",
     "METHODS",
     "InfinitesimalResult",
-    "apply_generator",
     "infinitesimal",
     "infinitesimal_csv",
     "infinitesimal_table",
-    "inversion_sign",
     "save_infinitesimal",
-    "so3_generators",
-    "spherical_generators",
 ]

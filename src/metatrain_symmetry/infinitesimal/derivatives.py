@@ -34,9 +34,9 @@ from metatomic.torch import ModelOutput, System
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..engine import BlockChunk, PreparedSystem, rotated_copies, split_by_copy
+from ..generators import apply_generator, so3_generators
 from ..irreps import block_layout
 from ..models import LoadedModel
-from .algebra import apply_generator, so3_generators
 
 
 __all__ = [

@@ -13,11 +13,11 @@ from metatomic.torch import System
 from .._utils import first_line, is_integer, name_list, progress_bar
 from ..diagnostics import output_request, zero_structures
 from ..engine import DEFAULT_ATOMS_PER_BATCH, check_periodic, prepare_rotations
+from ..generators import inversion_sign
 from ..irreps import block_layout
 from ..models import ModelLike, load_model
 from ..quantities import DERIVED_OUTPUTS
 from ..systems import SystemLike, prepare_systems
-from .algebra import inversion_sign
 from .derivatives import (
     BlockDerivatives,
     Derivatives,

@@ -17,7 +17,7 @@ import scipy.linalg
 import torch
 from metatomic.torch.o3 import O3Transformations
 
-from ..irreps import BlockLayout
+from .irreps import BlockLayout
 
 
 __all__ = [

@@ -4,7 +4,7 @@ import scipy.linalg
 import torch
 from metatomic.torch.o3 import O3Transformations
 
-from metatrain_symmetry.infinitesimal import (
+from metatrain_symmetry.generators import (
     apply_generator,
     inversion_sign,
     so3_generators,
