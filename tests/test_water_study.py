@@ -21,6 +21,10 @@ def _numbers(entry: dict, keys) -> None:
         assert isinstance(entry[key], float), (key, entry)
 
 
+def forces_of_models() -> dict[str, str]:
+    return {"conservative": "forces", "non-conservative": "non_conservative_force"}
+
+
 def test_water_study_quick(tmp_path):
     assert DATA.is_file(), (
         f"the water study needs the revPBE0-D3 water data at {DATA} (the shared "
@@ -63,9 +67,25 @@ def test_water_study_quick(tmp_path):
         )
     assert 1.0 < report["zero_force_mae"] < 2.0  # eV/A
 
+    # the infinitesimal screen against the audit, on the sets it is run on
+    for name, force in forces_of_models().items():
+        for set_name in ("test", "molecules", "dimers"):
+            entry = report["screen"][name][set_name]
+            assert entry["screen_seconds_per_structure"] > 0
+            assert entry["audit_seconds_per_structure"] > 0
+            for output_name in ("energy", force):
+                value = entry["outputs"][output_name]
+                assert value["mean_lie_rmse"] > 0
+                if value["rho"] is not None:
+                    assert -1.0 <= value["rho"] <= 1.0
+    assert (
+        "## The infinitesimal screen against the grid audit"
+        in (output / "report.md").read_text()
+    )
+
     # 2. audits of both models on every set, the extra one included
     sets = {"test", "molecules", "dimers", "ice Ih", "gas molecule"}
-    forces = {"conservative": "forces", "non-conservative": "non_conservative_force"}
+    forces = forces_of_models()
     for name, force in forces.items():
         audits = report["audits"][name]
         assert set(audits) == sets

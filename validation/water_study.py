@@ -637,13 +637,14 @@ def stage_audits(output, config, sets):
     from metatrain_symmetry.audit import write_audit_report
 
     grid = msym.O3Grid.random(config["rotations"], seed=1)
-    audits, correlations = {}, {}
+    audits, correlations, screened = {}, {}, {}
     for model_name, (_, force) in MODELS.items():
         model = msym.load_model(
             output / "models" / model_name / "model.ckpt", dtype=torch.float64
         )
-        audits[model_name] = {}
+        audits[model_name], screened[model_name] = {}, {}
         for set_name, frames in sets.items():
+            started = time.perf_counter()
             result = msym.audit(
                 model,
                 frames,
@@ -651,6 +652,13 @@ def stage_audits(output, config, sets):
                 max_lambda=config["max_lambda"],
                 grid=grid,
             )
+            screened[model_name][set_name] = {
+                "seconds": time.perf_counter() - started,
+                "equivariance_rmse": {
+                    name: result.analysis.equivariance_rmse(name)
+                    for name in ("energy", force)
+                },
+            }
             directory = output / "audits" / model_name / set_name.replace(" ", "-")
             directory.mkdir(parents=True)
             write_audit_report(result, directory)
@@ -666,7 +674,88 @@ def stage_audits(output, config, sets):
                 correlations[model_name] = {
                     name: spearman(result, name) for name in ("energy", force)
                 }
-    return audits, correlations
+    return audits, correlations, screened
+
+
+# the sets on which the infinitesimal screen is compared with the grid audit
+SCREENED_SETS = ("test", "molecules", "dimers")
+
+
+def lie_rmse(result, name: str, n_structures: int) -> torch.Tensor:
+    """``(n_structures,)`` the root mean square over the entries of ``name`` of
+    ``sum_k (L_k f)^2``, per structure: the screen's analogue of the
+    equivariance RMSE, in the output's unit per radian."""
+    block = result.lie_derivative[name].block()
+    system = block.samples.column("system").to(torch.long)
+    squares = block.values.double().square().sum(dim=1).flatten(1).sum(dim=1)
+    entries = block.values[0, 0].numel()
+    total = torch.zeros(n_structures, dtype=torch.float64).index_add(0, system, squares)
+    count = torch.bincount(system, minlength=n_structures).double() * entries
+    return (total / count.clamp(min=1)).sqrt()
+
+
+def stage_screen(output, sets, audited):
+    """The infinitesimal screen against the grid audit: the rank correlation of
+    their per-structure errors, and the cost per structure of each."""
+    from scipy.stats import spearmanr
+
+    import metatrain_symmetry as msym
+
+    rows = {}
+    for model_name, (_, force) in MODELS.items():
+        model = msym.load_model(
+            output / "models" / model_name / "model.ckpt", dtype=torch.float64
+        )
+        rows[model_name] = {}
+        for set_name in SCREENED_SETS:
+            frames = sets[set_name]
+            started = time.perf_counter()
+            result = msym.infinitesimal(model, frames, ["energy", force])
+            seconds = time.perf_counter() - started
+            audit = audited[model_name][set_name]
+            entry = {
+                "n_structures": len(frames),
+                "screen_seconds_per_structure": seconds / len(frames),
+                "audit_seconds_per_structure": audit["seconds"] / len(frames),
+                "outputs": {},
+            }
+            for name in ("energy", force):
+                screen = lie_rmse(result, name, len(frames)).numpy()
+                grid = audit["equivariance_rmse"][name].numpy()
+                keep = np.isfinite(screen) & np.isfinite(grid)
+                correlation = (
+                    spearmanr(screen[keep], grid[keep]) if keep.sum() >= 3 else None
+                )
+                entry["outputs"][name] = {
+                    "rho": None
+                    if correlation is None
+                    else number(correlation.statistic),
+                    "p_value": None
+                    if correlation is None
+                    else number(correlation.pvalue),
+                    "mean_lie_rmse": number(float(np.mean(screen[keep]))),
+                }
+            rows[model_name][set_name] = entry
+    return rows
+
+
+def screen_rows(screen: dict) -> list[str]:
+    """Rows of the table comparing the infinitesimal screen with the audit."""
+    rows = []
+    for model, sets in screen.items():
+        for set_name, entry in sets.items():
+            cost = (
+                entry["audit_seconds_per_structure"]
+                / entry["screen_seconds_per_structure"]
+            )
+            for name, value in entry["outputs"].items():
+                rows.append(
+                    f"| {model} | {set_name} | `{name}` | {fmt(value['rho'])} "
+                    f"| {fmt(value['p_value'])} | {entry['n_structures']} "
+                    f"| {fmt(entry['screen_seconds_per_structure'])} "
+                    f"| {fmt(entry['audit_seconds_per_structure'])} | {fmt(cost)} |"
+                )
+    return rows
 
 
 def stage_dynamics(output, config, test, trained):
@@ -958,6 +1047,20 @@ def write_report(output, report):
         "|---|---|---|---|---|",
     ]
     lines += correlation_rows(report["correlation"])
+    lines += [
+        "",
+        "## The infinitesimal screen against the grid audit",
+        "",
+        "Spearman rank correlation between the per-structure RMS Lie derivative "
+        "(`msym.infinitesimal`) and the per-structure equivariance RMSE of the "
+        "audit, and the cost per structure of each (the audit's includes its "
+        "report's statistics).",
+        "",
+        "| model | set | output | Spearman rho | p | structures "
+        "| screen s/structure | audit s/structure | audit / screen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += screen_rows(report.get("screen", {}))
     lines += ["", "## Spectra across epochs and layers", ""]
     for model, entry in report["dynamics"].items():
         lines += [
@@ -1053,7 +1156,10 @@ def main(argv=None):
         "data", stage_data, output, args.data, config, extras
     )
     trained = timer.run("train", stage_train, output, config)
-    audits, correlations = timer.run("audits", stage_audits, output, config, sets)
+    audits, correlations, audited = timer.run(
+        "audits", stage_audits, output, config, sets
+    )
+    screen = timer.run("screen", stage_screen, output, sets, audited)
     dynamics = timer.run(
         "dynamics", stage_dynamics, output, config, sets["test"], trained
     )
@@ -1079,6 +1185,7 @@ def main(argv=None):
         "training": trained,
         "audits": audits,
         "correlation": correlations,
+        "screen": screen,
         "dynamics": dynamics,
         "tradeoff": tradeoff,
         "retrain": retrain,
