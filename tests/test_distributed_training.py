@@ -36,6 +36,10 @@ LOSS = {
     "energy": {"type": "equivariance", "n_rotations": N_ROTATIONS},
     "non_conservative_force": {"type": "equivariance", "n_rotations": N_ROTATIONS},
 }
+# the penalty of the squared Lie derivatives: deterministic, no rotation drawn
+GENERATOR_LOSS = {
+    name: {"type": "equivariance", "method": "generators"} for name in LOSS
+}
 
 
 def make_structures():
@@ -87,7 +91,7 @@ class FixedRotations:
         return SimpleNamespace(matrices=matrices.to(device=device, dtype=dtype))
 
 
-def train(rank, world_size, port, gamma, output):
+def train(rank, world_size, port, gamma, output, loss=None):
     """Train a tiny PET for ``N_STEPS`` steps on this process's share of the fixed
     batches (all of them when ``world_size`` is 1, without DDP) and save its final
     parameters, the number of forward calls of the DDP wrapper and the logged
@@ -123,7 +127,7 @@ def train(rank, world_size, port, gamma, output):
     infos = module.dataset_info.targets
     options = {
         name: {"weight": 1.0, "reduction": "mean", "gradients": {}, **entry}
-        for name, entry in LOSS.items()
+        for name, entry in (LOSS if loss is None else loss).items()
     }
     for entry in options.values():
         entry["gamma"] = gamma
@@ -235,3 +239,33 @@ def tiny_pet_parameters():
     from metatrain_symmetry.testing import tiny_pet
 
     return {k: v.detach() for k, v in tiny_pet().named_parameters()}
+
+
+def test_generator_penalty_trains_as_one_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    gamma = 5.0
+    distributed = tmp_path / "distributed.pt"
+    mp.spawn(
+        train,
+        args=(WORLD_SIZE, free_port(), gamma, distributed, GENERATOR_LOSS),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
+    single = tmp_path / "single.pt"
+    train(0, 1, None, gamma, single, GENERATOR_LOSS)
+    without_penalty = tmp_path / "without-penalty.pt"
+    train(0, 1, None, 0.0, without_penalty, GENERATOR_LOSS)
+    distributed, single, without_penalty = (
+        torch.load(path) for path in (distributed, single, without_penalty)
+    )
+    assert distributed["forward_calls"] == N_STEPS
+    assert distributed["rotation_calls"] == 0
+    assert all(value > 0 for value in distributed["log"].values())
+    penalty_effect = 0.0
+    for name, value in single["parameters"].items():
+        other = distributed["parameters"][name]
+        torch.testing.assert_close(other, value, rtol=0, atol=1e-10, msg=name)
+        difference = value - without_penalty["parameters"][name]
+        penalty_effect = max(penalty_effect, float(difference.abs().max()))
+    assert penalty_effect > 1e-3
