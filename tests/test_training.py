@@ -37,11 +37,11 @@ def pet_options(loss: str, epochs: int = EPOCHS, training_extra: str = "") -> st
 
 
 def equivariance_loss(
-    energy_gamma: float, force_gamma: float, method: str = "rotations"
+    energy_gamma: float, force_gamma: float, method: str = "rotations", extra=""
 ) -> str:
     copies = "n_rotations: 2" if method == "rotations" else f"method: {method}"
     energy = f"{{type: equivariance, base: mse, gamma: {energy_gamma}, {copies}}}"
-    force = f"{{type: equivariance, gamma: {force_gamma}, method: {method}}}"
+    force = f"{{type: equivariance, gamma: {force_gamma}, method: {method}{extra}}}"
     return f"loss:\n  energy: {energy}\n  non_conservative_force: {force}\n"
 
 
@@ -141,7 +141,7 @@ def runs(tmp_path_factory):
         ),
         root / "generators": start(
             root / "generators",
-            pet_options(equivariance_loss(30, 30, "generators")),
+            pet_options(equivariance_loss(30, 30, "generators", ", monitor: 2")),
         ),
     }
     finish(first)
@@ -227,6 +227,20 @@ def test_generator_penalty_lowers_the_equivariance_error(runs):
     assert float(rows[-1]["training L_sigma(non_conservative_force)"]) < float(
         rows[0]["training L_sigma(non_conservative_force)"]
     )
+
+
+def test_validation_monitor(runs):
+    # monitor: 2 logs L_lie of the force on two validation structures per epoch
+    rows = metrics(runs / "generators")
+    monitored = [float(row["validation L_lie(non_conservative_force)"]) for row in rows]
+    assert len(monitored) == EPOCHS and all(value > 0 for value in monitored)
+    assert monitored[-1] < monitored[0]
+    assert (
+        "validation L_lie(non_conservative_force):"
+        in (runs / "generators" / "run.log").read_text()
+    )
+    # and only where it is asked for
+    assert not any("L_lie" in key for key in metrics(runs / "penalised")[0])
 
 
 def test_exports_with_plain_mtt_export(runs):

@@ -21,7 +21,8 @@ by name get the wrapper):
   any data is loaded;
 
 and ``metatrain.utils.logging.MetricLogger.log`` adds ``L_sigma(<target>)`` to the
-training metrics (log line and ``train.csv``).
+training metrics, and ``L_lie(<target>)`` of monitored targets to the validation
+metrics (log line and ``train.csv``).
 
 With the package installed, an import hook set up at interpreter start-up (see
 ``_metatrain_symmetry_autoload``) applies these patches when metatrain imports the
@@ -206,6 +207,8 @@ def _patch_evaluate_model(module: ModuleType) -> None:
                     step = TrainingStep(model, systems, dict(targets))
                 for context in list(_CONTEXTS):
                     context.step = step
+                    if step is None and context.monitor is not None:
+                        context.monitor.observe(model, systems, dict(targets))
             return result
 
         return evaluate_model
@@ -226,6 +229,8 @@ def _patch_per_atom(module: ModuleType) -> None:
                 step = context.step
                 if step is not None and step.systems is systems:
                     step.per_structure_targets = list(per_structure_keys)
+                if context.monitor is not None:
+                    context.monitor.per_structure_targets(systems, per_structure_keys)
             return original(tensor_map_dict, systems, per_structure_keys)
 
         return average_by_num_atoms
@@ -254,6 +259,35 @@ def _patch_architectures(module: ModuleType) -> None:
     _wrap(module, "check_architecture_options", make_wrapper)
 
 
+def _training(context) -> dict[str, float]:
+    return context.pop_log()
+
+
+def _monitored(context) -> dict[str, float]:
+    return {} if context.monitor is None else context.monitor.pop()
+
+
+def _pop(read) -> dict[str, float]:
+    """``read(context)`` of every open context, merged."""
+    extra: dict[str, float] = {}
+    for context in list(_CONTEXTS):
+        extra.update(read(context))
+    return extra
+
+
+def _with_extra(metrics, names: list[str], name: str, extra: dict):
+    """``metrics`` with ``extra`` added to the dictionary of ``name``."""
+    if not extra:
+        return metrics
+    if isinstance(metrics, dict):
+        metrics = [metrics]
+    metrics = list(metrics)
+    index = names.index(name)
+    if index < len(metrics) and "loss" in metrics[index]:
+        metrics[index] = {**metrics[index], **extra}
+    return metrics
+
+
 def _patch_logging(module: ModuleType) -> None:
     logger = getattr(module, "MetricLogger", None)
     if logger is None:
@@ -266,16 +300,9 @@ def _patch_logging(module: ModuleType) -> None:
         def log(self, metrics, *args, **kwargs):
             names = list(getattr(self, "names", []))
             if _CONTEXTS and "training" in names:
-                extra: dict[str, float] = {}
-                for context in list(_CONTEXTS):
-                    extra.update(context.pop_log())
-                if extra:
-                    if isinstance(metrics, dict):
-                        metrics = [metrics]
-                    metrics = list(metrics)
-                    index = names.index("training")
-                    if index < len(metrics) and "loss" in metrics[index]:
-                        metrics[index] = {**metrics[index], **extra}
+                metrics = _with_extra(metrics, names, "training", _pop(_training))
+            if _CONTEXTS and "validation" in names:
+                metrics = _with_extra(metrics, names, "validation", _pop(_monitored))
             return original(self, metrics, *args, **kwargs)
 
         return log

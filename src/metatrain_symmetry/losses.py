@@ -44,6 +44,7 @@ from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
+from .monitor import ValidationMonitor
 from .penalties import equivariance_penalty, generator_penalty
 from .rotated_predictions import (
     GeneratorDerivatives,
@@ -87,7 +88,7 @@ _GENERIC_OPTIONS = (
     "stress",
     "virial",
 )
-_OPTIONS = (*DEFAULTS, "delta")
+_OPTIONS = (*DEFAULTS, "delta", "monitor")
 
 
 def check_options(
@@ -139,6 +140,8 @@ def check_options(
             f"copies), got {n_rotations}"
         )
     _check_method(options, checked["method"], where, gradient)
+    if "monitor" in checked:
+        checked["monitor"] = _monitored_structures(checked["monitor"], where, gradient)
     delta = checked.get("delta")
     if delta is not None and base != "huber":
         raise ValueError(f"{where}.delta is only used with base: huber")
@@ -150,6 +153,25 @@ def check_options(
     else:
         checked.pop("delta", None)
     return checked
+
+
+def _monitored_structures(monitor, where: str, gradient: bool) -> int:
+    """The validation structures that ``monitor`` asks for (0: none)."""
+    from .monitor import MONITOR_STRUCTURES
+
+    if isinstance(monitor, bool):
+        monitor = MONITOR_STRUCTURES if monitor else 0
+    if not is_integer(monitor) or monitor < 0:
+        raise ValueError(
+            f"{where}.monitor must be true, false or a number of validation "
+            f"structures >= 0, got {monitor!r}"
+        )
+    if monitor and gradient:
+        raise ValueError(
+            f"{where}.monitor follows the values of a target, not its gradients: "
+            "set it on the target's own entry"
+        )
+    return int(monitor)
 
 
 def _check_method(options, method, where: str, gradient: bool) -> None:
@@ -217,6 +239,7 @@ class PenaltyContext:
         self._step: Optional[TrainingStep] = None
         self._rotated: Optional[RotatedPredictions] = None
         self._derivatives: Optional[GeneratorDerivatives] = None
+        self._monitor: Optional[ValidationMonitor] = None
         # sums stay tensors on the model's device until logged: converting each
         # step's value to a float would wait for the device in mid-step
         self._log_sums: dict[str, list] = {}
@@ -224,6 +247,19 @@ class PenaltyContext:
     @property
     def step(self) -> Optional[TrainingStep]:
         return self._step
+
+    @property
+    def monitor(self) -> Optional[ValidationMonitor]:
+        """The validation monitor of the losses with ``monitor`` set, or ``None``
+        when none has."""
+        if self._monitor is None:
+            monitored = [loss for loss in self.losses if loss.monitor > 0]
+            if monitored:
+                self._monitor = ValidationMonitor(
+                    [loss.target for loss in monitored],
+                    max(loss.monitor for loss in monitored),
+                )
+        return self._monitor
 
     @step.setter
     def step(self, step: Optional[TrainingStep]) -> None:
@@ -314,6 +350,9 @@ class EquivarianceLoss(LossInterface):
     :param n_rotations: rotated copies per structure, ``>= 2``
     :param method: see :py:data:`PENALTY_METHODS`
     :param delta: threshold of the Huber base loss (default 1)
+    :param monitor: log ``L_lie`` of the target on this many validation
+        structures per epoch (``True``:
+        :py:data:`~metatrain_symmetry.monitor.MONITOR_STRUCTURES`)
     :param context: the :py:class:`PenaltyContext` this loss takes training steps
         from; a new one by default
     """
@@ -329,9 +368,10 @@ class EquivarianceLoss(LossInterface):
         n_rotations: Optional[int] = None,
         method: str = "rotations",
         delta: Optional[float] = None,
+        monitor: bool | int = False,
         context: Optional[PenaltyContext] = None,
     ):
-        options = {"base": base, "gamma": gamma, "method": method}
+        options = {"base": base, "gamma": gamma, "method": method, "monitor": monitor}
         if n_rotations is not None:
             options["n_rotations"] = n_rotations
         if delta is not None:
@@ -343,6 +383,8 @@ class EquivarianceLoss(LossInterface):
         self.gamma = checked["gamma"]
         self.n_rotations = checked["n_rotations"]
         self.method = checked["method"]
+        self.monitor: int = checked["monitor"]
+        """validation structures on which ``L_lie`` is logged per epoch (0: off)"""
         extra = {"delta": checked["delta"]} if self.base == "huber" else {}
         self.base_loss = LossType.from_key(self.base).cls(
             name=name, gradient=gradient, weight=weight, reduction=reduction, **extra
