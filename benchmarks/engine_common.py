@@ -164,6 +164,39 @@ def timed(function, device: torch.device):
     return result, (wall, cpu, other)
 
 
+def peak_memory(operation, device: torch.device):
+    """Run ``operation()`` once and return ``(result, report)``: its wall-clock
+    seconds and the peak memory it added, resident (``increase_mib``, from the
+    high-water mark after a reset, else ``ru_maxrss`` since the process started:
+    ``exact_reset`` says which) and on CUDA (``cuda_increase_mib``)."""
+    import gc
+    import resource
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+    before = status_kib("VmRSS")
+    resettable = reset_peak()
+    if not resettable:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, (wall, _, _) = timed(operation, device)
+    peak = status_kib("VmHWM") if resettable else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report = {
+        "rss_before_mib": before / 1024,
+        "peak_mib": peak / 1024,
+        "increase_mib": (peak - before) / 1024,
+        "exact_reset": resettable,
+        "seconds": wall,
+    }
+    if device.type == "cuda":
+        peak_cuda = torch.cuda.max_memory_allocated(device) - cuda_before
+        report["cuda_increase_mib"] = peak_cuda / 2**20
+    return result, report
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both benchmarks share: model size, device and input sizes."""
     parser.add_argument("--device", default="cpu", help="torch device")

@@ -19,7 +19,6 @@ the repository root::
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -30,10 +29,8 @@ from engine_common import (
     OUTPUTS,
     add_model_arguments,
     build_model,
+    peak_memory,
     requests,
-    reset_peak,
-    status_kib,
-    timed,
     water_box,
 )
 
@@ -45,7 +42,6 @@ from metatrain_symmetry.systems import prepare_systems
 def memory_worker(mode: str, args) -> None:
     """Runs in a subprocess: measure the peak memory of one operation and print
     it as JSON on the last line of stdout."""
-    import gc
 
     device = torch.device(args.device)
     model = build_model(args.pet, args.device)
@@ -70,34 +66,15 @@ def memory_worker(mode: str, args) -> None:
                 model, systems, list(OUTPUTS), max_lambda=max_lambda, grid=grid
             )
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_before = torch.cuda.memory_allocated(device)
-    before = status_kib("VmRSS")
-    resettable = reset_peak()
-    if not resettable:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result, (wall, _, _) = timed(operation, device)
-    peak = status_kib("VmHWM") if resettable else None
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, memory = peak_memory(operation, device)
     report = {
         "mode": mode,
         "atoms": len(systems[0]),
         "grid": len(grid),
         "max_lambda": max_lambda,
         "per_batch": RotatedEvaluator(model, grid).copies_per_batch(systems),
-        "rss_before_mib": before / 1024,
-        "peak_mib": peak / 1024,
-        "increase_mib": (peak - before) / 1024,
-        "exact_reset": resettable,
-        "seconds": wall,
+        **memory,
     }
-    if device.type == "cuda":
-        report["cuda_increase_mib"] = (
-            torch.cuda.max_memory_allocated(device) - cuda_before
-        ) / 2**20
     del result
     print(json.dumps(report))
 

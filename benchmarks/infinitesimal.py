@@ -25,7 +25,6 @@ repository root::
 """
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -35,10 +34,8 @@ import torch
 from engine_common import (
     add_model_arguments,
     build_model,
+    peak_memory,
     requests,
-    reset_peak,
-    status_kib,
-    synchronize,
     timed,
     water_box,
 )
@@ -111,21 +108,12 @@ def worker(case: str, args) -> None:
     function = operation(case, model, systems)
     function()  # warm-up: first-call allocations and kernel choices
     seconds = min(timed(function, device)[1][0] for _ in range(args.repeats))
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_before = torch.cuda.memory_allocated(device)
-    before = status_kib("VmRSS")
-    exact = reset_peak()
-    result = function()
-    synchronize(device)
-    report = {"seconds": seconds, "exact_reset": exact, "atoms": len(systems[0])}
-    peak = status_kib("VmHWM")
-    if exact and peak is not None and before is not None:
-        report["rss_increase_mib"] = (peak - before) / 1024
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - cuda_before
-        report["cuda_increase_mib"] = peak / 2**20
+    result, memory = peak_memory(function, device)
+    report = {"seconds": seconds, "atoms": len(systems[0])}
+    if memory["exact_reset"]:
+        report["rss_increase_mib"] = memory["increase_mib"]
+    if "cuda_increase_mib" in memory:
+        report["cuda_increase_mib"] = memory["cuda_increase_mib"]
     del result
     print(json.dumps(report))
 

@@ -434,14 +434,9 @@ def _rotate_data(data, rotation: torch.Tensor):
     return O3Transformations(rotation, 8).transform_tensormap(data)
 
 
-def split_by_copy(
-    tensor: TensorMap, copy_counts: list[int], name: str
-) -> tuple[Labels, list[list[BlockChunk]]]:
-    """Cut every block of a batched output into per-structure chunks.
-
-    :param tensor: an output of a model call on consecutive segments of copies,
-        ``copy_counts[i]`` copies of the same structure in segment ``i``
-    :param name: the output's name, for errors
+def split_by_copy(tensor: TensorMap, copy_counts: list[int], name: str):
+    """Cut every block of a batched output (``copy_counts[i]`` copies of one
+    structure in consecutive segment ``i``; ``name`` for errors) into chunks.
 
     :return: the output keys, and for each segment the list of its block chunks
     """

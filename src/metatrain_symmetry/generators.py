@@ -15,6 +15,8 @@ import functools
 import numpy as np
 import scipy.linalg
 import torch
+import torch.autograd.forward_ad as forward_ad
+from metatensor.torch import TensorBlock, TensorMap
 from metatomic.torch.o3 import O3Transformations
 
 from .irreps import BlockLayout
@@ -22,6 +24,7 @@ from .irreps import BlockLayout
 
 __all__ = [
     "GENERATOR_NAMES",
+    "split_dual",
     "apply_generator",
     "inversion_sign",
     "so3_generators",
@@ -109,3 +112,25 @@ def inversion_sign(layout: BlockLayout) -> int:
     if layout.kind == "invariant":
         return 1
     return (-1) ** len(layout.axes)
+
+
+def split_dual(tensor: TensorMap) -> tuple[TensorMap, TensorMap]:
+    """The primal and the tangent values of a map computed on dual inputs
+    (forward-mode differentiation along a generator), as two maps with its
+    metadata; the tangent is zero where the values do not depend on the inputs.
+    Call it inside the dual level the inputs were made in."""
+    primals, tangents = [], []
+    for block in tensor.blocks():
+        primal, tangent = forward_ad.unpack_dual(block.values)
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        for values, kept in ((primal, primals), (tangent, tangents)):
+            kept.append(
+                TensorBlock(
+                    values=values,
+                    samples=block.samples,
+                    components=block.components,
+                    properties=block.properties,
+                )
+            )
+    return TensorMap(tensor.keys, primals), TensorMap(tensor.keys, tangents)

@@ -75,7 +75,7 @@ def evaluate_generator_derivatives(
     :param step: the training step
     :param targets: the targets to evaluate (their values; no gradients)
     """
-    from .generators import so3_generators
+    from .generators import so3_generators, split_dual
 
     systems = step.systems
     n_systems = len(systems)
@@ -90,34 +90,12 @@ def evaluate_generator_derivatives(
         )
         rotated = _copy_major_systems(systems, rotations, 3)
         predictions = _predictions_in_loss_units(step, rotated, infos)
-        split = {name: _split_dual(tensor) for name, tensor in predictions.items()}
+        split = {name: split_dual(tensor) for name, tensor in predictions.items()}
     return GeneratorDerivatives(
         n_systems,
         {name: values for name, (values, _) in split.items()},
         {name: tangents for name, (_, tangents) in split.items()},
     )
-
-
-def _split_dual(tensor: TensorMap) -> tuple[TensorMap, TensorMap]:
-    """The primal and tangent values of a map computed on dual inputs (a zero
-    tangent where the values do not depend on them)."""
-    from metatensor.torch import TensorBlock
-
-    primals, tangents = [], []
-    for block in tensor.blocks():
-        primal, tangent = forward_ad.unpack_dual(block.values)
-        if tangent is None:
-            tangent = torch.zeros_like(primal)
-        for values, kept in ((primal, primals), (tangent, tangents)):
-            kept.append(
-                TensorBlock(
-                    values=values,
-                    samples=block.samples,
-                    components=block.components,
-                    properties=block.properties,
-                )
-            )
-    return TensorMap(tensor.keys, primals), TensorMap(tensor.keys, tangents)
 
 
 def _reference_attention(

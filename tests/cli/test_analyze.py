@@ -142,16 +142,7 @@ def test_infinitesimal_end_to_end(inputs, tmp_path):
     ],
 )
 def test_infinitesimal_bad_input(inputs, arguments, message):
-    process = mtt_symmetry(
-        "analyze",
-        "model.ckpt",
-        "data.xyz",
-        "-o",
-        "result",
-        "--infinitesimal",
-        *arguments,
-        cwd=inputs,
-    )
+    process = analyze_result(inputs, "--infinitesimal", *arguments)
     assert process.returncode != 0
     assert message in process.stderr
     assert "Traceback" not in process.stderr
@@ -159,16 +150,14 @@ def test_infinitesimal_bad_input(inputs, arguments, message):
 
 
 def test_method_needs_infinitesimal(inputs):
-    process = mtt_symmetry(
-        "analyze",
-        "model.ckpt",
-        "data.xyz",
-        "-o",
-        "result",
-        "--method",
-        "forward",
-        cwd=inputs,
-    )
+    process = analyze_result(inputs, "--method", "forward")
     assert process.returncode != 0
     assert "--method applies to --infinitesimal only" in process.stderr
     assert not (inputs / "result").exists()
+
+
+def analyze_result(inputs, *options):
+    """``analyze model.ckpt data.xyz -o result`` in ``inputs``, with ``options``."""
+    return mtt_symmetry(
+        "analyze", "model.ckpt", "data.xyz", "-o", "result", *options, cwd=inputs
+    )

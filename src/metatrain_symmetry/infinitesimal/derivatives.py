@@ -34,7 +34,7 @@ from metatomic.torch import ModelOutput, System
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..engine import BlockChunk, PreparedSystem, rotated_copies, split_by_copy
-from ..generators import apply_generator, so3_generators
+from ..generators import apply_generator, so3_generators, split_dual
 from ..irreps import block_layout
 from ..models import LoadedModel
 
@@ -99,7 +99,7 @@ def forward_derivatives(
             rotations = forward_ad.make_dual(torch.stack([eye] * 3), generators)
             systems = [c for p in prepared for c in rotated_copies(p, rotations)[0]]
             results = model(systems, requests, None)
-            maps = {name: _unpack_dual(results[name]) for name in requests}
+            maps = {name: split_dual(results[name]) for name in requests}
     except (RuntimeError, NotImplementedError) as error:
         if _lacks_forward_mode(error):
             raise ForwardModeUnsupported(str(error)) from error
@@ -386,20 +386,6 @@ def _gradients(
         torch.zeros_like(tensor) if gradient is None else gradient
         for tensor, gradient in zip(inputs, gradients, strict=True)
     ]
-
-
-def _unpack_dual(tensor: TensorMap) -> tuple[TensorMap, TensorMap]:
-    """The primal and the tangent values of an output computed on dual inputs,
-    as two maps with its metadata (a zero tangent where the output does not
-    depend on the inputs)."""
-    primals, tangents = [], []
-    for block in tensor.blocks():
-        primal, tangent = forward_ad.unpack_dual(block.values)
-        primals.append(primal.clone())
-        tangents.append(
-            torch.zeros_like(primal) if tangent is None else tangent.clone()
-        )
-    return _with_values(tensor, primals), _with_values(tensor, tangents)
 
 
 def _detached(tensor: TensorMap) -> TensorMap:
