@@ -251,13 +251,24 @@ class PairPotential(torch.nn.Module):
 
     With ``lab_frame = a``, the energy has the lab-frame term ``a sum_{i<j}
     (r_ij . e_z)^2``, which breaks its invariance (not its translation invariance).
+    With ``bond_length = b``, the pair energy is the harmonic ``k (r_ij - b)^2``
+    instead (``k = stiffness``), which binds a molecule.
     """
 
-    def __init__(self, cutoff: float = 3.0, dtype=torch.float64, lab_frame=0.0):
+    def __init__(
+        self,
+        cutoff: float = 3.0,
+        dtype=torch.float64,
+        lab_frame=0.0,
+        bond_length=0.0,
+        stiffness=10.0,
+    ):
         super().__init__()
         self.register_buffer("scale", torch.ones((), dtype=dtype))
         self.options = NeighborListOptions(cutoff=cutoff, full_list=False, strict=True)
         self.lab_frame = float(lab_frame)
+        self.bond_length = float(bond_length)
+        self.stiffness = float(stiffness)
 
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
         return [self.options]
@@ -273,7 +284,10 @@ class PairPotential(torch.nn.Module):
         for system in systems:
             vectors = system.get_neighbor_list(self.options).values.squeeze(-1)
             distances = torch.linalg.norm(vectors * self.scale, dim=1)
-            pair = torch.exp(-distances) * (distances - self.options.cutoff) ** 2
+            if self.bond_length > 0.0:
+                pair = self.stiffness * (distances - self.bond_length) ** 2
+            else:
+                pair = torch.exp(-distances) * (distances - self.options.cutoff) ** 2
             pair = pair + self.lab_frame * (vectors[:, 2] * self.scale) ** 2
             energies.append(pair.sum())
         samples = Labels(

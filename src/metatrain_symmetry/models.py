@@ -82,8 +82,10 @@ class LoadedModel:
         metadata: ModelMetadata | None = None,
         source: str | None = None,
         neighbor_lists: list[NeighborListOptions] | None = None,
+        atomistic: AtomisticModel | None = None,
     ):
         self.module = module.eval()
+        self._atomistic = atomistic
         self.capabilities = capabilities
         self.metadata = metadata
         self.source = source
@@ -227,6 +229,23 @@ class LoadedModel:
                     if not any(option == known for known in options):
                         options.append(option)
         return options
+
+    def atomistic_model(self) -> AtomisticModel:
+        """The model as a metatomic :py:class:`~metatomic.torch.AtomisticModel`
+        (with unit conversions and neighbour-list requests), for metatomic's ASE
+        calculator and other engines: the one it was loaded from, or the module
+        wrapped with its capabilities."""
+        if self._atomistic is not None:
+            return self._atomistic
+        if self.capabilities is None:
+            raise ValueError(
+                "this model has no capabilities; pass capabilities= to load_model "
+                "to run it in a simulation engine"
+            )
+        self._atomistic = AtomisticModel(
+            self.module, self.metadata or ModelMetadata(), self.capabilities
+        )
+        return self._atomistic
 
     def to(
         self,
@@ -381,6 +400,7 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
             model.capabilities(),
             model.metadata(),
             neighbor_lists=model.requested_neighbor_lists(),
+            atomistic=model,
         )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -397,6 +417,7 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
             exported.capabilities(),
             exported.metadata(),
             neighbor_lists=exported.requested_neighbor_lists(),
+            atomistic=exported,
         )
     return LoadedModel(model, capabilities)
 

@@ -16,11 +16,11 @@ from ..distributed import (
     environment_world_size,
     init_from_environment,
 )
-from . import analyze, audit, demo, dynamics, export, retrain, train
+from . import analyze, audit, consequences, demo, dynamics, export, retrain, train
 
 
 # in the order --help lists them
-COMMANDS = (analyze, audit, export, dynamics, retrain, train, demo)
+COMMANDS = (analyze, audit, export, dynamics, retrain, consequences, train, demo)
 
 # errors of bad input: one line and exit code 2; any other error is a bug and
 # keeps its traceback

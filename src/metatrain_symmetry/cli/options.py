@@ -99,6 +99,7 @@ def add_grid(
     degree_help: str | None = None,
     default_rotations: int | None = None,
     batch_unit: str = "rotated copies",
+    seed_help: str = "seed of the --rotations elements",
 ) -> None:
     """The O(3) grid (``--grid-degree`` or ``--rotations N`` with ``--seed``),
     ``--max-lambda`` and ``--batch-size`` (counting ``batch_unit``)."""
@@ -131,9 +132,7 @@ def add_grid(
         f"at least {MIN_RANDOM_ELEMENTS}) instead of the exact grid: estimates with "
         f"standard errors, in a fraction of the time on large structures ({default})",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the --rotations elements"
-    )
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
     add_batch_size(parser, batch_unit)
 
 

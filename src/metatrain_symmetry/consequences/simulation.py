@@ -1,0 +1,232 @@
+"""Molecular dynamics and relaxations of one structure with one calculator, with
+ASE's integrators, thermostat and optimizer, recorded frame by frame."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import (
+    MaxwellBoltzmannDistribution,
+    Stationary,
+    ZeroRotation,
+)
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import FIRE
+
+from .._utils import is_integer
+
+
+__all__ = ["Settings", "Trajectory", "relax", "run_dynamics"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every experiment and variant shares: the same initial conditions,
+    thermostat and random seeds."""
+
+    steps: int = 2000
+    """molecular-dynamics steps of a trajectory, or largest number of optimizer
+    steps of a relaxation"""
+    time_step_fs: float = 0.5
+    """integration time step, in fs"""
+    temperature_K: float = 300.0
+    """temperature of the initial velocities and of the thermostat, in K"""
+    seed: int = 0
+    """seed of initial velocities, thermostat noise and random rotations"""
+    friction_per_fs: float = 0.01
+    """friction of the Langevin thermostat, in 1/fs"""
+    fmax: float = 0.01
+    """force threshold of the relaxations, in eV/Å"""
+    frames: int = 200
+    """frames kept per trajectory (evenly spaced, the first included)"""
+    blocks: int = 5
+    """blocks of a trajectory for block-averaged standard errors"""
+
+    def check(self, names: dict[str, str] | None = None) -> None:
+        """Refuse settings that cannot run, with one-line errors.
+
+        :param names: how the errors call each field (e.g. ``"--time-step"`` for
+            ``time_step_fs``); by default the field's name
+        """
+        names = names or {}
+        for field in ("steps", "frames", "blocks"):
+            value = getattr(self, field)
+            if not is_integer(value) or value < 1:
+                raise ValueError(
+                    f"{names.get(field, field)} must be a positive integer, "
+                    f"got {value!r}"
+                )
+        for field in ("time_step_fs", "temperature_K", "friction_per_fs", "fmax"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(
+                    f"{names.get(field, field)} must be a positive number, "
+                    f"got {value!r}"
+                )
+        if not is_integer(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.blocks < 2:
+            raise ValueError(
+                f"{names.get('blocks', 'blocks')} must be at least 2 for standard "
+                f"errors, got {self.blocks}"
+            )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def save_every(self) -> int:
+        """steps between kept frames"""
+        return max(1, self.steps // self.frames)
+
+
+@dataclass
+class Trajectory:
+    """The kept frames of one trajectory, in ASE units (Å, eV, amu)."""
+
+    time_ps: np.ndarray
+    """``(n_frames,)``"""
+    positions: np.ndarray
+    """``(n_frames, n_atoms, 3)``, unwrapped"""
+    momenta: np.ndarray
+    """``(n_frames, n_atoms, 3)``, amu Å / ASE time"""
+    forces: np.ndarray
+    """``(n_frames, n_atoms, 3)``, eV/Å"""
+    potential_energy: np.ndarray
+    """``(n_frames,)``, eV"""
+    kinetic_energy: np.ndarray
+    """``(n_frames,)``, eV"""
+    masses: np.ndarray
+    """``(n_atoms,)``, amu"""
+    numbers: np.ndarray
+    """``(n_atoms,)`` atomic numbers"""
+    cell: np.ndarray
+    """``(3, 3)``, Å"""
+    pbc: np.ndarray
+    """``(3,)``"""
+    seconds_per_step: float
+    """wall time of one step (one force evaluation and the integrator)"""
+
+    def atoms(self, frame: int) -> Atoms:
+        """Frame ``frame`` as ``ase.Atoms`` with its momenta."""
+        atoms = Atoms(
+            numbers=self.numbers,
+            positions=self.positions[frame],
+            cell=self.cell,
+            pbc=self.pbc,
+            masses=self.masses,
+        )
+        atoms.set_momenta(self.momenta[frame])
+        return atoms
+
+
+def run_dynamics(
+    atoms: Atoms,
+    calculator: Calculator,
+    settings: Settings,
+    ensemble: str,
+    seed: int,
+    progress=None,
+) -> Trajectory:
+    """Molecular dynamics of ``atoms`` (not modified) with ``calculator``.
+
+    Velocities are drawn from the Maxwell-Boltzmann distribution at the settings'
+    temperature with ``seed``, then the total momentum (and, for a molecule, the
+    total angular momentum) is removed, so that every variant starts from the same
+    state.
+
+    :param ensemble: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Langevin, with the
+        centre of mass fixed)
+    :param progress: a progress bar advanced by one every step, or ``None``
+    """
+    atoms = Atoms(
+        numbers=atoms.numbers,
+        positions=atoms.positions,
+        cell=atoms.cell,
+        pbc=atoms.pbc,
+        masses=atoms.get_masses(),
+    )
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature_K, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any() and len(atoms) > 1:
+        ZeroRotation(atoms)
+    atoms.calc = calculator
+    time_step = settings.time_step_fs * units.fs
+    if ensemble == "nve":
+        dynamics = VelocityVerlet(atoms, timestep=time_step)
+    elif ensemble == "nvt":
+        dynamics = Langevin(
+            atoms,
+            timestep=time_step,
+            temperature_K=settings.temperature_K,
+            friction=settings.friction_per_fs / units.fs,
+            fixcm=True,
+            rng=rng,
+        )
+    else:
+        raise ValueError(f"unknown ensemble '{ensemble}', use 'nve' or 'nvt'")
+
+    frames: dict[str, list] = {key: [] for key in ("t", "x", "p", "f", "u", "k")}
+
+    def record():
+        frames["t"].append(dynamics.get_time() / (1000 * units.fs))
+        frames["x"].append(atoms.get_positions())
+        frames["p"].append(atoms.get_momenta())
+        frames["f"].append(atoms.get_forces())
+        frames["u"].append(atoms.get_potential_energy())
+        frames["k"].append(atoms.get_kinetic_energy())
+
+    dynamics.attach(record, interval=settings.save_every)
+    if progress is not None:
+        dynamics.attach(progress.update, interval=1)
+    start = time.perf_counter()
+    dynamics.run(settings.steps)
+    elapsed = time.perf_counter() - start
+    return Trajectory(
+        time_ps=np.array(frames["t"]),
+        positions=np.array(frames["x"]),
+        momenta=np.array(frames["p"]),
+        forces=np.array(frames["f"]),
+        potential_energy=np.array(frames["u"]),
+        kinetic_energy=np.array(frames["k"]),
+        masses=atoms.get_masses(),
+        numbers=atoms.numbers.copy(),
+        cell=atoms.cell.array.copy(),
+        pbc=atoms.pbc.copy(),
+        seconds_per_step=elapsed / settings.steps,
+    )
+
+
+def relax(
+    atoms: Atoms, calculator: Calculator, settings: Settings, progress=None
+) -> dict:
+    """Relax the positions of ``atoms`` (not modified; the cell is kept) with
+    ASE's FIRE optimizer to ``settings.fmax``, in at most ``settings.steps`` steps.
+
+    :return: ``energy_eV`` (the calculator's energy at the end), ``positions``
+        (``(n_atoms, 3)``), ``converged``, ``n_steps`` and ``seconds_per_step``
+    """
+    atoms = Atoms(
+        numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc
+    )
+    atoms.calc = calculator
+    optimizer = FIRE(atoms, logfile=None)
+    if progress is not None:
+        optimizer.attach(progress.update, interval=1)
+    start = time.perf_counter()
+    converged = bool(optimizer.run(fmax=settings.fmax, steps=settings.steps))
+    elapsed = time.perf_counter() - start
+    n_steps = max(int(optimizer.nsteps), 1)
+    return {
+        "energy_eV": float(atoms.get_potential_energy()),
+        "positions": atoms.get_positions(),
+        "converged": converged,
+        "n_steps": int(optimizer.nsteps),
+        "seconds_per_step": elapsed / n_steps,
+    }
