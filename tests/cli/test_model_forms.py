@@ -190,6 +190,10 @@ def command_line(command: str, form: str) -> tuple[list[str], str]:
             "exported": ["epoch-0.pt", "model.pt"],
         }.get(form, [model])
         return ["dynamics", *models, "structures.xyz", "-o", output, *grid], output
+    if command == "consequences":
+        arguments = ["consequences", model, "structures.xyz", "-o", output]
+        steps = ("--steps", "3", "--frames", "3", "--blocks", "2")
+        return arguments + [*steps, "--grid-degree", "2"], output
     assert command == "retrain"
     arguments = ["retrain", model, "structures.xyz", "--gamma", "0", "1"]
     return arguments + ["--rotations", "2", "-o", output], output
@@ -203,6 +207,7 @@ COMMANDS = [
     "export-symmetrized",
     "dynamics",
     "retrain",
+    "consequences",
 ]
 CASES = [(command, form) for command in COMMANDS for form in FORMS]
 

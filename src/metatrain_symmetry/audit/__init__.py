@@ -23,18 +23,13 @@ The modules of this package, in the order an audit uses them:
 - ``export``: the audited (and optionally symmetrized) export.
 """
 
+from ..identity import dataset_identity, model_identity
 from .export import AUDIT_METADATA_KEY, export_audited, read_audit
 from .files import spectra_error_tensormap, spectra_tensormap, write_audit_report
 from .markdown import audit_markdown
 from .result import AuditResult
 from .run import audit
-from .summary import (
-    SCHEMA_VERSION,
-    audit_schema,
-    dataset_identity,
-    describe_outputs,
-    model_identity,
-)
+from .summary import SCHEMA_VERSION, audit_schema, describe_outputs
 from .targets import default_targets, force_output, predict
 from .viewer import (
     ChemiscopeViews,

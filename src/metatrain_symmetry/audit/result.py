@@ -40,10 +40,10 @@ class AuditResult(ChemiscopeViews):
     """per output with a target, the dataset values, shaped as the predictions"""
     model: dict
     """identity of the audited model (see
-    :py:func:`~metatrain_symmetry.audit.model_identity`)"""
+    :py:func:`~metatrain_symmetry.identity.model_identity`)"""
     dataset: dict
     """identity of the dataset (see
-    :py:func:`~metatrain_symmetry.audit.dataset_identity`)"""
+    :py:func:`~metatrain_symmetry.identity.dataset_identity`)"""
     frames: list = field(default_factory=list, repr=False)
     """the audited structures (``ase.Atoms``), in order"""
     summary: dict = field(init=False, repr=False)

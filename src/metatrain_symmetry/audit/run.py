@@ -19,10 +19,11 @@ from ..diagnostics import (
 )
 from ..distributed import run_resumable
 from ..grid import O3Grid
+from ..identity import dataset_identity, model_identity
 from ..models import LoadedModel, ModelLike, load_model
 from ..quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, expected_irreps
 from .result import AuditResult
-from .summary import dataset_identity, describe_outputs, model_identity
+from .summary import describe_outputs
 from .targets import check_target, predict, read_target, resolve_targets
 
 

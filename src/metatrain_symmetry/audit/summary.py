@@ -1,22 +1,19 @@
 """The summary of an audit as written to ``audit.json``, and its JSON schema.
 
 The summary is a function of the audit's numbers and of the identity of the
-model and the dataset, recorded when the audit is made (:py:func:`model_identity`,
-:py:func:`dataset_identity`).
+model and the dataset, recorded when the audit is made
+(:py:mod:`metatrain_symmetry.identity`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 
 import torch
 
-from .._utils import sha256_of_file
 from .._version import __version__
 from ..diagnostics import AnalysisResult
 from ..irreps import spectrum_irreps
@@ -43,51 +40,6 @@ def _statistics(values: torch.Tensor) -> dict:
         "mean": _number(values.mean()),
         "median": _number(values.median()),
         "max": _number(values.max()),
-    }
-
-
-def _metadata(model: LoadedModel) -> dict:
-    metadata = model.metadata
-    if metadata is None:
-        return {"name": "", "description": "", "authors": [], "references": {}}
-    return {
-        "name": metadata.name,
-        "description": metadata.description,
-        "authors": list(metadata.authors),
-        "references": {key: list(value) for key, value in metadata.references.items()},
-    }
-
-
-def _file_identity(path: str | os.PathLike | None) -> dict:
-    return {
-        "path": None if path is None else str(path),
-        "sha256": None if path is None else sha256_of_file(Path(path)),
-    }
-
-
-def model_identity(model: LoadedModel, path: str | os.PathLike | None) -> dict:
-    """The ``model`` entry of an audit summary: its file (path and SHA-256, or
-    ``None``), metadata, atomic types, length unit and dtype.
-
-    :param path: the file the model was read from (a checkpoint or an exported
-        model), or ``None`` for a model made in memory
-    """
-    return {
-        **_file_identity(path),
-        **_metadata(model),
-        "atomic_types": model.atomic_types,
-        "length_unit": model.length_unit,
-        "dtype": str(model.dtype).replace("torch.", ""),
-    }
-
-
-def dataset_identity(frames: Sequence, path: str | os.PathLike | None) -> dict:
-    """The ``dataset`` entry of an audit summary: its file (or ``None``), the
-    number of structures and of atoms."""
-    return {
-        **_file_identity(path),
-        "n_structures": len(frames),
-        "n_atoms": int(sum(len(atoms) for atoms in frames)),
     }
 
 
@@ -133,8 +85,8 @@ def audit_summary(
     :py:func:`audit_schema`).
 
     :param analysis: the rotational analysis of the outputs and features
-    :param model: see :py:func:`model_identity`
-    :param dataset: see :py:func:`dataset_identity`
+    :param model: see :py:func:`~metatrain_symmetry.identity.model_identity`
+    :param dataset: see :py:func:`~metatrain_symmetry.identity.dataset_identity`
     :param outputs: audited outputs, described as by :py:func:`describe_outputs`
     :param features: audited features
     :param comparisons: per output with a target, ``(dataset key, predictions,

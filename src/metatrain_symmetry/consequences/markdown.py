@@ -140,7 +140,8 @@ def _orientations(entry: dict, settings: dict) -> list[str]:
         f"Bonferroni-corrected; at most one sample per time a free molecule takes "
         f"to turn by a radian); below {UNIFORMITY_LEVEL} the distribution is called "
         f"not uniform, and with fewer than {MIN_ORIENTATION_SAMPLES} samples no "
-        "verdict is given. `orientations.png` maps −kT ln P of the largest-moment axis.",
+        "verdict is given. `orientations.png` maps −kT ln P of the largest-moment "
+        "axis.",
         "",
         "| structure | variant | p-value | independent samples | verdict |",
         "|---|---|---|---|---|",

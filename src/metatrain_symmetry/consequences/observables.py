@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
+from ase.geometry import find_mic
 from ase.neighborlist import natural_cutoffs, neighbor_list
 
 from .simulation import Trajectory
@@ -164,8 +165,9 @@ def bond_correlation(trajectory: Trajectory, n_blocks: int) -> dict | None:
         trajectory.positions[:, bonds[:, 1]] - trajectory.positions[:, bonds[:, 0]]
     )
     if np.any(trajectory.pbc):
-        fractional = vectors @ np.linalg.inv(cell)
-        vectors = (fractional - np.round(fractional)) @ cell
+        shape = vectors.shape
+        vectors = find_mic(vectors.reshape(-1, 3), cell, trajectory.pbc)[0]
+        vectors = vectors.reshape(shape)
     units = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
     blocks = _blocks(len(units), n_blocks)
     length = min(len(block) for block in blocks)

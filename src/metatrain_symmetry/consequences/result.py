@@ -11,6 +11,7 @@ from importlib import resources
 
 import numpy as np
 from ase import Atoms
+from ase.geometry import find_mic
 
 from .. import __version__
 from .molecules import ORIENTATION_BINS
@@ -141,9 +142,7 @@ def _rmsd(atoms: Atoms, positions: np.ndarray, reference: np.ndarray) -> float:
     periodic), the mean displacement removed."""
     difference = positions - reference
     if np.any(atoms.pbc):
-        cell = atoms.cell.array
-        fractional = difference @ np.linalg.inv(cell)
-        difference = (fractional - np.round(fractional)) @ cell
+        difference = find_mic(difference, atoms.cell, atoms.pbc)[0]
     difference -= difference.mean(axis=0)
     return float(np.sqrt((difference**2).sum(axis=1).mean()))
 

@@ -12,7 +12,6 @@ import numpy as np
 from ase import Atoms
 
 from .._utils import name_list
-from ..audit import dataset_identity, model_identity
 from ..calculators import (
     DEFAULT_AVERAGE_DEGREE,
     AveragedCalculator,
@@ -24,6 +23,7 @@ from ..data import check_close_atoms, read_structures
 from ..diagnostics import run_context
 from ..distributed import run_resumable
 from ..grid import O3Grid
+from ..identity import dataset_identity, model_identity
 from .molecules import molecule_nve_summary, orientations_summary
 from .observables import observables_summary
 from .result import ConsequencesResult, assemble
