@@ -90,7 +90,7 @@ def test_help_of_every_command_shows_the_api_defaults(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")
     parsers = commands()
     expected_commands = ["analyze", "audit", "export", "dynamics", "retrain"]
-    expected_commands += ["train", "demo"]
+    expected_commands += ["consequences", "train", "demo"]
     assert sorted(parsers) == sorted(expected_commands)
     with pytest.raises(SystemExit) as stop:
         parse("--help")
