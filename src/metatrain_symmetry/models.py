@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -30,40 +29,13 @@ from metatomic.torch import (
 from ._utils import first_line
 from .pet import capture_cleanup, discover_features, unknown_feature_message
 from .quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, QUANTITIES, quantity
+from .training_targets import ModelTarget, recorded_targets
 
 
 ModelLike = Union[str, os.PathLike, AtomisticModel, torch.nn.Module]  # noqa: UP007
 
 
 __all__ = ["LoadedModel", "ModelLike", "ModelTarget", "load_model"]
-
-
-@dataclass(frozen=True)
-class ModelTarget:
-    """A quantity a model was trained to predict.
-
-    Read from metatrain's record of its training targets when the model has one
-    (checkpoints, exported metatrain models in any process), else from the
-    model's declared outputs.
-    """
-
-    name: str
-    """the output name, e.g. ``"energy"``"""
-    quantity: str
-    """the physical quantity, e.g. ``"energy"`` (empty when unknown)"""
-    unit: str
-    """the unit of the values, e.g. ``"eV"`` (empty when unknown)"""
-    sample_kind: str
-    """``"system"`` (one value per structure), ``"atom"`` or ``"atom_pair"``"""
-    gradients: tuple[str, ...] = ()
-    """gradients the model was trained on: ``"positions"`` (conservative forces),
-    ``"strain"`` (stress)"""
-    components: tuple[str, ...] | None = None
-    """names of the component axes: ``()`` for a scalar, ``("xyz",)`` for a
-    Cartesian vector, ``("xyz_1", "xyz_2")`` for a rank-2 tensor; ``None`` when
-    unknown"""
-    n_properties: int | None = None
-    """number of properties per component, ``None`` when unknown"""
 
 
 class LoadedModel:
@@ -153,7 +125,7 @@ class LoadedModel:
         gradients.
         """
         if self._targets is None:
-            recorded = _recorded_targets(self.module)
+            recorded = recorded_targets(self.module)
             if recorded is None:
                 recorded = {
                     name: ModelTarget(
@@ -420,100 +392,3 @@ def _wrap_module(model, capabilities: ModelCapabilities | None) -> LoadedModel:
             atomistic=exported,
         )
     return LoadedModel(model, capabilities)
-
-
-# ------------------------------------------------------------ training targets
-# TorchScript method added to a scripted metatrain model to read its training
-# targets: the Python classes of metatrain's DatasetInfo only exist in the process
-# that scripted the model, so the record must be read from inside TorchScript
-_TARGETS_METHOD = "metatrain_symmetry_training_targets"
-_TARGETS_SOURCE = f"""
-def {_TARGETS_METHOD}(
-    self,
-) -> Dict[str, Tuple[str, str, List[str], List[str], List[str], int]]:
-    result: Dict[str, Tuple[str, str, List[str], List[str], List[str], int]] = {{}}
-    for name, info in self.dataset_info.targets.items():
-        block = info.layout.block(0)
-        gradients: List[str] = []
-        if info.is_scalar:
-            gradients = block.gradients_list()
-        components: List[str] = []
-        for component in block.components:
-            components.append(component.names[0])
-        result[name] = (
-            info.quantity,
-            info.unit,
-            block.samples.names,
-            gradients,
-            components,
-            len(block.properties),
-        )
-    return result
-"""
-
-
-def _recorded_targets(module: torch.nn.Module) -> dict[str, ModelTarget] | None:
-    """metatrain's record of the training targets of ``module`` (its
-    ``dataset_info``), or ``None`` for models without one."""
-    owner = next((m for m in module.modules() if _has_dataset_info(m)), None)
-    if owner is None:
-        return None
-    if not isinstance(owner, torch.jit.ScriptModule):
-        records = {}
-        for name, info in owner.dataset_info.targets.items():
-            block = info.layout.block(0)
-            records[name] = (
-                info.quantity,
-                info.unit,
-                block.samples.names,
-                info.gradients,
-                [component.names[0] for component in block.components],
-                len(block.properties),
-            )
-        return _model_targets(records)
-    try:
-        if not owner._c._has_method(_TARGETS_METHOD):
-            owner.define(_TARGETS_SOURCE)
-        records = getattr(owner, _TARGETS_METHOD)()
-    except RuntimeError as error:
-        warnings.warn(
-            "could not read the training targets of this exported metatrain model "
-            f"({first_line(error)}); using its declared outputs",
-            stacklevel=4,
-        )
-        return None
-    return _model_targets(records)
-
-
-def _model_targets(records: dict) -> dict[str, ModelTarget]:
-    """The targets of metatrain's records ``(quantity, unit, sample names,
-    gradients, component names, number of properties)``, by name."""
-    targets = {}
-    for name, record in records.items():
-        quantity, unit, sample_names, gradients, components, n_properties = record
-        targets[name] = ModelTarget(
-            name=name,
-            quantity=quantity,
-            unit=unit,
-            sample_kind=_sample_kind_of(sample_names),
-            gradients=tuple(sorted(gradients)),
-            components=tuple(components),
-            n_properties=int(n_properties),
-        )
-    return targets
-
-
-def _has_dataset_info(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.jit.ScriptModule):
-        # reading the attribute itself fails outside the scripting process
-        return module._c.hasattr("dataset_info")
-    return hasattr(module, "dataset_info") and hasattr(module.dataset_info, "targets")
-
-
-def _sample_kind_of(sample_names: list[str]) -> str:
-    """The sample kind of a target from its sample names, as metatrain reads it."""
-    if "atom" in sample_names:
-        return "atom"
-    if "first_atom" in sample_names:
-        return "atom_pair"
-    return "system"

@@ -13,7 +13,7 @@ import ase.io
 import numpy as np
 
 from .markdown import consequences_markdown
-from .molecules import HBAR
+from .molecules import angular_momentum
 from .plots import save_plots
 from .result import ConsequencesResult, json_key
 
@@ -38,15 +38,15 @@ def save_consequences(result: ConsequencesResult, directory: str | os.PathLike) 
     save_plots(result, directory)
     trajectories = directory / "trajectories"
     trajectories.mkdir(exist_ok=True)
-    for (experiment, variant, index), _ in result.trajectories.items():
-        frames = trajectory_frames(result, experiment, variant, index)
+    frames = {key: trajectory_frames(result, *key) for key in result.trajectories}
+    for (experiment, variant, index), kept in frames.items():
         name = f"{json_key(experiment)}-{variant}-{index}.xyz"
-        ase.io.write(trajectories / name, frames, format="extxyz")
+        ase.io.write(trajectories / name, kept, format="extxyz")
     for (variant, index), atoms in result.relaxed.items():
         ase.io.write(
             trajectories / f"relax-{variant}-{index}.xyz", atoms, format="extxyz"
         )
-    _write_chemiscope(result, directory / "consequences.chemiscope.json.gz")
+    _write_chemiscope(frames, directory / "consequences.chemiscope.json.gz")
 
 
 def trajectory_frames(
@@ -56,24 +56,25 @@ def trajectory_frames(
     ``potential_energy_eV`` and (for molecules) ``angular_momentum_hbar`` in
     ``info`` and the forces in ``arrays["model_forces"]``."""
     trajectory = result.trajectories[(experiment, variant, index)]
+    molecule = not np.any(trajectory.pbc)
+    if molecule:
+        momentum = np.linalg.norm(angular_momentum(trajectory), axis=1)
     frames = []
     for frame in range(len(trajectory.time_ps)):
         atoms = trajectory.atoms(frame)
         atoms.info["time_ps"] = float(trajectory.time_ps[frame])
         atoms.info["potential_energy_eV"] = float(trajectory.potential_energy[frame])
         atoms.arrays["model_forces"] = trajectory.forces[frame]
-        if not np.any(trajectory.pbc):
-            centred = atoms.positions - atoms.get_center_of_mass()
-            momentum = np.cross(centred, atoms.get_momenta()).sum(axis=0) / HBAR
-            atoms.info["angular_momentum_hbar"] = float(np.linalg.norm(momentum))
+        if molecule:
+            atoms.info["angular_momentum_hbar"] = float(momentum[frame])
         frames.append(atoms)
     return frames
 
 
-def _write_chemiscope(result: ConsequencesResult, path: Path) -> None:
-    """Every trajectory (at most :py:data:`CHEMISCOPE_FRAMES` frames each) with
-    experiment, variant, structure, time, energy and angular momentum as
-    properties of each frame."""
+def _write_chemiscope(trajectories: dict, path: Path) -> None:
+    """Every trajectory (``{(experiment, variant, structure): frames}``, at most
+    :py:data:`CHEMISCOPE_FRAMES` frames each) with experiment, variant,
+    structure, time, energy and angular momentum as properties of each frame."""
     import chemiscope
 
     frames, properties = (
@@ -81,10 +82,11 @@ def _write_chemiscope(result: ConsequencesResult, path: Path) -> None:
         {name: [] for name in ("experiment", "variant", "structure", "time", "energy")},
     )
     momentum = []
-    for experiment, variant, index in result.trajectories:
-        all_frames = trajectory_frames(result, experiment, variant, index)
+    for (experiment, variant, index), all_frames in trajectories.items():
         step = max(1, len(all_frames) // CHEMISCOPE_FRAMES)
         for atoms in all_frames[::step]:
+            # a copy: the XYZ files keep their info and arrays
+            atoms = atoms.copy()
             frames.append(atoms)
             properties["experiment"].append(experiment)
             properties["variant"].append(variant)

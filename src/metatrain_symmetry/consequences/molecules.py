@@ -62,8 +62,9 @@ def _inertia(centred: np.ndarray, masses: np.ndarray) -> np.ndarray:
 
 def rotational_kinetic_energy(trajectory: Trajectory) -> np.ndarray:
     """``L . I^-1 L / 2`` per frame, ``(n_frames,)``, in eV."""
-    inertia = _inertia(_centred(trajectory), trajectory.masses)
-    momentum = np.cross(_centred(trajectory), trajectory.momenta).sum(axis=1)
+    centred = _centred(trajectory)
+    inertia = _inertia(centred, trajectory.masses)
+    momentum = np.cross(centred, trajectory.momenta).sum(axis=1)
     inverse = np.linalg.pinv(inertia)
     return 0.5 * np.einsum("fx,fxy,fy->f", momentum, inverse, momentum)
 

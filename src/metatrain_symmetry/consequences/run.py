@@ -236,6 +236,7 @@ class _TaskRunner:
         self.settings = settings
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
+        self._warm: set[tuple[bool, int]] = set()
 
     def calculator(self, task: Task):
         if task.variant == "plain":
@@ -290,8 +291,12 @@ class _TaskRunner:
         }
 
     def _warm_up(self, task: Task, atoms: Atoms) -> None:
-        """One untimed call, so that the cost per step leaves out TorchScript's
-        first compilations."""
+        """One untimed call per calculator and structure, so that the cost per
+        step leaves out TorchScript's first compilations."""
+        key = (task.variant == "average", task.structure)
+        if key in self._warm:
+            return
+        self._warm.add(key)
         warm = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         warm.calc = self.average if task.variant == "average" else self.plain
         warm.get_forces()
