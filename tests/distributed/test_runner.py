@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from metatrain_symmetry.distributed import (
     MANIFEST,
@@ -130,3 +131,40 @@ def test_a_work_directory_needs_a_manifest(tmp_path):
     with pytest.raises(ValueError, match="needs a manifest"):
         run_resumable(COSTS, squares([]), None, tmp_path / "work")
     assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    """A class a shard may hold once it is declared in ``result_types``."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class RunsCode:
+    """An object that runs code when it is unpickled."""
+
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_shards_are_read_without_running_code(tmp_path, capsys):
+    work = tmp_path / "work"
+
+    def payloads(mine):
+        for shard, items in mine.items():
+            yield shard, [Payload(np.array(items)), {"squares": np.square(items)}]
+
+    first = run_resumable(COSTS, payloads, None, work, MANIFEST_OF_RUN, [Payload])
+    again = run_resumable(COSTS, squares([]), None, work, MANIFEST_OF_RUN, [Payload])
+    for shard, before in zip(again, first, strict=True):
+        assert isinstance(shard[0], Payload)
+        np.testing.assert_array_equal(shard[0].value, before[0].value)
+        np.testing.assert_array_equal(shard[1]["squares"], before[1]["squares"])
+
+    # an undeclared class, and code that would run: refused, never run
+    with pytest.raises(ResumeMismatchError, match="remove the work directory"):
+        run_resumable(COSTS, squares([]), None, work, MANIFEST_OF_RUN)
+    torch.save(RunsCode(), work / "shard-000000.pt")
+    with pytest.raises(ResumeMismatchError, match="cannot hold"):
+        run_resumable(COSTS, squares([]), None, work, MANIFEST_OF_RUN, [Payload])
+    assert "unpickling ran code" not in capsys.readouterr().out

@@ -102,6 +102,7 @@ def audit(
         context,
         work_dir,
         manifest,
+        result_types=AnalysisPlan.PART_TYPES,
     )
     return None if parts is None else request.result(parts)
 

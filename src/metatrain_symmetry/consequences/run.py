@@ -27,7 +27,7 @@ from ..identity import dataset_identity, model_identity
 from .molecules import molecule_nve_summary, orientations_summary
 from .observables import observables_summary
 from .result import ConsequencesResult, assemble
-from .simulation import Settings, relax, run_dynamics
+from .simulation import Settings, Trajectory, relax, run_dynamics
 
 
 __all__ = ["ENGINES", "EXPERIMENTS", "VARIANTS", "consequences"]
@@ -125,6 +125,7 @@ def consequences(
         context,
         work_dir,
         None if work_dir is None else {"command": "consequences", **identity},
+        result_types=(Task, Trajectory),
     )
     if parts is None:
         return None

@@ -210,8 +210,9 @@ class BlockAccumulator:
         return {
             "sample_names": self.sample_names,
             "sample_values": self.sample_values,
-            "components": self.components,
-            "properties": self.properties,
+            # metadata as (names, values): plain data, which saved shards need
+            "components": [(c.names, c.values) for c in self.components],
+            "properties": (self.properties.names, self.properties.values),
             "layout": self.layout,
             "irrep_keys": self.irrep_keys,
             "average": average,

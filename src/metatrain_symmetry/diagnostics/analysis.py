@@ -23,6 +23,7 @@ from .._version import __version__
 from ..distributed import DistributedContext, run_resumable
 from ..engine import RotatedEvaluator
 from ..grid import O3Grid
+from ..irreps import BlockLayout
 from ..models import LoadedModel, ModelLike, load_model
 from ..quantities import standard_lambda
 from ..systems import SystemLike, prepare_systems, systems_fingerprint
@@ -47,8 +48,9 @@ analysis accepts"""
 class AnalysisPart:
     """The finished per-structure quantities of some structures (picklable)."""
 
-    keys: dict[str, Labels] = field(default_factory=dict)
-    """per name, the keys of the model's output blocks"""
+    keys: dict[str, tuple[list[str], torch.Tensor]] = field(default_factory=dict)
+    """per name, the keys of the model's output blocks as ``(names, values)``:
+    plain data, so that saved shards load with ``torch.load(weights_only=True)``"""
     finished: dict[str, list] = field(default_factory=dict)
     """per name, ``(structure index, finished blocks)`` in structure order"""
 
@@ -59,6 +61,11 @@ class AnalysisPlan:
     Builds the parts of an analysis structure by structure and joins them; see
     :py:func:`analyze` for the parameters.
     """
+
+    PART_TYPES = (AnalysisPart, BlockLayout)
+    """the classes a part holds besides tensors and containers, for reading saved
+    parts back (``result_types`` of
+    :py:func:`~metatrain_symmetry.distributed.run_resumable`)"""
 
     def __init__(
         self,
@@ -198,7 +205,8 @@ class AnalysisPlan:
             current = chunk.structure
             shard = order[current][0]
             for name, output in chunk.outputs.items():
-                parts[shard].keys.setdefault(name, output.keys.to("cpu"))
+                keys = output.keys
+                parts[shard].keys.setdefault(name, (keys.names, keys.values.cpu()))
                 per_structure = accumulators[name]
                 if chunk.structure not in per_structure:
                     per_structure[chunk.structure] = [
@@ -221,7 +229,7 @@ class AnalysisPlan:
         finished: dict[str, list] = {name: [] for name in self.names}
         for part in parts:
             for name in self.names:
-                keys.setdefault(name, part.keys[name])
+                keys.setdefault(name, Labels(*part.keys[name]))
                 finished[name].extend(part.finished[name])
         result = AnalysisResult(
             {},
@@ -320,6 +328,7 @@ def analyze(
         context,
         work_dir,
         manifest,
+        result_types=AnalysisPlan.PART_TYPES,
     )
     if parts is None:
         return None

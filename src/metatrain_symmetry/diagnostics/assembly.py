@@ -154,8 +154,8 @@ def _average_map(keys: Labels, finished: list[tuple[int, list[dict]]]) -> Tensor
             TensorBlock(
                 values=torch.cat([b[index]["average"] for _, b in finished]),
                 samples=_block_samples(finished, index),
-                components=first[index]["components"],
-                properties=first[index]["properties"],
+                components=[Labels(*c) for c in first[index]["components"]],
+                properties=Labels(*first[index]["properties"]),
             )
         )
     return TensorMap(keys, average_blocks)
@@ -185,7 +185,7 @@ def _add_irrep_blocks(
             values=values,
             samples=samples,
             components=components,
-            properties=info["properties"],
+            properties=Labels(*info["properties"]),
         )
 
     for part, irrep in enumerate(info["layout"].irreps):
@@ -193,7 +193,7 @@ def _add_irrep_blocks(
         if irrep.o3_lambda is not None:
             components = [mu_labels(irrep.o3_lambda)]
         else:
-            components = info["components"]
+            components = [Labels(*c) for c in info["components"]]
         variances.keys.append((key_names, key_values))
         variances.blocks.append(block(_joined(finished, index, "variances", part), []))
         if estimated:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._utils import atomic_file
@@ -32,6 +34,15 @@ MIN_SHARDS = 64
 
 MANIFEST = "manifest.json"
 """file of a work directory identifying its run"""
+
+
+# what a numpy array needs to be read back by torch.load(weights_only=True)
+_NUMPY_GLOBALS = [
+    np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    *{type(np.dtype(kind)) for kind in "?bBhHiIlLqQefdgFDGUS"},
+]
 
 
 class ResumeMismatchError(ValueError):
@@ -100,12 +111,21 @@ class ShardStore:
     :param path: the work directory
     :param manifest: JSON-ready description of the run; a directory with another
         manifest is refused
+    :param result_types: the classes a shard's result holds besides tensors,
+        numpy arrays and Python's containers, numbers and strings: shards are read
+        with ``torch.load(weights_only=True)``, which allows only these
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: dict):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        manifest: dict,
+        result_types: Sequence[type] = (),
+    ):
         self.path = Path(path)
         # normalized through JSON, as it is compared with the saved one
         self.manifest = json.loads(json.dumps(manifest))
+        self.result_types = list(result_types)
 
     def open(self, context: DistributedContext) -> None:
         """Check the manifest of an existing directory, or create it (rank 0).
@@ -152,9 +172,21 @@ class ShardStore:
             torch.save(value, temporary)
 
     def load(self, shard: int):
-        """The saved result of a shard."""
-        # written by this package into a directory identified by the manifest
-        return torch.load(self._file(shard), weights_only=False)
+        """The saved result of a shard.
+
+        :raise ResumeMismatchError: the file holds something else than tensors,
+            numpy arrays, containers and ``result_types``
+        """
+        # a work directory may be shared or come from elsewhere: never run code
+        # from it, as an unrestricted unpickler would
+        try:
+            with torch.serialization.safe_globals(_NUMPY_GLOBALS + self.result_types):
+                return torch.load(self._file(shard), weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ResumeMismatchError(
+                f"'{self._file(shard)}' holds objects that a shard of this run "
+                "cannot hold: remove the work directory to start over"
+            ) from error
 
     def remove(self) -> None:
         """Delete the work directory."""
@@ -254,6 +286,7 @@ def run_resumable(
     context: DistributedContext | None = None,
     work_dir: str | os.PathLike | None = None,
     manifest: dict | None = None,
+    result_types: Sequence[type] = (),
 ) -> list | None:
     """Run a piece of work item by item, spread over ranks and resumable.
 
@@ -274,6 +307,9 @@ def run_resumable(
     :param manifest: JSON-ready identity of the run (needed with ``work_dir``); a
         work directory of another run is refused with
         :py:class:`ResumeMismatchError`
+    :param result_types: the classes the results of ``compute`` hold besides
+        tensors, numpy arrays and Python's containers, numbers and strings (see
+        :py:class:`ShardStore`)
     :return: on rank 0 the results of all shards, in shard order; ``None`` on the
         other ranks
     """
@@ -281,7 +317,7 @@ def run_resumable(
     if work_dir is not None:
         if manifest is None:
             raise ValueError("a work directory needs a manifest identifying the run")
-        store = ShardStore(work_dir, manifest)
+        store = ShardStore(work_dir, manifest, result_types)
     shards = cut_into_shards(costs)
     shard_costs = [sum(costs[index] for index in shard) for shard in shards]
     return run_shards(shards, shard_costs, compute, context, store)
