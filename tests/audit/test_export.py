@@ -195,3 +195,22 @@ def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
             max_lambda=1,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_holds_what_the_audit_command_writes(exported, audit_inputs, tmp_path):
+    """The audit stored in the model is the ``audit.json`` of the same audit
+    (but for the list of files, which only a written audit has)."""
+    output = tmp_path / "audit"
+    process = run_mtt_symmetry(
+        "audit",
+        audit_inputs / "model.ckpt",
+        audit_inputs / "data.xyz",
+        "-o",
+        output,
+        "--max-lambda",
+        "2",
+    )
+    assert process.returncode == 0, process.stderr
+    written = json.loads((output / "audit.json").read_text())
+    assert written.pop("files")["spectra"] == "spectra.mts"
+    assert msym.read_audit(exported / "audited.pt") == written

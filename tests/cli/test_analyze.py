@@ -45,6 +45,26 @@ def test_analyze_end_to_end(inputs, tmp_path):
     assert spectrum.block().values.shape == (2, 6)
     variance = mts.load(str(output / "mtt-feature-gnn_layers.0_node.variance.mts"))
     assert variance.block().samples.names == ["system", "atom"]
+
+    # every TensorMap written is the one the Python API returns
+    import metatrain_symmetry as msym
+
+    names = ["energy", "non_conservative_force", "mtt::feature::gnn_layers.0_node"]
+    expected = msym.analyze(
+        inputs / "model.ckpt", ase.io.read(inputs / "data.xyz", ":"), names, 2
+    )
+    quantities = ("variance", "character_projection", "average", "spectrum")
+    for name in names:
+        for quantity in quantities:
+            stem = msym.diagnostics.file_stem(name)
+            written = mts.load(str(output / f"{stem}.{quantity}.mts"))
+            tensor = getattr(expected, quantity)[name]
+            assert mts.allclose(written, tensor, rtol=1e-10, atol=1e-14), (
+                name,
+                quantity,
+            )
+    written_files = sorted(path.name for path in output.glob("*.mts"))
+    assert len(written_files) == len(names) * len(quantities)
     assert (output / "spectra.png").stat().st_size > 0
     assert "`energy`" in (output / "summary.md").read_text()
 

@@ -10,6 +10,7 @@ works or stops with a one-line error that says what to do instead, leaving no
 output behind.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -189,7 +190,11 @@ def command_line(command: str, form: str) -> tuple[list[str], str]:
             "checkpoint": ["epoch-0.ckpt", "model.ckpt"],
             "exported": ["epoch-0.pt", "model.pt"],
         }.get(form, [model])
-        return ["dynamics", *models, "structures.xyz", "-o", output, *grid], output
+        arguments = ["dynamics", *models, "structures.xyz", "-o", output, *grid]
+        if form == "checkpoint":
+            # the weights that mtt export exports, to compare with exported models
+            arguments += ["--weights", "best"]
+        return arguments, output
     if command == "consequences":
         arguments = ["consequences", model, "structures.xyz", "-o", output]
         steps = ("--steps", "3", "--frames", "3", "--blocks", "2")
@@ -297,3 +302,173 @@ def test_files_get_the_umask_permissions(forms):
         )
         check(process, "export")
         assert (forms / exported).stat().st_mode & 0o777 == file_mode
+
+
+# ------------------------------------------------------------ numbers across forms
+# what depends on the run rather than on the model's numbers
+RUN_DEPENDENT = {"model", "seconds_per_step", "cost_per_step_relative", "path"}
+
+
+def assert_same_numbers(first, second, rel: float, where: str = "") -> None:
+    """Two JSON documents hold the same structure and numbers, to ``rel``
+    relative (with an absolute floor of ``rel``), but for run-dependent keys."""
+    if isinstance(first, dict):
+        assert set(first) == set(second), where
+        for key in first:
+            if key not in RUN_DEPENDENT:
+                assert_same_numbers(first[key], second[key], rel, f"{where}/{key}")
+    elif isinstance(first, list):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            assert_same_numbers(a, b, rel, f"{where}[{index}]")
+    elif isinstance(first, float) and not isinstance(second, bool):
+        assert second == pytest.approx(first, rel=rel, abs=rel), where
+    else:
+        assert first == second, where
+
+
+def assert_same_tensor_maps(first: Path, second: Path, rel: float) -> None:
+    """The ``.mts`` files of the second output directory are in the first, with
+    the same values (an exported PET exposes no internal features, so that
+    ``dynamics`` analyses the features of checkpoints only)."""
+    import metatensor.torch as mts
+
+    names = sorted(path.name for path in second.glob("*.mts"))
+    assert names and set(names) <= {path.name for path in first.glob("*.mts")}
+    for name in names:
+        a, b = mts.load(str(first / name)), mts.load(str(second / name))
+        assert mts.allclose(a, b, rtol=rel, atol=rel * 1e-3), name
+
+
+def output_of(runs, forms, command: str, form: str) -> Path:
+    process, output = runs[(command, form)]
+    assert process.returncode == 0, process.stderr[-3000:]
+    return forms / output
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("command", ["analyze", "analyze-infinitesimal", "dynamics"])
+def test_exported_tensors_equal_the_checkpoints(forms, runs, command):
+    """``mtt export`` in another process changes no number of any analysis."""
+    assert_same_tensor_maps(
+        output_of(runs, forms, command, "checkpoint"),
+        output_of(runs, forms, command, "exported"),
+        rel=1e-8,
+    )
+
+
+def test_exported_simulations_equal_the_checkpoints(forms, runs):
+    """Same seeds, same model: the same trajectories and relaxations."""
+    first, second = (
+        read_json(output_of(runs, forms, "consequences", form) / "consequences.json")
+        for form in ("checkpoint", "exported")
+    )
+    assert_same_numbers(first["experiments"], second["experiments"], rel=1e-8)
+
+
+def test_exported_audits_in_metadata_equal_the_checkpoints(forms, runs):
+    import metatrain_symmetry as msym
+
+    first, second = (
+        msym.read_audit(output_of(runs, forms, "export", form))
+        for form in ("checkpoint", "exported")
+    )
+    assert_same_numbers(first["outputs"], second["outputs"], rel=1e-6)
+
+
+def test_symmetrized_export_is_the_checkpoints_average(forms, runs):
+    """The symmetrized model predicts what the analyses of its checkpoint call
+    the O(3) average on the same grid, in audits and in simulations."""
+    checkpoint = read_json(output_of(runs, forms, "audit", "checkpoint") / "audit.json")
+    symmetrized = read_json(
+        output_of(runs, forms, "audit", "symmetrized") / "audit.json"
+    )
+    for name, entry in checkpoint["outputs"].items():
+        target = symmetrized["outputs"][name]["target"]
+        for error in ("mae", "rmse"):
+            expected = entry["target"][f"symmetrized_{error}"]
+            assert target[error] == pytest.approx(expected, rel=1e-9), (name, error)
+        # averaged once more on a grid that is not a group: closer to
+        # equivariant, but not exactly
+        equivariance = symmetrized["outputs"][name]["equivariance_rmse"]["mean"]
+        assert 0 < equivariance < entry["equivariance_rmse"]["mean"]
+
+    # the symmetrized model run plainly is the checkpoint's average variant
+    plain, average = (
+        read_json(output_of(runs, forms, "consequences", form) / "consequences.json")
+        for form in ("symmetrized", "checkpoint")
+    )
+    fields = {
+        "molecule_nve": ("initial_torque_eV", "angular_momentum_hbar", "torque_eV"),
+        "relax": ("energy_eV", "n_steps"),
+    }
+    for experiment, names in fields.items():
+        for first, second in zip(
+            plain["experiments"][experiment]["variants"]["plain"]["structures"],
+            average["experiments"][experiment]["variants"]["average"]["structures"],
+            strict=True,
+        ):
+            for name in names:
+                assert_same_numbers(first[name], second[name], 1e-8, name)
+
+
+def test_invariant_model_shows_no_breaking_in_any_command(forms, runs):
+    """The hand-written pair potential is exactly invariant: every command sees
+    round-off where the PET shows its breaking."""
+    audit = read_json(output_of(runs, forms, "audit", "hand-written") / "audit.json")
+    pet = read_json(output_of(runs, forms, "audit", "checkpoint") / "audit.json")
+    for name, entry in audit["outputs"].items():
+        scale = entry["target"]["rmse"]
+        assert entry["equivariance_rmse"]["max"] < 1e-12 * scale, name
+        assert pet["outputs"][name]["equivariance_rmse"]["max"] > 1e-6 * scale, name
+
+    import metatensor.torch as mts
+
+    screen = output_of(runs, forms, "analyze-infinitesimal", "hand-written")
+    for name in ("energy.lie_derivative.mts", "forces.lie_derivative.mts"):
+        values = mts.load(str(screen / name)).block().values
+        assert float(values.abs().max()) < 1e-10, name
+    torque = mts.load(str(screen / "torque.mts")).block().values
+    assert float(torque.abs().max()) < 1e-10
+
+    simulation = read_json(
+        output_of(runs, forms, "consequences", "hand-written") / "consequences.json"
+    )
+    experiments = simulation["experiments"]
+    for variant in experiments["molecule_nve"]["variants"].values():
+        for structure in variant["structures"]:
+            assert structure["max_angular_momentum_change_hbar"] < 1e-10
+    relaxed = experiments["relax"]["variants"]
+    for variant in ("average", "random_rotation"):
+        assert_same_numbers(
+            [s["energy_eV"] for s in relaxed[variant]["structures"]],
+            [s["energy_eV"] for s in relaxed["plain"]["structures"]],
+            rel=1e-10,
+        )
+    assert experiments["relax"]["ranking_changed"] is False
+
+
+def test_retraining_trades_accuracy_for_equivariance(forms, runs):
+    """The sweep's table: a larger gamma is more equivariant and less accurate on
+    its training structures."""
+    retrained = output_of(runs, forms, "retrain", "checkpoint")
+    with (retrained / "pareto.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert [float(row["gamma"]) for row in rows] == [0.0, 1.0]
+    unpenalized, penalized = rows
+    for term in ("energy", "energy/forces"):
+        mu, sigma = f"{term} train L_mu", f"{term} train L_sigma"
+        assert float(penalized[sigma]) < float(unpenalized[sigma]), term
+        assert float(penalized[mu]) >= float(unpenalized[mu]), term
+    # the minimised objective is L_mu + gamma L_sigma, summed over the terms
+    for row in rows:
+        gamma = float(row["gamma"])
+        total = sum(
+            float(row[f"{term} train L_mu"])
+            + gamma * float(row[f"{term} train L_sigma"])
+            for term in ("energy", "energy/forces")
+        )
+        assert float(row["objective"]) == pytest.approx(total, rel=1e-6)
