@@ -1,6 +1,6 @@
 """The main job end to end on data the package makes itself.
 
-``mtt-symmetry demo -o DIR`` generates rattled and strained copper cells labelled
+``mtt-symmetry demo -o DIR`` generates rattled copper cells labelled
 with ASE's EMT calculator and trains the same small unconstrained PET twice with
 ``mtt train`` from the same seed, at the same time: once with metatrain's plain MSE
 loss, once with the ``equivariance`` penalty on its energy and non-conservative
@@ -48,9 +48,9 @@ RETRAIN_GAMMAS = DEFAULT_GAMMAS
 # grid five times smaller than lambda = 4 needs
 AUDIT_MAX_LAMBDA = 2
 
-# measured on one machine: 0.24 (plain) and 0.26 (penalized) of the reference
-# spread for the energy after 60 epochs; 100 epochs gave 0.20 and 0.21 but made the
-# penalty cost 17 % of the force accuracy (against about -40 % at 60)
+# measured (2 cores, 60 epochs): every RMSE at most 0.07 of the reference spread,
+# and the penalty makes the forces 2.8 times more equivariant at -3 % force RMSE;
+# gamma = 30 makes them 3.6 times more equivariant but their RMSE 2.6 times larger
 DEFAULT_EPOCHS = 60
 DEFAULT_GAMMA = 10.0
 
@@ -221,7 +221,7 @@ def retrain_numbers(result) -> dict:
     }
 
 
-LEARNED = 0.3
+LEARNED = 0.2
 """largest RMSE / reference std of a model said to have learned an output"""
 
 COLUMNS = """\
@@ -311,7 +311,10 @@ def run_demo(
     with atomic_directory(output) as staging:
         n_total = N_TRAIN + N_VALIDATION
         print(f"[1/5] generating {n_total} copper cells with ASE's EMT calculator")
-        frames = make_dataset(n_total, repeats=(1, 1, 1), rattle=0.1, strain=0.02)
+        # unstrained cells: with strained ones, most of the energy's spread came
+        # from the second and third neighbour shells, beyond the small cutoff,
+        # and no model could learn it (RMSE 0.24 of the spread, against 0.07)
+        frames = make_dataset(n_total, repeats=(1, 1, 1), rattle=0.1, strain=0.0)
         training = staging / "training"
         training.mkdir()
         ase.io.write(training / "train.xyz", frames[:N_TRAIN])

@@ -217,13 +217,26 @@ COMMANDS = [
 CASES = [(command, form) for command in COMMANDS for form in FORMS]
 
 
+# the console script that installing the package puts next to the interpreter
+MTT_SYMMETRY = Path(sys.executable).with_name("mtt-symmetry")
+
+
 @pytest.fixture(scope="module")
 def runs(forms):
-    """Every combination, two at a time."""
+    """Every combination, two at a time, through the installed ``mtt-symmetry``
+    command, as users run it."""
+    assert MTT_SYMMETRY.is_file(), f"{MTT_SYMMETRY} is missing: install the package"
 
     def one(case):
         arguments, output = command_line(*case)
-        return run("metatrain_symmetry.cli", *arguments, cwd=forms), output
+        process = subprocess.run(
+            [str(MTT_SYMMETRY), *arguments],
+            cwd=forms,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        return process, output
 
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(CASES, pool.map(one, CASES), strict=True))
