@@ -95,8 +95,7 @@ def test_demo_end_to_end(demos):
             )
     force = "non_conservative_force"
     assert (
-        penalized[force]["equivariance_rmse"]
-        <= plain[force]["equivariance_rmse"] / 2.5
+        penalized[force]["equivariance_rmse"] <= plain[force]["equivariance_rmse"] / 2.5
     ), numbers
     assert penalized[force]["rmse"] <= 1.15 * plain[force]["rmse"], numbers
     sweep = numbers["retrain"]["outputs"][force]

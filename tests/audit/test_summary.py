@@ -147,3 +147,107 @@ def test_summary_of_an_in_memory_audit_follows_the_schema(molecules):
     assert force["target"] is None
     assert "fraction_of_mae" not in force["equivariance_rmse"]
     assert force["unit"] == "" and force["sample_kind"] == "atom"
+
+
+def test_target_errors_are_the_known_offsets(pet_audit):
+    """The fixture's targets are the model's predictions moved by known
+    offsets (energy +0.25 eV, every force component -0.5 eV/A): the errors are
+    these offsets, and the fractions divide the mean equivariance RMSE by them."""
+    _, _, result = pet_audit
+    for name, offset in (("energy", 0.25), ("non_conservative_force", 0.5)):
+        entry = result.summary["outputs"][name]
+        target = entry["target"]
+        assert target["mae"] == pytest.approx(offset, rel=1e-9)
+        assert target["rmse"] == pytest.approx(offset, rel=1e-9)
+        equivariance = entry["equivariance_rmse"]
+        assert set(equivariance) == {
+            "mean",
+            "median",
+            "max",
+            "mean_standard_error",
+            "fraction_of_mae",
+            "fraction_of_rmse",
+        }
+        for measure in ("mae", "rmse"):
+            assert equivariance[f"fraction_of_{measure}"] == pytest.approx(
+                equivariance["mean"] / offset
+            )
+    # the errors of the O(3) average, from the analysis and the targets
+    _, frames, _ = pet_audit
+    average = result.analysis.average["energy"].block().values.reshape(-1)
+    reference = torch.tensor([atoms.info["energy"] for atoms in frames])
+    target = result.summary["outputs"]["energy"]["target"]
+    difference = average - reference
+    assert target["symmetrized_mae"] == pytest.approx(float(difference.abs().mean()))
+    assert target["symmetrized_rmse"] == pytest.approx(
+        float(difference.square().mean().sqrt())
+    )
+    feature = result.summary["features"]["mtt::feature::gnn_layers.1_node"]
+    assert set(feature) == {
+        "equivariance_rmse",
+        "zero_structures",
+        "unresolved_structures",
+        "mean_spectrum",
+        "mean_spectrum_standard_error",
+    }
+    rmse = result.analysis.equivariance_rmse("mtt::feature::gnn_layers.1_node")
+    assert feature["equivariance_rmse"]["max"] == pytest.approx(float(rmse.max()))
+    assert feature["zero_structures"] == feature["unresolved_structures"] == 0
+
+
+def test_summary_of_a_random_grid_audit(molecules):
+    """A random grid: its kind, estimated values with standard errors, and the
+    statistics of a single structure (mean = median = max)."""
+    model = msym.load_model(AnalyticModel(), capabilities=capabilities())
+    result = msym.audit(
+        model,
+        molecules[:1],
+        outputs=["non_conservative_force", "mtt::x_z_squared"],
+        max_lambda=2,
+        grid=msym.O3Grid.random(64, seed=0),
+    )
+    summary = result.summary
+    jsonschema.validate(summary, audit_schema())
+    assert summary["grid"] == {
+        "kind": "random",
+        "degree": None,
+        "n_elements": 64,
+        "inversion": True,
+        "estimated": True,
+    }
+    entry = summary["outputs"]["mtt::x_z_squared"]
+    statistics = entry["equivariance_rmse"]
+    (value,) = result.analysis.equivariance_rmse("mtt::x_z_squared").tolist()
+    assert statistics["mean"] == statistics["median"] == statistics["max"] == value
+    error = result.analysis.mean_equivariance_rmse_error["mtt::x_z_squared"]
+    assert statistics["mean_standard_error"] == pytest.approx(float(error))
+    assert statistics["mean_standard_error"] > 0
+    errors = entry["mean_spectrum_standard_error"]
+    assert len(errors) == len(entry["mean_spectrum"]) == 6
+    assert all(error >= 0 for error in errors) and max(errors) > 0
+    # the exactly equivariant force: no leakage beyond its standard error
+    leakage = summary["outputs"]["non_conservative_force"]["leakage"]
+    assert leakage["irreps"] == [[1, 1]]
+    assert leakage["mean_standard_error"] > 0
+    assert abs(leakage["mean"]) < 4 * leakage["mean_standard_error"] + 1e-12
+    assert entry["zero_structures"] == entry["unresolved_structures"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:output 'energy' has an empty unit")
+def test_summary_of_an_output_zero_everywhere_is_valid_json():
+    """The forces on a single atom are zero: no leakage, no spectrum, counted in
+    ``zero_structures``, and the summary is strict JSON (no NaN)."""
+    import ase
+
+    model = msym.load_model(PairPotential(), capabilities=pair_capabilities())
+    single = ase.Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+    result = msym.audit(model, [single], outputs=["energy", "forces"], max_lambda=1)
+    forces = result.summary["outputs"]["forces"]
+    assert forces["zero_structures"] == 1 and forces["unresolved_structures"] == 0
+    assert forces["leakage"]["mean"] is None and forces["leakage"]["max"] is None
+    assert forces["leakage"]["median"] is None
+    assert forces["mean_spectrum"] == [None] * 4
+    assert forces["equivariance_rmse"]["max"] == 0.0
+    json.dumps(result.summary, allow_nan=False)
+    jsonschema.validate(result.summary, audit_schema())
+    assert describe_outputs(model, ["mtt::unknown"])["mtt::unknown"]["unit"] == ""
