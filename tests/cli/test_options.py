@@ -2,7 +2,9 @@
 and the defaults ``--help`` shows."""
 
 import argparse
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +189,82 @@ def test_write_output_replaces_the_directory_at_once(tmp_path):
     write_output(output, lambda directory: (directory / "a.txt").write_text("a"), work)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
     assert [path.name for path in output.iterdir()] == ["a.txt"]
+
+
+def test_shared_options_parse_to_the_api_arguments():
+    """Every shared option, given and left out, reads as the Python API's keyword
+    arguments (values, types and defaults)."""
+    from metatrain_symmetry.cli.options import shared_settings
+
+    audit = ["audit", "model.ckpt", "data.xyz", "-o", "out"]
+    defaults = parse(*audit)
+    assert (defaults.model, defaults.data, defaults.output) == (
+        "model.ckpt",
+        "data.xyz",
+        "out",
+    )
+    assert defaults.force is False and defaults.allow_close_atoms is False
+    # an audit analyses no feature unless asked; no device means the CPU
+    assert shared_settings(defaults) == {
+        "features": [],
+        "targets": None,
+        "max_lambda": DEFAULT_MAX_LAMBDA,
+        "grid": None,
+        "batch_size": None,
+        "device": None,
+        "dtype": None,
+    }
+    given = parse(
+        *audit,
+        *("--force", "--allow-close-atoms", "--outputs", "energy", "forces"),
+        *("--features", "all", "--targets", "energy=E", "forces=F"),
+        *("--max-lambda", "3", "--rotations", "12", "--seed", "5"),
+        *("--batch-size", "7", "--device", "cpu", "--dtype", "float32"),
+    )
+    assert given.force is True and given.allow_close_atoms is True
+    assert given.outputs == ["energy", "forces"]
+    settings = shared_settings(given)
+    grid = settings.pop("grid")
+    assert len(grid) == 12 and grid.degree is None
+    assert torch.equal(grid.rotations, msym.O3Grid.random(12, seed=5).rotations)
+    assert settings == {
+        "features": "all",
+        "targets": {"energy": "E", "forces": "F"},
+        "max_lambda": 3,
+        "batch_size": 7,
+        "device": "cpu",
+        "dtype": torch.float32,
+    }
+    named = parse(*audit, "--features", "mtt::feature::a", "mtt::feature::b")
+    assert shared_settings(named)["features"] == ["mtt::feature::a", "mtt::feature::b"]
+    # a command without a shared option does not read it
+    export = parse("export", "model.ckpt", "-o", "m.pt", "--audit", "data.xyz")
+    assert "features" not in shared_settings(export)
+    for missing in (audit[:-2], audit[:2]):
+        with pytest.raises(SystemExit):
+            parse(*missing)
+    with pytest.raises(SystemExit):
+        parse(*audit, "--max-lambda", "two")
+    with pytest.raises(SystemExit):
+        parse(*audit, "--device", "tpu")
+
+
+HELP_SNAPSHOT = Path(__file__).with_name("help.txt")
+UPDATE_HELP = "MTT_SYMMETRY_UPDATE_HELP"
+
+
+def test_help_of_every_command_is_the_documented_one(monkeypatch):
+    """The ``--help`` of every sub-command (usage, options, defaults, wording) is
+    the interface users read: it changes only on purpose, by regenerating
+    ``tests/cli/help.txt`` with ``MTT_SYMMETRY_UPDATE_HELP=1 pytest
+    tests/cli/test_options.py``."""
+    monkeypatch.setenv("COLUMNS", "88")
+    text = "".join(
+        f"=== mtt-symmetry {name}\n{parser.format_help()}\n"
+        for name, parser in commands().items()
+    )
+    if os.environ.get(UPDATE_HELP) == "1":
+        HELP_SNAPSHOT.write_text(text)
+    assert HELP_SNAPSHOT.read_text() == text, (
+        f"the help changed: check it, then regenerate with {UPDATE_HELP}=1"
+    )
