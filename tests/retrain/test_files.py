@@ -1,6 +1,7 @@
 """The files of a retraining: the trade-off tables and plot, from a hand-made
 result."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -79,3 +80,48 @@ def test_checkpoint_names():
     assert checkpoint_name(0.1) == "gamma-0.1.ckpt"
     assert checkpoint_name(10.0) == "gamma-10.ckpt"
     assert checkpoint_name(1e-6) == "gamma-1e-06.ckpt"
+
+
+def test_pareto_figure_shows_each_term_against_its_equivariance():
+    """Each panel plots a term's error against its equivariance error, one
+    labelled point per gamma: validation errors where there are some, the square
+    roots of the training loss terms otherwise."""
+    import matplotlib.pyplot as plt
+
+    from metatrain_symmetry.retrain.files import pareto_figure
+
+    for validation in (True, False):
+        result = hand_made(validation)
+        figure = pareto_figure(result)
+        assert figure._suptitle.get_text() == (
+            "closed-form readout retraining: gamma on each point"
+        )
+        assert [axis.get_title() for axis in figure.axes] == result.terms
+        expected = {
+            "energy/forces": ([1.0, 0.5], [2.0, 3.0], "sqrt(L_sigma), training"),
+            "energy": (
+                ([0.01, 0.001], [0.5, 0.75], "validation equivariance RMSE")
+                if validation
+                else ([0.125**0.5, 0.25], [0.5, 0.5**0.5], "sqrt(L_sigma), training")
+            ),
+        }
+        for axis in figure.axes:
+            x, y, label = expected[axis.get_title()]
+            (line,) = axis.get_lines()
+            assert line.get_xdata().tolist() == pytest.approx(x)
+            assert line.get_ydata().tolist() == pytest.approx(y)
+            assert line.get_marker() == "o" and line.get_linestyle() == "-"
+            assert axis.get_xlabel() == label
+            assert axis.get_ylabel() == label.replace("sigma", "mu").replace(
+                " equivariance", ""
+            )
+            assert axis.get_xscale() == "log"
+            annotations = axis.texts
+            assert [a.get_text() for a in annotations] == ["0", "0.5"]
+            points = [list(a.xy) for a in annotations]
+            assert points == [
+                pytest.approx([xi, yi]) for xi, yi in zip(x, y, strict=True)
+            ]
+            assert all(a.get_position() == (4, 4) for a in annotations)
+            assert {a.get_anncoords() for a in annotations} == {"offset points"}
+        plt.close(figure)

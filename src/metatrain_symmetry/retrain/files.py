@@ -36,9 +36,21 @@ def _table_cell(column: str, value: float | int) -> str:
 
 
 def plot_pareto(result, path: Path) -> None:
+    """Save :py:func:`pareto_figure` of ``result`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(result)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pareto_figure(result):
     """Accuracy versus equivariance error, one panel per term (every target, and
     the conservative forces of an energy trained with them), one point per gamma:
-    validation errors when available, training loss terms otherwise."""
+    validation errors when available, training loss terms otherwise.
+
+    :return: the matplotlib figure, 4.5 by 4 inches per panel
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,5 +81,4 @@ def plot_pareto(result, path: Path) -> None:
         axis.set_title(name)
     fig.suptitle("closed-form readout retraining: gamma on each point")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
