@@ -152,7 +152,11 @@ def test_shards_are_read_without_running_code(tmp_path, capsys):
 
     def payloads(mine):
         for shard, items in mine.items():
-            yield shard, [Payload(np.array(items)), {"squares": np.square(items)}]
+            squares = np.square(items)
+            yield (
+                shard,
+                [Payload(np.array(items)), {"squares": squares, "first": squares[0]}],
+            )
 
     first = run_resumable(COSTS, payloads, None, work, MANIFEST_OF_RUN, [Payload])
     again = run_resumable(COSTS, squares([]), None, work, MANIFEST_OF_RUN, [Payload])
@@ -160,6 +164,7 @@ def test_shards_are_read_without_running_code(tmp_path, capsys):
         assert isinstance(shard[0], Payload)
         np.testing.assert_array_equal(shard[0].value, before[0].value)
         np.testing.assert_array_equal(shard[1]["squares"], before[1]["squares"])
+        assert shard[1]["first"] == before[1]["first"]
 
     # an undeclared class, and code that would run: refused, never run
     with pytest.raises(ResumeMismatchError, match="remove the work directory"):

@@ -36,9 +36,16 @@ MANIFEST = "manifest.json"
 """file of a work directory identifying its run"""
 
 
-# what a numpy array needs to be read back by torch.load(weights_only=True)
+try:
+    from numpy._core import multiarray
+except ImportError:  # numpy < 2
+    from numpy.core import multiarray
+
+# what numpy arrays and scalars (but not arrays of Python objects) need to be read
+# back by torch.load(weights_only=True)
 _NUMPY_GLOBALS = [
-    np._core.multiarray._reconstruct,
+    multiarray._reconstruct,
+    multiarray.scalar,
     np.ndarray,
     np.dtype,
     *{type(np.dtype(kind)) for kind in "?bBhHiIlLqQefdgFDGUS"},
