@@ -193,3 +193,65 @@ def test_output_zero_on_every_structure_has_no_leakage():
         "- `mtt::feature::gnn_layers.0_node` is too noisy to normalize on 1 "
         "structure(s), left out of its leakage and mean spectrum."
     ) in lines
+
+
+# the whole audit.md of test_the_whole_report, as users read it
+WHOLE_REPORT = """\
+# Symmetry audit
+
+- model: `/models/pet.ckpt` (sha256 `0123456789abcdef...`)
+- dataset: 2 structures, 6 atoms from `water.xyz`
+- O(3) grid: 16 Haar-random elements (an estimate); spectra up to lambda = 1
+- schema version {version}
+
+Equivariance RMSEs, spectra and leakages are Monte-Carlo estimates from 8 random \
+rotations and their inversions, given as value ± one standard error. They are \
+unbiased, so they can be negative where the true value is close to zero; use an \
+exact grid (`--grid-degree`) for precise spectra.
+
+## Outputs
+
+Errors of the prediction on the unrotated structures (of the O(3) average in \
+parentheses); equivariance RMSE per structure; leakage = 1 - spectral weight at \
+the expected irreps, over the structures where the output is not zero (n/a (zero) \
+when it is zero on every one).
+
+| output | target | MAE | RMSE | equivariance RMSE mean | median | max \
+| mean / MAE | mean / RMSE | leakage mean | leakage max |
+|---|---|---|---|---|---|---|---|---|---|---|
+| `energy` [eV] | `free_energy` | 0.5 (0.125) | 0.25 (0.0625) | 0.001 ± 0.0001 \
+| 0.002 | 0.003 | 0.002 | 0.004 | 0.01 ± 0.005 | 0.02 |
+| `mtt::distance` [-] | none | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |
+
+- `mtt::feature::gnn_layers.0_node` is zero on 1 and too noisy to normalize on 2 \
+structure(s), left out of its leakage and mean spectrum.
+
+## Mean spectra
+
+| name | (0,+) | (0,-) | (1,+) | (1,-) |
+|---|---|---|---|---|
+| `energy` | 0.99 ± 0.01 | 0 ± 0 | 0.01 ± 0.01 | 0 ± 0 |
+| `mtt::distance` | 1 | 0 | 0 | 0 |
+| `mtt::feature::gnn_layers.0_node` | 0.5 | 0.25 | 0.125 | 0.125 |
+"""
+
+
+def test_the_whole_report():
+    """The whole text of a report, line by line: headings, explanations, tables
+    and the sentence on structures left out."""
+    summary = copy.deepcopy(exact_summary())
+    summary["grid"] = {
+        "kind": "random",
+        "degree": None,
+        "n_elements": 16,
+        "inversion": True,
+        "estimated": True,
+    }
+    energy = summary["outputs"]["energy"]
+    energy["equivariance_rmse"]["mean_standard_error"] = 0.0001
+    energy["leakage"]["mean_standard_error"] = 0.005
+    energy["mean_spectrum_standard_error"] = [0.01, 0.0, 0.01, 0.0]
+    feature = summary["features"]["mtt::feature::gnn_layers.0_node"]
+    feature.update(zero_structures=1, unresolved_structures=2)
+    expected = WHOLE_REPORT.format(version=SCHEMA_VERSION)
+    assert audit_markdown(summary).splitlines() == expected.splitlines()
