@@ -9,9 +9,12 @@ loaded back as users do, on a periodic box of 64 randomly oriented water molecul
     its neighbour list given: the floor of an MD step;
 (b) a velocity-Verlet step through metatomic's ASE calculator (``plain``), under
     TorchScript's default (profiling) executor and under the simple executor;
-(c) a step of ``random_rotation`` and of ``average`` (on ``--grid-degree``).
+(c) a step of ``random_rotation`` and of ``average`` (on ``--grid-degree``);
+(d) the wall time per step of whole ``plain`` NVE trajectories of ``--steps``
+    steps integrated by ASE and by i-PI (``--engine ipi``).
 
-It prints (b) / (a), random_rotation / plain and average / (grid size x plain).
+It prints (b) / (a), random_rotation / plain, average / (grid size x plain) and
+i-PI / ASE.
 Run from the repository root::
 
     python benchmarks/consequences_speed.py
@@ -35,6 +38,8 @@ from metatrain_symmetry.calculators import (
     RandomRotationCalculator,
     model_calculator,
 )
+from metatrain_symmetry.consequences.ipi import run_dynamics_ipi
+from metatrain_symmetry.consequences.simulation import Settings, run_dynamics
 from metatrain_symmetry.systems import prepare_systems
 from metatrain_symmetry.testing import pet_model
 
@@ -113,6 +118,10 @@ def main() -> None:
             args.steps,
             args.warm_up,
         )
+        settings = Settings(steps=args.steps, frames=1)
+        for engine, run in (("ASE", run_dynamics), ("i-PI", run_dynamics_ipi)):
+            trajectory = run(atoms, plain, settings, "nve", seed=0)
+            results[f"plain trajectory, {engine}"] = trajectory.seconds_per_step
         grid = msym.O3Grid(args.grid_degree)
         results["average"] = median_seconds(
             md_step(atoms, AveragedCalculator(path, grid)),
@@ -136,6 +145,10 @@ def main() -> None:
     print(
         f"average / (grid size x plain):                 "
         f"{results['average'] / (len(grid) * plain):.2f}"
+    )
+    print(
+        f"trajectory with i-PI / with ASE:               "
+        f"{results['plain trajectory, i-PI'] / results['plain trajectory, ASE']:.2f}"
     )
 
 

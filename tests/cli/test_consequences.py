@@ -51,6 +51,9 @@ MOLECULAR = ("--steps", "2000", "--frames", "400", "--temperature", "1000")
 MOLECULAR += ("--grid-degree", "3")
 QUICK = ("--steps", "30", "--frames", "10", "--blocks", "2", "--grid-degree", "2")
 ROUND_OFF_HBAR = 1e-8
+# the same NVE with each engine
+NVE = ("--experiments", "molecule-nve", "--steps", "200", "--frames", "20")
+NVE += ("--blocks", "2", "--grid-degree", "2")
 
 
 def _box():
@@ -77,6 +80,9 @@ def runs(tmp_path_factory):
         + ["orientations", *MOLECULAR],
         "lab": ["lab.pt", "molecule.xyz", *MOLECULAR],
         "mixed": ["lab.pt", "mixed.xyz", *QUICK],
+        "mixed-ipi": ["lab.pt", "mixed.xyz", *QUICK, "--engine", "ipi"],
+        "nve-ase": ["lab.pt", "molecule.xyz", *NVE],
+        "nve-ipi": ["lab.pt", "molecule.xyz", *NVE, "--engine", "ipi"],
     }
 
     def one(name):
@@ -210,3 +216,58 @@ def test_unknown_experiment_and_engine_exit_with_an_error(runs):
         assert process.returncode == 2
         assert "invalid choice" in process.stderr
         assert not (runs / "x").exists()
+
+
+def _same_numbers(first, second, where=""):
+    """The same JSON structure and numbers (relative 1e-6), but for timings."""
+    if isinstance(first, dict):
+        assert set(first) == set(second), where
+        for key in set(first) - {"seconds_per_step", "cost_per_step_relative"}:
+            _same_numbers(first[key], second[key], f"{where}/{key}")
+    elif isinstance(first, list):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            _same_numbers(a, b, f"{where}[{index}]")
+    elif isinstance(first, float):
+        assert second == pytest.approx(first, rel=1e-6, abs=1e-9), where
+    else:
+        assert first == second, where
+
+
+def test_ipi_integrates_the_same_nve_as_ase(runs):
+    """From the same initial state, i-PI's velocity Verlet gives ASE's
+    trajectory to round-off: the same torque, spin-up and energy drift, and the
+    average keeps the angular momentum."""
+    ase_run, ipi_run = _summary(runs, "nve-ase"), _summary(runs, "nve-ipi")
+    jsonschema.validate(ipi_run, consequences_schema())
+    assert (ase_run["engine"], ipi_run["engine"]) == ("ase", "ipi")
+    _same_numbers(ase_run["experiments"], ipi_run["experiments"])
+    nve = ipi_run["experiments"]["molecule_nve"]["variants"]
+    (plain,) = nve["plain"]["structures"]
+    np.testing.assert_allclose(
+        plain["initial_torque_eV"], _analytic_torque(MOLECULE), rtol=1e-10
+    )
+    assert plain["max_angular_momentum_change_hbar"] > 1.0
+    (average,) = nve["average"]["structures"]
+    assert average["max_angular_momentum_change_hbar"] < ROUND_OFF_HBAR
+
+
+def test_ipi_writes_what_ase_writes(runs):
+    """Every experiment through i-PI: the same files and keys (the thermostat's
+    noise differs, so thermostatted numbers do)."""
+    ase_run, ipi_run = _summary(runs, "mixed"), _summary(runs, "mixed-ipi")
+    jsonschema.validate(ipi_run, consequences_schema())
+
+    def keys(entry):
+        if isinstance(entry, dict):
+            return {key: keys(value) for key, value in entry.items()}
+        if isinstance(entry, list) and entry and isinstance(entry[0], dict):
+            return [keys(value) for value in entry]
+        return None
+
+    assert keys(ipi_run["experiments"]) == keys(ase_run["experiments"])
+    assert sorted(path.name for path in (runs / "mixed-ipi").rglob("*")) == sorted(
+        path.name for path in (runs / "mixed").rglob("*")
+    )
+    observables = ipi_run["experiments"]["observables"]["variants"]["plain"]
+    assert observables["msd_A2"][0] == 0.0 and observables["msd_A2"][-1] > 0.0

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINES,
         default=ENGINES[0],
-        help=f"simulation engine (default: {ENGINES[0]})",
+        help="what integrates the molecular dynamics: ASE, or i-PI (pip install "
+        f"ipi) from the same initial state (default: {ENGINES[0]})",
     )
     for flag, field, kind, text in SETTING_OPTIONS:
         default = getattr(DEFAULTS, field)
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> None:
         distributed=args.context.is_distributed,
         work_dir=work_dir,
         allow_close_atoms=args.allow_close_atoms,
+        engine=args.engine,
     )
     if result is None:
         return

@@ -85,7 +85,6 @@ def assemble(
         summary={
             "schema_version": SCHEMA_VERSION,
             "generator": {"name": "metatrain-symmetry", "version": __version__},
-            "engine": "ase",
             **identity,
             "experiments": {},
         },

@@ -24,6 +24,7 @@ from ..diagnostics import run_context
 from ..distributed import run_resumable
 from ..grid import O3Grid
 from ..identity import dataset_identity, model_identity
+from .ipi import check_ipi, run_dynamics_ipi
 from .molecules import molecule_nve_summary, orientations_summary
 from .observables import observables_summary
 from .result import ConsequencesResult, assemble
@@ -37,8 +38,8 @@ EXPERIMENTS = ("molecule-nve", "orientations", "observables", "relax")
 """the experiments, in the order they run and are reported"""
 VARIANTS = ("plain", "average", "random_rotation")
 """the model as it is, its O(3) average, and a random O(3) frame at every call"""
-ENGINES = ("ase",)
-"""simulation engines"""
+ENGINES = ("ase", "ipi")
+"""simulation engines of the molecular dynamics (relaxations use ASE's FIRE)"""
 
 _MOLECULAR = ("molecule-nve", "orientations")
 
@@ -65,6 +66,7 @@ def consequences(
     distributed: bool = False,
     work_dir: str | os.PathLike | None = None,
     allow_close_atoms: bool = False,
+    engine: str = "ase",
 ) -> ConsequencesResult | None:
     """What a model's symmetry breaking does to simulations, and what removing it
     costs: every experiment run with the model (``plain``), its O(3) average on
@@ -92,10 +94,14 @@ def consequences(
     :param work_dir: keep every completed task there, and reuse those a previous,
         interrupted run with the same model, structures and settings saved
     :param allow_close_atoms: warn, instead of raising, on overlapping atoms
+    :param engine: what integrates the molecular dynamics, among
+        :py:data:`ENGINES`: ASE, or i-PI (the ``ipi`` package) from the same
+        initial state
     :return: the result; ``None`` on ranks other than 0 when ``distributed``
     """
     settings = Settings() if settings is None else settings
     settings.check()
+    _check_engine(engine)
     context = run_context(distributed)
     loaded = energy_model(model, device)
     frames, path = _read(structures, allow_close_atoms)
@@ -112,13 +118,14 @@ def consequences(
         for task in tasks
     ]
     identity = {
+        "engine": engine,
         "model": model_identity(loaded, loaded.source),
         "structures": dataset_identity(frames, path),
         "settings": settings.as_dict(),
         "grid": {"size": len(grid), "description": repr(grid)},
         "selected": {key: list(value) for key, value in selected.items()},
     }
-    runner = _TaskRunner(loaded, frames, grid, batch_size, settings, device)
+    runner = _TaskRunner(loaded, frames, grid, batch_size, settings, device, engine)
     parts = run_resumable(
         costs,
         partial(runner.run, tasks=tasks, progress=progress and context.is_main),
@@ -131,6 +138,15 @@ def consequences(
         return None
     records = {task: record for part in parts for task, record in part}
     return assemble(records, selected, identity, frames, grid)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(
+            f"unknown engine '{engine}': choose among {', '.join(ENGINES)}"
+        )
+    if engine == "ipi":
+        check_ipi()
 
 
 def _read(structures, allow_close_atoms: bool) -> tuple[list[Atoms], str | None]:
@@ -232,9 +248,12 @@ def _observables_structure(frames, periodic: list[int], index: int | None) -> li
 class _TaskRunner:
     """Runs tasks with calculators made once per process."""
 
-    def __init__(self, model, frames, grid, batch_size, settings: Settings, device):
+    def __init__(
+        self, model, frames, grid, batch_size, settings: Settings, device, engine
+    ):
         self.frames = frames
         self.settings = settings
+        self.dynamics = run_dynamics_ipi if engine == "ipi" else run_dynamics
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
         self._warm: set[tuple[bool, int]] = set()
@@ -274,7 +293,7 @@ class _TaskRunner:
             if task.experiment == "relax":
                 return relax(atoms, calculator, settings, bar)
             ensemble = "nve" if task.experiment == "molecule-nve" else "nvt"
-            trajectory = run_dynamics(
+            trajectory = self.dynamics(
                 atoms, calculator, settings, ensemble, self._seed(task, 0), bar
             )
         if task.experiment == "molecule-nve":

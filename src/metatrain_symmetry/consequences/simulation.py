@@ -21,7 +21,14 @@ from ase.optimize import FIRE
 from .._utils import is_integer
 
 
-__all__ = ["Settings", "Trajectory", "relax", "run_dynamics"]
+__all__ = [
+    "FrameRecorder",
+    "Settings",
+    "Trajectory",
+    "initial_state",
+    "relax",
+    "run_dynamics",
+]
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,60 @@ class Trajectory:
         return atoms
 
 
+def initial_state(atoms: Atoms, settings: Settings, rng: np.random.Generator) -> Atoms:
+    """A copy of ``atoms`` with the initial momenta every variant and engine
+    shares: Maxwell-Boltzmann at the settings' temperature drawn from ``rng``,
+    without total momentum and, for a molecule, without angular momentum."""
+    atoms = Atoms(
+        numbers=atoms.numbers,
+        positions=atoms.positions,
+        cell=atoms.cell,
+        pbc=atoms.pbc,
+        masses=atoms.get_masses(),
+    )
+    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature_K, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any() and len(atoms) > 1:
+        ZeroRotation(atoms)
+    return atoms
+
+
+class FrameRecorder:
+    """The kept frames of a trajectory, recorded one at a time (ASE units)."""
+
+    def __init__(self, atoms: Atoms):
+        self.atoms = atoms
+        self.frames: dict[str, list] = {key: [] for key in "txpfuk"}
+
+    def record(self, time_ps, positions, momenta, forces, energy) -> None:
+        """Keep one frame: its time (ps), positions (Å), momenta, forces (eV/Å)
+        and potential energy (eV)."""
+        masses = self.atoms.get_masses()[:, None]
+        kinetic = 0.5 * float((momenta**2 / masses).sum())
+        for key, value in zip(
+            "txpfuk",
+            (time_ps, positions, momenta, forces, energy, kinetic),
+            strict=True,
+        ):
+            self.frames[key].append(value)
+
+    def trajectory(self, seconds_per_step: float) -> Trajectory:
+        frames, atoms = self.frames, self.atoms
+        return Trajectory(
+            time_ps=np.array(frames["t"]),
+            positions=np.array(frames["x"]),
+            momenta=np.array(frames["p"]),
+            forces=np.array(frames["f"]),
+            potential_energy=np.array(frames["u"]),
+            kinetic_energy=np.array(frames["k"]),
+            masses=atoms.get_masses(),
+            numbers=atoms.numbers.copy(),
+            cell=atoms.cell.array.copy(),
+            pbc=atoms.pbc.copy(),
+            seconds_per_step=seconds_per_step,
+        )
+
+
 def run_dynamics(
     atoms: Atoms,
     calculator: Calculator,
@@ -133,29 +194,15 @@ def run_dynamics(
     seed: int,
     progress=None,
 ) -> Trajectory:
-    """Molecular dynamics of ``atoms`` (not modified) with ``calculator``.
-
-    Velocities are drawn from the Maxwell-Boltzmann distribution at the settings'
-    temperature with ``seed``, then the total momentum (and, for a molecule, the
-    total angular momentum) is removed, so that every variant starts from the same
-    state.
+    """Molecular dynamics of ``atoms`` (not modified) with ``calculator`` and
+    ASE's integrators, from :py:func:`initial_state` drawn with ``seed``.
 
     :param ensemble: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Langevin, with the
         centre of mass fixed)
     :param progress: a progress bar advanced by one every step, or ``None``
     """
-    atoms = Atoms(
-        numbers=atoms.numbers,
-        positions=atoms.positions,
-        cell=atoms.cell,
-        pbc=atoms.pbc,
-        masses=atoms.get_masses(),
-    )
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature_K, rng=rng)
-    Stationary(atoms)
-    if not atoms.pbc.any() and len(atoms) > 1:
-        ZeroRotation(atoms)
+    atoms = initial_state(atoms, settings, rng)
     atoms.calc = calculator
     time_step = settings.time_step_fs * units.fs
     if ensemble == "nve":
@@ -167,40 +214,28 @@ def run_dynamics(
             temperature_K=settings.temperature_K,
             friction=settings.friction_per_fs / units.fs,
             fixcm=True,
+            # the thermostat's noise continues the stream of the velocities
             rng=rng,
         )
     else:
         raise ValueError(f"unknown ensemble '{ensemble}', use 'nve' or 'nvt'")
-
-    frames: dict[str, list] = {key: [] for key in ("t", "x", "p", "f", "u", "k")}
+    recorder = FrameRecorder(atoms)
 
     def record():
-        frames["t"].append(dynamics.get_time() / (1000 * units.fs))
-        frames["x"].append(atoms.get_positions())
-        frames["p"].append(atoms.get_momenta())
-        frames["f"].append(atoms.get_forces())
-        frames["u"].append(atoms.get_potential_energy())
-        frames["k"].append(atoms.get_kinetic_energy())
+        recorder.record(
+            dynamics.get_time() / (1000 * units.fs),
+            atoms.get_positions(),
+            atoms.get_momenta(),
+            atoms.get_forces(),
+            atoms.get_potential_energy(),
+        )
 
     dynamics.attach(record, interval=settings.save_every)
     if progress is not None:
         dynamics.attach(progress.update, interval=1)
     start = time.perf_counter()
     dynamics.run(settings.steps)
-    elapsed = time.perf_counter() - start
-    return Trajectory(
-        time_ps=np.array(frames["t"]),
-        positions=np.array(frames["x"]),
-        momenta=np.array(frames["p"]),
-        forces=np.array(frames["f"]),
-        potential_energy=np.array(frames["u"]),
-        kinetic_energy=np.array(frames["k"]),
-        masses=atoms.get_masses(),
-        numbers=atoms.numbers.copy(),
-        cell=atoms.cell.array.copy(),
-        pbc=atoms.pbc.copy(),
-        seconds_per_step=elapsed / settings.steps,
-    )
+    return recorder.trajectory((time.perf_counter() - start) / settings.steps)
 
 
 def relax(
