@@ -12,6 +12,8 @@ file.
 The modules of this package, in the order a run uses them:
 
 - ``simulation``: the settings, ASE molecular dynamics and relaxations;
+- ``ipi``: the same molecular dynamics integrated by i-PI (``--engine ipi``),
+  through the i-PI driver ``_ipi_driver`` around the variants' ASE calculators;
 - ``molecules``: angular momentum, torque and orientations of molecules;
 - ``observables``: radial distribution functions, mean-squared displacement and
   bond orientational correlations with block-averaged errors;
