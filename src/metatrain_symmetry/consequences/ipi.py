@@ -102,11 +102,12 @@ def run_dynamics_ipi(
 
 
 def _in_a_cell(atoms: Atoms) -> Atoms:
-    """``atoms`` with a cell i-PI accepts: its own when periodic, else a box far
-    larger than the molecule (the calculators see the template's ``pbc``, not
-    this box)."""
+    """``atoms`` with a cell i-PI accepts: its own when periodic, and for a
+    molecule a box far larger than it (the calculators see the template's
+    ``pbc``, not this box). The experiments never give i-PI a structure periodic
+    in some directions only."""
     atoms = atoms.copy()
-    if not np.all(atoms.pbc):
+    if not atoms.pbc.any():
         span = np.ptp(atoms.positions, axis=0).max()
         atoms.cell = np.eye(3) * (span + 100.0)
     return atoms
