@@ -1,6 +1,7 @@
 """Helpers shared by the tests: small hand-written metatomic models whose
 rotational behaviour is known exactly (:py:class:`AnalyticModel`,
-:py:class:`PairPotential`), and :py:func:`epoch_weights`.
+:py:class:`PairPotential`), :py:func:`epoch_weights` and
+:py:func:`assert_same_numbers`.
 
 All outputs of :py:class:`AnalyticModel` are functions of the unit vectors ``x_k``
 from atom 0 to atoms 1, 2 and 3 of each structure:
@@ -35,6 +36,7 @@ from atom 0 to atoms 1, 2 and 3 of each structure:
   variance ``|x_1 x x_2|^2 / 3`` per component
 """
 
+import math
 from typing import Dict, List, Optional  # noqa: UP035
 
 import torch
@@ -368,3 +370,29 @@ def finite_lie_derivative(model, atoms, name: str, generator: int, step=1e-3):
         return (back_rotated(h) - back_rotated(-h)) / (2 * h)
 
     return (4 * central(step / 2) - central(step)) / 3
+
+
+def assert_same_numbers(
+    first, second, rel: float, abs: float, ignored=(), path: str = ""
+) -> None:
+    """Two JSON documents with the same structure (keys in the same order) and
+    numbers, floats within ``rel`` relative or ``abs`` absolute, but for the
+    ``ignored`` keys (timings, file paths) wherever they are."""
+    if isinstance(first, dict):
+        assert list(first) == list(second), path
+        for key in first:
+            if key not in ignored:
+                where = f"{path}/{key}"
+                assert_same_numbers(first[key], second[key], rel, abs, ignored, where)
+    elif isinstance(first, list):
+        assert len(first) == len(second), path
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            assert_same_numbers(a, b, rel, abs, ignored, f"{path}[{index}]")
+    elif isinstance(first, float):
+        assert math.isclose(first, second, rel_tol=rel, abs_tol=abs), (
+            path,
+            first,
+            second,
+        )
+    else:
+        assert first == second, path

@@ -79,6 +79,24 @@ def exact_summary() -> dict:
     }
 
 
+def random_summary() -> dict:
+    """:py:func:`exact_summary` on a random grid of 16 elements, the energy's
+    estimates with standard errors."""
+    summary = exact_summary()
+    summary["grid"] = {
+        "kind": "random",
+        "degree": None,
+        "n_elements": 16,
+        "inversion": True,
+        "estimated": True,
+    }
+    energy = summary["outputs"]["energy"]
+    energy["equivariance_rmse"]["mean_standard_error"] = 0.0001
+    energy["leakage"]["mean_standard_error"] = 0.005
+    energy["mean_spectrum_standard_error"] = [0.01, 0.0, 0.01, 0.0]
+    return summary
+
+
 def test_exact_grid_report():
     """Every output has its row, numbers to four significant digits, ``n/a`` for
     what is missing, and no ``±``: nothing is an estimate."""
@@ -130,18 +148,7 @@ def test_random_grid_report():
     """On a random grid the estimates (equivariance RMSE means, leakage means,
     spectra) carry ``± standard error``; medians, maxima and errors against
     targets do not."""
-    summary = copy.deepcopy(exact_summary())
-    summary["grid"] = {
-        "kind": "random",
-        "degree": None,
-        "n_elements": 16,
-        "inversion": True,
-        "estimated": True,
-    }
-    energy = summary["outputs"]["energy"]
-    energy["equivariance_rmse"]["mean_standard_error"] = 0.0001
-    energy["leakage"]["mean_standard_error"] = 0.005
-    energy["mean_spectrum_standard_error"] = [0.01, 0.0, 0.01, 0.0]
+    summary = random_summary()
     lines = audit_markdown(summary).splitlines()
     assert "- O(3) grid: 16 Haar-random elements (an estimate); spectra up to " in (
         "\n".join(lines)
@@ -239,18 +246,7 @@ structure(s), left out of its leakage and mean spectrum.
 def test_the_whole_report():
     """The whole text of a report, line by line: headings, explanations, tables
     and the sentence on structures left out."""
-    summary = copy.deepcopy(exact_summary())
-    summary["grid"] = {
-        "kind": "random",
-        "degree": None,
-        "n_elements": 16,
-        "inversion": True,
-        "estimated": True,
-    }
-    energy = summary["outputs"]["energy"]
-    energy["equivariance_rmse"]["mean_standard_error"] = 0.0001
-    energy["leakage"]["mean_standard_error"] = 0.005
-    energy["mean_spectrum_standard_error"] = [0.01, 0.0, 0.01, 0.0]
+    summary = random_summary()
     feature = summary["features"]["mtt::feature::gnn_layers.0_node"]
     feature.update(zero_structures=1, unresolved_structures=2)
     expected = WHOLE_REPORT.format(version=SCHEMA_VERSION)

@@ -21,6 +21,7 @@ import pytest
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.consequences import consequences_schema
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
+from tests.helpers import assert_same_numbers
 
 
 LAB_FRAME = 3.0
@@ -220,23 +221,6 @@ def test_unknown_experiment_and_engine_exit_with_an_error(runs):
         assert not (runs / "x").exists()
 
 
-def _same_numbers(first, second, where=""):
-    """The same JSON structure and numbers (relative 1e-4, the energy drift being
-    a slope of differences), but for timings."""
-    if isinstance(first, dict):
-        assert set(first) == set(second), where
-        for key in set(first) - {"seconds_per_step", "cost_per_step_relative"}:
-            _same_numbers(first[key], second[key], f"{where}/{key}")
-    elif isinstance(first, list):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second, strict=True)):
-            _same_numbers(a, b, f"{where}[{index}]")
-    elif isinstance(first, float):
-        assert second == pytest.approx(first, rel=1e-4, abs=1e-9), where
-    else:
-        assert first == second, where
-
-
 def test_ipi_integrates_the_same_nve_as_ase(runs):
     """From the same initial state, i-PI's velocity Verlet gives ASE's
     trajectory to round-off: the same torque, spin-up and energy drift, and the
@@ -244,7 +228,11 @@ def test_ipi_integrates_the_same_nve_as_ase(runs):
     ase_run, ipi_run = _summary(runs, "nve-ase"), _summary(runs, "nve-ipi")
     jsonschema.validate(ipi_run, consequences_schema())
     assert (ase_run["engine"], ipi_run["engine"]) == ("ase", "ipi")
-    _same_numbers(ase_run["experiments"], ipi_run["experiments"])
+    # the energy drift is a slope of differences: relative 1e-4
+    timings = ("seconds_per_step", "cost_per_step_relative")
+    assert_same_numbers(
+        ase_run["experiments"], ipi_run["experiments"], 1e-4, 1e-9, timings
+    )
     nve = ipi_run["experiments"]["molecule_nve"]["variants"]
     (plain,) = nve["plain"]["structures"]
     # forces through i-PI's units and back: its constants, to 1e-7

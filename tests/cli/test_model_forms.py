@@ -34,6 +34,7 @@ from metatrain_symmetry.testing import (
     pet_options,
     write_dataset,
 )
+from tests.helpers import assert_same_numbers
 
 
 OPTIONS = pet_options(
@@ -324,22 +325,10 @@ def test_files_get_the_umask_permissions(forms):
 RUN_DEPENDENT = {"model", "seconds_per_step", "cost_per_step_relative", "path"}
 
 
-def assert_same_numbers(first, second, rel: float, where: str = "") -> None:
-    """Two JSON documents hold the same structure and numbers, to ``rel``
-    relative (with an absolute floor of ``rel``), but for run-dependent keys."""
-    if isinstance(first, dict):
-        assert set(first) == set(second), where
-        for key in first:
-            if key not in RUN_DEPENDENT:
-                assert_same_numbers(first[key], second[key], rel, f"{where}/{key}")
-    elif isinstance(first, list):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second, strict=True)):
-            assert_same_numbers(a, b, rel, f"{where}[{index}]")
-    elif isinstance(first, float):
-        assert second == pytest.approx(first, rel=rel, abs=rel), where
-    else:
-        assert first == second, where
+def same_numbers(first, second, rel: float) -> None:
+    """The same JSON structure and numbers (to ``rel``, with an absolute floor of
+    ``rel``), but for run-dependent keys."""
+    assert_same_numbers(first, second, rel, rel, RUN_DEPENDENT)
 
 
 def assert_same_tensor_maps(first: Path, second: Path, rel: float) -> None:
@@ -381,7 +370,7 @@ def test_exported_simulations_equal_the_checkpoints(forms, runs):
         read_json(output_of(runs, forms, "consequences", form) / "consequences.json")
         for form in ("checkpoint", "exported")
     )
-    assert_same_numbers(first["experiments"], second["experiments"], rel=1e-8)
+    same_numbers(first["experiments"], second["experiments"], rel=1e-8)
 
 
 def test_exported_audits_in_metadata_equal_the_checkpoints(forms, runs):
@@ -391,7 +380,7 @@ def test_exported_audits_in_metadata_equal_the_checkpoints(forms, runs):
         msym.read_audit(output_of(runs, forms, "export", form))
         for form in ("checkpoint", "exported")
     )
-    assert_same_numbers(first["outputs"], second["outputs"], rel=1e-6)
+    same_numbers(first["outputs"], second["outputs"], rel=1e-6)
 
 
 def test_symmetrized_export_is_the_checkpoints_average(forms, runs):
@@ -427,7 +416,7 @@ def test_symmetrized_export_is_the_checkpoints_average(forms, runs):
             strict=True,
         ):
             for name in names:
-                assert_same_numbers(first[name], second[name], 1e-8, name)
+                same_numbers(first[name], second[name], 1e-8)
 
 
 def test_invariant_model_shows_no_breaking_in_any_command(forms, runs):
@@ -458,7 +447,7 @@ def test_invariant_model_shows_no_breaking_in_any_command(forms, runs):
             assert structure["max_angular_momentum_change_hbar"] < 1e-10
     relaxed = experiments["relax"]["variants"]
     for variant in ("average", "random_rotation"):
-        assert_same_numbers(
+        same_numbers(
             [s["energy_eV"] for s in relaxed[variant]["structures"]],
             [s["energy_eV"] for s in relaxed["plain"]["structures"]],
             rel=1e-10,

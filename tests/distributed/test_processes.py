@@ -2,7 +2,6 @@
 interruption, and failing cleanly when one rank fails."""
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from metatrain_symmetry.distributed import (
     MANIFEST,
 )
 from metatrain_symmetry.testing import labelled_molecules, run_mtt_symmetry
+from tests.helpers import assert_same_numbers
 
 
 # every process of these tests waits at most this long for its peers
@@ -103,35 +103,17 @@ def _srun(*arguments, **variables) -> list[subprocess.CompletedProcess]:
     return results
 
 
-def _assert_same_numbers(first, second, path="") -> None:
-    """Equal JSON documents, floats to round-off."""
-    if isinstance(first, dict):
-        assert list(first) == list(second), path
-        for key in first:
-            _assert_same_numbers(first[key], second[key], f"{path}/{key}")
-    elif isinstance(first, list):
-        assert len(first) == len(second), path
-        for index, (a, b) in enumerate(zip(first, second, strict=True)):
-            _assert_same_numbers(a, b, f"{path}[{index}]")
-    elif isinstance(first, float):
-        assert math.isclose(first, second, rel_tol=1e-10, abs_tol=1e-14), (
-            path,
-            first,
-            second,
-        )
-    else:
-        assert first == second, path
-
-
 def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
 def _assert_same_audit(directory: Path, reference: Path) -> None:
     assert _files(directory) == _files(reference)
-    _assert_same_numbers(
+    assert_same_numbers(
         json.loads((directory / "audit.json").read_text()),
         json.loads((reference / "audit.json").read_text()),
+        rel=1e-10,
+        abs=1e-14,
     )
 
 
