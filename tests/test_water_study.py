@@ -173,10 +173,12 @@ def test_water_study_quick(tmp_path):
         plain = exported["plain"][name]["equivariance_rmse"]
         symmetrized = exported["symmetrized"][name]["equivariance_rmse"]
         assert symmetrized < 0.1 * plain
-    # each call evaluates the model on every element of the grid, batched: about
-    # one plain evaluation per element (batching gains little on a CPU)
+    # each call evaluates the model on every element of the grid (batched, so
+    # that the ratio of wall times depends on the machine's load)
+    symmetrized_model = msym.load_model(output / exported["files"]["symmetrized"])
     size = len(msym.O3Grid(exported["grid_degree"]))
-    assert size / 4 < exported["cost_ratio"] < 4 * size
+    assert symmetrized_model.evaluations_per_structure == size
+    assert exported["cost_ratio"] > 1.0
 
     stages = report["timings"]
     for stage in ("data", "audits", "dynamics", "trade-off", "symmetrized export"):
