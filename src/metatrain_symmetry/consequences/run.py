@@ -38,7 +38,9 @@ EXPERIMENTS = ("molecule-nve", "orientations", "observables", "relax")
 """the experiments, in the order they run and are reported"""
 VARIANTS = ("plain", "average", "random_rotation")
 """the model as it is, its O(3) average, and a random O(3) frame at every call"""
-ENGINES = ("ase", "ipi")
+# what integrates the molecular dynamics, by engine (relaxations use ASE's FIRE)
+_DYNAMICS = {"ase": run_dynamics, "ipi": run_dynamics_ipi}
+ENGINES = tuple(_DYNAMICS)
 """simulation engines of the molecular dynamics (relaxations use ASE's FIRE)"""
 
 _MOLECULAR = ("molecule-nve", "orientations")
@@ -107,16 +109,7 @@ def consequences(
     frames, path = _read(structures, allow_close_atoms)
     selected = select_structures(frames, experiments, observables_structure)
     grid = O3Grid(DEFAULT_AVERAGE_DEGREE) if grid is None else grid
-    tasks = [
-        Task(experiment, variant, index)
-        for experiment, indices in selected.items()
-        for index in indices
-        for variant in VARIANTS
-    ]
-    costs = [
-        len(frames[task.structure]) * (len(grid) if task.variant == "average" else 1)
-        for task in tasks
-    ]
+    tasks, costs = _tasks_and_costs(selected, frames, grid)
     identity = {
         "engine": engine,
         "model": model_identity(loaded, loaded.source),
@@ -138,6 +131,24 @@ def consequences(
         return None
     records = {task: record for part in parts for task, record in part}
     return assemble(records, selected, identity, frames, grid)
+
+
+def _tasks_and_costs(
+    selected: dict[str, list[int]], frames: Sequence[Atoms], grid: O3Grid
+) -> tuple[list[Task], list[int]]:
+    """Every variant of every selected experiment and structure, and its cost in
+    atom evaluations per step (the average's grid copies)."""
+    tasks = [
+        Task(experiment, variant, index)
+        for experiment, indices in selected.items()
+        for index in indices
+        for variant in VARIANTS
+    ]
+    costs = [
+        len(frames[task.structure]) * (len(grid) if task.variant == "average" else 1)
+        for task in tasks
+    ]
+    return tasks, costs
 
 
 def _check_engine(engine: str) -> None:
@@ -253,7 +264,7 @@ class _TaskRunner:
     ):
         self.frames = frames
         self.settings = settings
-        self.dynamics = run_dynamics_ipi if engine == "ipi" else run_dynamics
+        self.dynamics = _DYNAMICS[engine]
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
         self._warm: set[tuple[bool, int]] = set()

@@ -155,13 +155,13 @@ class FrameRecorder:
 
     def __init__(self, atoms: Atoms):
         self.atoms = atoms
+        self.masses = atoms.get_masses()
         self.frames: dict[str, list] = {key: [] for key in "txpfuk"}
 
     def record(self, time_ps, positions, momenta, forces, energy) -> None:
         """Keep one frame: its time (ps), positions (Å), momenta, forces (eV/Å)
         and potential energy (eV)."""
-        masses = self.atoms.get_masses()[:, None]
-        kinetic = 0.5 * float((momenta**2 / masses).sum())
+        kinetic = 0.5 * float((momenta**2 / self.masses[:, None]).sum())
         for key, value in zip(
             "txpfuk",
             (time_ps, positions, momenta, forces, energy, kinetic),
@@ -178,7 +178,7 @@ class FrameRecorder:
             forces=np.array(frames["f"]),
             potential_energy=np.array(frames["u"]),
             kinetic_energy=np.array(frames["k"]),
-            masses=atoms.get_masses(),
+            masses=self.masses,
             numbers=atoms.numbers.copy(),
             cell=atoms.cell.array.copy(),
             pbc=atoms.pbc.copy(),
