@@ -325,7 +325,7 @@ def test_files_get_the_umask_permissions(forms):
 RUN_DEPENDENT = {"model", "seconds_per_step", "cost_per_step_relative", "path"}
 
 
-def same_numbers(first, second, rel: float) -> None:
+def assert_same_run_numbers(first, second, rel: float) -> None:
     """The same JSON structure and numbers (to ``rel``, with an absolute floor of
     ``rel``), but for run-dependent keys."""
     assert_same_numbers(first, second, rel, rel, RUN_DEPENDENT)
@@ -370,7 +370,7 @@ def test_exported_simulations_equal_the_checkpoints(forms, runs):
         read_json(output_of(runs, forms, "consequences", form) / "consequences.json")
         for form in ("checkpoint", "exported")
     )
-    same_numbers(first["experiments"], second["experiments"], rel=1e-8)
+    assert_same_run_numbers(first["experiments"], second["experiments"], rel=1e-8)
 
 
 def test_exported_audits_in_metadata_equal_the_checkpoints(forms, runs):
@@ -380,7 +380,7 @@ def test_exported_audits_in_metadata_equal_the_checkpoints(forms, runs):
         msym.read_audit(output_of(runs, forms, "export", form))
         for form in ("checkpoint", "exported")
     )
-    same_numbers(first["outputs"], second["outputs"], rel=1e-6)
+    assert_same_run_numbers(first["outputs"], second["outputs"], rel=1e-6)
 
 
 def test_symmetrized_export_is_the_checkpoints_average(forms, runs):
@@ -416,7 +416,7 @@ def test_symmetrized_export_is_the_checkpoints_average(forms, runs):
             strict=True,
         ):
             for name in names:
-                same_numbers(first[name], second[name], 1e-8)
+                assert_same_run_numbers(first[name], second[name], 1e-8)
 
 
 def test_invariant_model_shows_no_breaking_in_any_command(forms, runs):
@@ -447,7 +447,7 @@ def test_invariant_model_shows_no_breaking_in_any_command(forms, runs):
             assert structure["max_angular_momentum_change_hbar"] < 1e-10
     relaxed = experiments["relax"]["variants"]
     for variant in ("average", "random_rotation"):
-        same_numbers(
+        assert_same_run_numbers(
             [s["energy_eV"] for s in relaxed[variant]["structures"]],
             [s["energy_eV"] for s in relaxed["plain"]["structures"]],
             rel=1e-10,
