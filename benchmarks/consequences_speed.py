@@ -73,8 +73,8 @@ def forward_backward(path: Path, atoms) -> float:
 
     def call():
         positions = system.positions.detach().requires_grad_(True)
-        copy = msym.engine.rotated_copies(
-            msym.engine.prepare_rotations(system),
+        copy = msym.copies.rotated_copies(
+            msym.copies.prepare_rotations(system),
             torch.eye(3, dtype=positions.dtype).unsqueeze(0),
             differentiable=True,
         )[0]

@@ -35,7 +35,8 @@ from engine_common import (
 )
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import RotatedEvaluator, rotated_systems
+from metatrain_symmetry.copies import rotated_systems
+from metatrain_symmetry.engine import RotatedEvaluator
 from metatrain_symmetry.systems import prepare_systems
 
 

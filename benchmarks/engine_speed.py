@@ -73,7 +73,8 @@ from metatensor.torch import TensorMap
 from metatomic.torch.o3 import SymmetrizedModel
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import RotatedEvaluator, rotated_systems
+from metatrain_symmetry.copies import rotated_systems
+from metatrain_symmetry.engine import RotatedEvaluator
 from metatrain_symmetry.systems import prepare_systems
 
 

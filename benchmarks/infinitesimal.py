@@ -41,7 +41,7 @@ from engine_common import (
 )
 
 import metatrain_symmetry as msym
-from metatrain_symmetry.engine import prepare_rotations, rotated_copies
+from metatrain_symmetry.copies import prepare_rotations, rotated_copies
 from metatrain_symmetry.systems import prepare_systems
 
 

@@ -66,7 +66,7 @@ def forward_backward_seconds(checkpoint: Path, frames, grid) -> float:
     from metatomic.torch import ModelOutput
 
     import metatrain_symmetry as msym
-    from metatrain_symmetry.engine import prepare_rotations, rotated_copies
+    from metatrain_symmetry.copies import prepare_rotations, rotated_copies
     from metatrain_symmetry.systems import prepare_systems
 
     model = msym.load_model(checkpoint)

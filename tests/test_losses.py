@@ -462,14 +462,76 @@ def test_defaults_and_nested_entries():
         )
 
 
-def test_generators_penalise_values_only():
-    with pytest.raises(
-        ValueError,
-        match=r"training\.loss\.energy\.forces\.method: generators penalises the "
-        "values of a target",
-    ):
+def test_generator_penalty_of_conservative_forces():
+    # the position gradient D x_i of x.Dx/2 has L_k = [D, G_k] x_i, as the
+    # non-conservative D x_i above; positions gradients are not divided by the
+    # number of atoms
+    penalty, model, systems = penalty_for(
+        "energy", ANISOTROPIC, gradient="positions", method="generators"
+    )
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    # the energy, hence its gradient, sees the symmetric part of D only
+    symmetric = (matrix + matrix.T) / 2
+    x = torch.cat([s.positions for s in systems])
+    expected = (
+        sum(
+            (x @ (symmetric @ g - g @ symmetric).T).square().sum(dim=1)
+            for g in generators()
+        ).mean()
+        / 3
+    )
+    assert float(expected.detach()) > 1e-3
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_generator_penalty_of_the_stress():
+    # strain gradient W = sum_i x_i (D x_i)^T / n: L_k W = sum_i x_i ([D, G_k]
+    # x_i)^T / n, averaged over the nine components and the structures
+    penalty, model, systems = penalty_for(
+        "energy", ANISOTROPIC, gradient="strain", method="generators"
+    )
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    symmetric = (matrix + matrix.T) / 2
+    squares = []
+    for system in systems:
+        x = system.positions
+        lie = [
+            x.T @ (x @ (symmetric @ g - g @ symmetric).T) / len(x) for g in generators()
+        ]
+        squares.append(sum(value.square() for value in lie).reshape(-1))
+    expected = torch.cat(squares).mean()
+    assert float(expected.detach()) > 1e-3
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+
+    penalty, _, _ = penalty_for(
+        "energy", 0.7 * torch.eye(3), gradient="strain", method="generators"
+    )
+    assert penalty.item() < 1e-26
+
+
+def test_gradient_entries_accept_generators():
+    checked = check_options(
+        {"type": "equivariance", "method": "generators"}, "where", gradient=True
+    )
+    assert checked["method"] == "generators"
+    check_loss_options(
+        {"energy": {"forces": {"type": "equivariance", "method": "generators"}}}
+    )
+    with pytest.raises(ValueError, match=r"training\.loss\.energy\.forces\.n_rot"):
         check_loss_options(
-            {"energy": {"forces": {"type": "equivariance", "method": "generators"}}}
+            {
+                "energy": {
+                    "forces": {
+                        "type": "equivariance",
+                        "method": "generators",
+                        "n_rotations": 3,
+                    }
+                }
+            }
         )
-    with pytest.raises(ValueError, match="not its gradients: use method: rotations"):
-        EquivarianceLoss("energy", "positions", 1.0, "mean", method="generators")

@@ -207,7 +207,13 @@ def _patch_evaluate_model(module: ModuleType) -> None:
                     step = TrainingStep(model, systems, dict(targets))
                 for context in list(_CONTEXTS):
                     context.step = step
-                    if step is None and context.monitor is not None:
+                    # metatrain also evaluates other models outside training
+                    # steps (the composition baseline): monitor the trained one
+                    if (
+                        step is None
+                        and context.monitor is not None
+                        and context.trains(model)
+                    ):
                         context.monitor.observe(model, systems, dict(targets))
             return result
 

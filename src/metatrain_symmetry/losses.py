@@ -44,13 +44,12 @@ from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
+from .lie_predictions import LieDerivatives, evaluate_lie_derivatives, lie_label
 from .monitor import ValidationMonitor
 from .penalties import equivariance_penalty, generator_penalty
 from .rotated_predictions import (
-    GeneratorDerivatives,
     RotatedPredictions,
     TrainingStep,
-    evaluate_generator_derivatives,
     evaluate_rotated_copies,
 )
 
@@ -139,7 +138,7 @@ def check_options(
             f"{where}.n_rotations must be at least 2 (the variance needs two "
             f"copies), got {n_rotations}"
         )
-    _check_method(options, checked["method"], where, gradient)
+    _check_method(options, checked["method"], where)
     if "monitor" in checked:
         checked["monitor"] = _monitored_structures(checked["monitor"], where, gradient)
     delta = checked.get("delta")
@@ -174,7 +173,7 @@ def _monitored_structures(monitor, where: str, gradient: bool) -> int:
     return int(monitor)
 
 
-def _check_method(options, method, where: str, gradient: bool) -> None:
+def _check_method(options, method, where: str) -> None:
     if method not in PENALTY_METHODS:
         raise ValueError(
             f"{where}.method must be one of {', '.join(PENALTY_METHODS)}, "
@@ -186,11 +185,6 @@ def _check_method(options, method, where: str, gradient: bool) -> None:
         raise ValueError(
             f"{where}.n_rotations applies to method: rotations; method: generators "
             "uses no rotated copies: remove one of them"
-        )
-    if gradient:
-        raise ValueError(
-            f"{where}.method: generators penalises the values of a target, not its "
-            "gradients: use method: rotations here"
         )
 
 
@@ -238,8 +232,9 @@ class PenaltyContext:
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self._step: Optional[TrainingStep] = None
         self._rotated: Optional[RotatedPredictions] = None
-        self._derivatives: Optional[GeneratorDerivatives] = None
+        self._derivatives: Optional[LieDerivatives] = None
         self._monitor: Optional[ValidationMonitor] = None
+        self._trained: Optional[torch.nn.Module] = None
         # sums stay tensors on the model's device until logged: converting each
         # step's value to a float would wait for the device in mid-step
         self._log_sums: dict[str, list] = {}
@@ -266,6 +261,12 @@ class PenaltyContext:
         self._step = step
         self._rotated = None
         self._derivatives = None
+        if step is not None:
+            self._trained = step.model
+
+    def trains(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` is the model of this context's training steps."""
+        return self._trained is not None and model is self._trained
 
     def rotated_predictions(self, loss: EquivarianceLoss) -> RotatedPredictions:
         """Predictions on rotated copies for the current step, evaluated once for
@@ -291,17 +292,19 @@ class PenaltyContext:
         )
         return self._rotated
 
-    def generator_derivatives(self, loss: EquivarianceLoss) -> GeneratorDerivatives:
-        """Predictions and their derivatives along the generators for the
-        current step, evaluated once for every active loss of this context with
-        ``method: generators`` (or again if ``loss`` needs another target)."""
+    def lie_derivatives(self, loss: EquivarianceLoss) -> LieDerivatives:
+        """Lie derivatives of the predictions of the current step, evaluated once
+        for every active loss of this context with ``method: generators`` (or
+        again if ``loss`` needs another target or gradient)."""
         step = self._step
         assert step is not None
         cached = self._derivatives
-        if cached is not None and loss.target in cached.predictions:
+        if cached is not None and loss.label in cached.values:
             return cached
-        targets = {other.target for other in self._active(loss, "generators")}
-        self._derivatives = evaluate_generator_derivatives(step, sorted(targets))
+        wanted: dict[str, set] = {}
+        for other in self._active(loss, "generators"):
+            wanted.setdefault(other.target, set()).add(other.gradient)
+        self._derivatives = evaluate_lie_derivatives(step, wanted)
         return self._derivatives
 
     def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
@@ -397,9 +400,7 @@ class EquivarianceLoss(LossInterface):
     @property
     def label(self) -> str:
         """Name of this loss in the training log."""
-        return (
-            self.target if self.gradient is None else f"{self.target}::{self.gradient}"
-        )
+        return lie_label(self.target, self.gradient)
 
     def compute(
         self,
@@ -428,8 +429,8 @@ class EquivarianceLoss(LossInterface):
         """``L_sigma`` for the current training step of the context (differentiable
         with respect to the model's parameters)."""
         if self.method == "generators":
-            derivatives = self.context.generator_derivatives(self)
-            penalty = generator_penalty(derivatives, self.target)
+            derivatives = self.context.lie_derivatives(self)
+            penalty = generator_penalty(derivatives, self.label)
         else:
             rotated = self.context.rotated_predictions(self)
             penalty = equivariance_penalty(

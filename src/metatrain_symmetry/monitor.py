@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
+from .lie_predictions import evaluate_lie_derivatives
 from .penalties import generator_penalty
-from .rotated_predictions import TrainingStep, evaluate_generator_derivatives
+from .rotated_predictions import TrainingStep
 
 
 __all__ = ["MONITOR_STRUCTURES", "ValidationMonitor"]
@@ -80,12 +81,13 @@ class ValidationMonitor:
         # scaling), without gradients
         model.train()
         try:
-            with torch.no_grad():
-                derivatives = evaluate_generator_derivatives(step, targets)
-                values = {
-                    f"L_lie({name})": float(generator_penalty(derivatives, name))
-                    for name in targets
-                }
+            derivatives = evaluate_lie_derivatives(
+                step, {name: {None} for name in targets}, create_graph=False
+            )
+            values = {
+                f"L_lie({name})": float(generator_penalty(derivatives, name))
+                for name in targets
+            }
         finally:
             model.train(training)
         self._model, self._systems, self._infos, self._batches = None, [], {}, []

@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-from .generators import apply_generator, so3_generators
 from .irreps import block_layout, undo_rotation
-from .rotated_predictions import GeneratorDerivatives, RotatedPredictions
+from .lie_predictions import LieDerivatives
+from .rotated_predictions import RotatedPredictions
 
 
 __all__ = ["equivariance_penalty", "generator_penalty"]
@@ -98,30 +98,13 @@ def equivariance_penalty(
     return torch.cat(deviations).mean()
 
 
-def generator_penalty(derivatives: GeneratorDerivatives, target: str) -> torch.Tensor:
-    """``L_sigma`` of one target with ``method: generators``.
+def generator_penalty(derivatives: LieDerivatives, label: str) -> torch.Tensor:
+    """``L_sigma`` of one target (or one of its gradients) with
+    ``method: generators``.
 
-    :param derivatives: predictions on three copies of the step's systems and
-        their tangents along ``G_x``, ``G_y``, ``G_z`` (copy ``k``: ``G_k``)
-    :param target: target name
+    :param derivatives: the Lie derivatives of the step's predictions
+    :param label: ``target``, or ``target::gradient``
     :return: scalar, mean over samples, components and properties of
-        ``sum_k (L_k z)^2`` with ``L_k z = D_k z - d rho(G_k) z``
+        ``sum_k (L_k z)^2``
     """
-    tensor = derivatives.predictions[target]
-    tangents = derivatives.tangents[target]
-    n_systems = derivatives.n_systems
-    squares = []
-    for (key, block), tangent in zip(tensor.items(), tangents.blocks(), strict=True):
-        layout = block_layout(
-            target, list(tensor.keys.names), key.values, block.components
-        )
-        generators = so3_generators(block.values.dtype, block.values.device)
-        system = block.samples.column("system").to(torch.long)
-        copy = torch.div(system, n_systems, rounding_mode="floor")
-        lie = [
-            tangent.values[copy == k]
-            - apply_generator(block.values[copy == k], layout, generators[k])
-            for k in range(3)
-        ]
-        squares.append(sum(value.square() for value in lie).reshape(-1))
-    return torch.cat(squares).mean()
+    return derivatives.values[label].square().sum(dim=0).mean()

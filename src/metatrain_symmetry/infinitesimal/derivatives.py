@@ -33,7 +33,8 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, System
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..engine import BlockChunk, PreparedSystem, rotated_copies, split_by_copy
+from ..copies import PreparedSystem, rotated_copies
+from ..engine import BlockChunk, split_by_copy
 from ..generators import apply_generator, so3_generators, split_dual
 from ..irreps import block_layout
 from ..models import LoadedModel

@@ -11,8 +11,9 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
 from .._utils import first_line, is_integer, name_list, progress_bar
+from ..copies import prepare_rotations
 from ..diagnostics import output_request, zero_structures
-from ..engine import DEFAULT_ATOMS_PER_BATCH, check_periodic, prepare_rotations
+from ..engine import DEFAULT_ATOMS_PER_BATCH, check_periodic
 from ..generators import inversion_sign
 from ..irreps import block_layout
 from ..models import ModelLike, load_model

@@ -8,7 +8,8 @@ import torch
 from metatomic.torch import ModelOutput
 
 from .._utils import progress_bar
-from ..engine import batch_segments, prepare_rotations, rotated_copies
+from ..copies import prepare_rotations, rotated_copies
+from ..engine import batch_segments
 from ..pet import PETReadout
 from .designs import CopyStream
 
