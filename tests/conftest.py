@@ -78,6 +78,7 @@ def audit_directory(audit_inputs, tmp_path_factory):
         "mtt::feature::gnn_layers.0_node",
         "--max-lambda",
         "2",
+        "--infinitesimal",
     )
     assert process.returncode == 0, process.stderr
     return output

@@ -23,6 +23,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -39,6 +40,14 @@ LOSS = {
 # the penalty of the squared Lie derivatives: deterministic, no rotation drawn
 GENERATOR_LOSS = {
     name: {"type": "equivariance", "method": "generators"} for name in LOSS
+}
+# an energy and its conservative forces, differentiated in reverse mode
+GENERATOR = {"type": "equivariance", "method": "generators"}
+CONSERVATIVE_GENERATOR_LOSS = {
+    "energy": {
+        **GENERATOR,
+        "gradients": {"positions": {**GENERATOR, "weight": 1.0, "reduction": "mean"}},
+    }
 }
 
 
@@ -96,6 +105,7 @@ def train(rank, world_size, port, gamma, output, loss=None):
     batches (all of them when ``world_size`` is 1, without DDP) and save its final
     parameters, the number of forward calls of the DDP wrapper and the logged
     ``L_sigma`` to ``output``."""
+    import metatensor.torch
     import metatomic.torch.o3 as o3
     import torch.distributed as dist
     from metatomic.torch import systems_to_torch
@@ -122,15 +132,19 @@ def train(rank, world_size, port, gamma, output, loss=None):
     share = len(ATOMS) // world_size
     structures = list(range(rank * share, (rank + 1) * share))
 
-    module = tiny_pet().train()
-    reference = tiny_pet(seed=1).eval()
-    infos = module.dataset_info.targets
+    loss = LOSS if loss is None else loss
+    conservative = any(entry.get("gradients") for entry in loss.values())
+    module = tiny_pet(position_gradients=conservative).train()
+    reference = tiny_pet(seed=1, position_gradients=conservative).eval()
+    infos = {name: module.dataset_info.targets[name] for name in loss}
     options = {
         name: {"weight": 1.0, "reduction": "mean", "gradients": {}, **entry}
-        for name, entry in (LOSS if loss is None else loss).items()
+        for name, entry in loss.items()
     }
     for entry in options.values():
         entry["gamma"] = gamma
+        for gradient in entry["gradients"].values():
+            gradient["gamma"] = gamma
     loss_fn = LossAggregator(infos, options)
     batches = []
     for frames in make_structures():
@@ -141,8 +155,13 @@ def train(rank, world_size, port, gamma, output, loss=None):
             )
             for index in structures
         ]
-        with torch.no_grad():
-            targets = trainer.evaluate_model(reference, systems, infos, False)
+        # with gradients enabled: the reference's forces are targets too
+        targets = {
+            name: metatensor.torch.detach(tensor)
+            for name, tensor in trainer.evaluate_model(
+                reference, systems, infos, False
+            ).items()
+        }
         batches.append((systems, targets))
 
     model = DistributedDataParallel(module) if distributed else module
@@ -241,26 +260,38 @@ def tiny_pet_parameters():
     return {k: v.detach() for k, v in tiny_pet().named_parameters()}
 
 
-def test_generator_penalty_trains_as_one_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize(
+    "loss, logged",
+    [
+        (GENERATOR_LOSS, {"L_sigma(energy)", "L_sigma(non_conservative_force)"}),
+        (
+            CONSERVATIVE_GENERATOR_LOSS,
+            {"L_sigma(energy)", "L_sigma(energy::positions)"},
+        ),
+    ],
+    ids=["forward-mode", "reverse-mode"],
+)
+def test_generator_penalty_trains_as_one_on_the_whole_batch(tmp_path, loss, logged):
     import torch.multiprocessing as mp
 
     gamma = 5.0
     distributed = tmp_path / "distributed.pt"
     mp.spawn(
         train,
-        args=(WORLD_SIZE, free_port(), gamma, distributed, GENERATOR_LOSS),
+        args=(WORLD_SIZE, free_port(), gamma, distributed, loss),
         nprocs=WORLD_SIZE,
         join=True,
     )
     single = tmp_path / "single.pt"
-    train(0, 1, None, gamma, single, GENERATOR_LOSS)
+    train(0, 1, None, gamma, single, loss)
     without_penalty = tmp_path / "without-penalty.pt"
-    train(0, 1, None, 0.0, without_penalty, GENERATOR_LOSS)
+    train(0, 1, None, 0.0, without_penalty, loss)
     distributed, single, without_penalty = (
         torch.load(path) for path in (distributed, single, without_penalty)
     )
     assert distributed["forward_calls"] == N_STEPS
     assert distributed["rotation_calls"] == 0
+    assert set(distributed["log"]) == logged
     assert all(value > 0 for value in distributed["log"].values())
     penalty_effect = 0.0
     for name, value in single["parameters"].items():

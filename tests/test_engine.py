@@ -116,3 +116,23 @@ def test_forces_need_an_energy():
     atoms = ase.Atoms("CH3", positions=np.random.default_rng(0).normal(size=(4, 3)))
     with pytest.raises(ValueError, match="derivative of the energy"):
         msym.analyze(model, [atoms], ["forces"], max_lambda=1)
+
+
+@pytest.mark.parametrize("output", ["non_conservative_force", "forces"])
+def test_the_stream_leaves_the_callers_autograd_mode(molecules, output):
+    # the stream evaluates in inference mode (or with gradients for forces);
+    # between chunks, the consumer's code runs in its own mode
+    model = msym.load_model(tiny_pet())
+    evaluator = RotatedEvaluator(model, msym.O3Grid(degree=3), batch_size=5)
+    systems = prepare_systems(molecules[:2], model)
+    requests = {output: ModelOutput(sample_kind="atom")}
+    chunks = 0
+    with torch.no_grad():
+        for _ in evaluator.stream(systems, requests):
+            assert not torch.is_inference_mode_enabled()
+            assert not torch.is_grad_enabled()
+            chunks += 1
+    assert chunks > 2
+    for _ in evaluator.stream(systems, requests):
+        assert not torch.is_inference_mode_enabled()
+        assert torch.is_grad_enabled()

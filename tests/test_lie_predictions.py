@@ -112,3 +112,48 @@ def _with_strain(layout):
         add_position_gradients=True,
         add_strain_gradients=True,
     ).layout
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_energy_from_the_steps_own_gradients(step, periodic):
+    # from the forces (molecules) or the stress the step computed, with no
+    # model call: the same Lie derivatives as from a rotated copy
+    from metatrain.utils.data import TargetInfo
+
+    systems = step.systems
+    if not periodic:
+        systems = [_without_cell(system, step.model) for system in systems]
+    info = step.targets["energy"]
+    layout = _with_strain(info.layout) if periodic else info.layout
+    targets = {
+        "energy": TargetInfo(layout=layout, quantity=info.quantity, unit=info.unit)
+    }
+    step = TrainingStep(step.model, systems, targets)
+    predictions = predictions_in_loss_units(step, systems, targets)
+    calls = []
+    handle = step.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        from_step = evaluate_lie_derivatives(
+            step, {"energy": {None}}, predictions=predictions
+        )
+    finally:
+        handle.remove()
+    assert calls == []
+    from_copy = evaluate_lie_derivatives(step, {"energy": {None}})
+    assert float(from_copy.values["energy"].detach().abs().max()) > 1e-4
+    torch.testing.assert_close(
+        from_step.values["energy"], from_copy.values["energy"], rtol=1e-9, atol=1e-14
+    )
+
+
+def _without_cell(system, model):
+    """``system`` as a molecule: no cell, no periodicity."""
+    from metatomic.torch import System
+
+    molecule = System(
+        types=system.types,
+        positions=system.positions,
+        cell=torch.zeros_like(system.cell),
+        pbc=torch.zeros_like(system.pbc),
+    )
+    return get_system_with_neighbor_lists(molecule, model.requested_neighbor_lists())

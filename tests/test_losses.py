@@ -293,6 +293,42 @@ def test_generator_penalty_of_an_energy():
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
+def test_generator_penalty_of_an_energy_from_its_forces():
+    # with the step's forces at hand, L_k E = sum_i g_i . G_k x_i needs no model
+    # call; the same closed form as above
+    from metatrain_symmetry.rotated_predictions import predictions_in_loss_units
+
+    model = LinearModel(ANISOTROPIC)
+    systems = make_systems()
+    infos = {"energy": target_infos(("positions",))["energy"]}
+    context = PenaltyContext(seed=1)
+    loss = EquivarianceLoss(
+        "energy", None, 1.0, "mean", method="generators", context=context
+    )
+    context.step = TrainingStep(model, systems, infos)
+    predictions = predictions_in_loss_units(context.step, systems, infos)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    penalty = loss.penalty(predictions)
+    assert calls == []
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64)
+    lie = torch.stack(
+        [
+            torch.stack(
+                [
+                    ((s.positions @ g.T) * (s.positions @ matrix.T)).sum()
+                    for g in generators()
+                ]
+            )
+            / len(s)
+            for s in systems
+        ]
+    )
+    expected = lie.square().sum(dim=1).mean()
+    assert float(expected) > 1e-3
+    assert torch.allclose(penalty.detach(), expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
 def test_penalty_is_the_unbiased_variance_of_back_transformed_vectors(name):
     penalty, model, systems = penalty_for(name, ANISOTROPIC, n_rotations=4)

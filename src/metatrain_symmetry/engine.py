@@ -21,7 +21,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, System
 
 from ._utils import is_integer, progress_bar
-from .copies import prepare_rotations, rotated_copies
+from .copies import PreparedSystem, prepare_rotations, rotated_copies
 from .grid import O3Grid
 from .models import LoadedModel
 from .quantities import DERIVED_OUTPUTS
@@ -128,34 +128,10 @@ class RotatedEvaluator:
         if len(derived) != 0 and "energy" not in requests:
             requests["energy"] = ModelOutput(sample_kind="system")
 
-        # derived outputs need gradients with respect to positions and strain
-        context = torch.enable_grad() if derived else torch.inference_mode()
         batches = batch_segments(len(systems), n_rotations, per_batch)
-        with (
-            context,
-            progress_bar(systems, n_rotations, "rotated copies", progress) as bar,
-        ):
+        with progress_bar(systems, n_rotations, "rotated copies", progress) as bar:
             for segments in batches:
-                batch_systems: list[System] = []
-                leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
-                for structure, first, last in segments:
-                    copies, copy_leaves = rotated_copies(
-                        prepared[structure],
-                        self._rotations[first:last],
-                        differentiable=len(derived) != 0,
-                    )
-                    batch_systems.extend(copies)
-                    leaves.extend(copy_leaves)
-                results = self.model(batch_systems, requests, None)
-                missing = [name for name in requests if name not in results]
-                if missing:
-                    raise ValueError(f"the model did not return the outputs {missing}")
-                if len(derived) != 0:
-                    results.update(
-                        _energy_derivatives(results, batch_systems, leaves, derived)
-                    )
-                    results = {name: mts.detach(results[name]) for name in outputs}
-
+                results = self._evaluate(prepared, segments, requests, derived)
                 copy_counts = [last - first for _, first, last in segments]
                 split = {
                     name: split_by_copy(results[name], copy_counts, name)
@@ -176,6 +152,41 @@ class RotatedEvaluator:
                         for structure, first, last in segments
                     )
                 )
+
+    def _evaluate(
+        self,
+        prepared: list[PreparedSystem],
+        segments: list[tuple[int, int, int]],
+        requests: dict[str, ModelOutput],
+        derived: list[str],
+    ) -> dict[str, TensorMap]:
+        """The outputs of one batch of rotated copies, without gradients.
+
+        Derived outputs need gradients with respect to positions and strain;
+        the others are evaluated in inference mode. The mode is entered here,
+        not around the stream: a generator that yields inside a ``with`` block
+        leaves its mode set for the caller's code until it resumes.
+        """
+        context = torch.enable_grad() if derived else torch.inference_mode()
+        with context:
+            batch_systems: list[System] = []
+            leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for structure, first, last in segments:
+                copies, copy_leaves = rotated_copies(
+                    prepared[structure],
+                    self._rotations[first:last],
+                    differentiable=len(derived) != 0,
+                )
+                batch_systems.extend(copies)
+                leaves.extend(copy_leaves)
+            results = self.model(batch_systems, requests, None)
+            missing = [name for name in requests if name not in results]
+            if missing:
+                raise ValueError(f"the model did not return the outputs {missing}")
+            if len(derived) == 0:
+                return results
+            results.update(_energy_derivatives(results, batch_systems, leaves, derived))
+            return {name: mts.detach(results[name]) for name in results}
 
 
 def batch_segments(

@@ -54,41 +54,108 @@ def evaluate_lie_derivatives(
     step: TrainingStep,
     wanted: dict[str, set[Optional[str]]],
     create_graph: bool = True,
+    predictions: Optional[dict[str, TensorMap]] = None,
 ) -> LieDerivatives:
     """The Lie derivatives of the step's predictions that ``wanted`` names.
 
-    Energies (one invariant value per structure) are differentiated in reverse
-    mode with respect to the angles of a rotation ``I + sum_k a_k G_k`` of one
-    copy of the batch, ``L_k E = dE/da_k`` at ``a = 0``, and their forces and
-    stress as the derivatives of ``L_k E`` with respect to positions and strain
-    (the generator derivative of Orb-v3's penalty, extended to the gradients);
-    other targets come from one forward-mode evaluation of three copies of the
-    batch whose rotation is the dual number ``I + t G_k``, and so do the values of
-    energies when that evaluation is made anyway.
+    The values of an energy whose forces (molecules) or stress (any structure)
+    the step predicted come from them, with no model call: ``L_k E`` is the
+    energy's derivative along the generator, the force or virial contracted
+    with ``G_k`` (Orb-v3's penalty). Other energies (one invariant value per
+    structure) are differentiated in reverse mode with respect to the angles of
+    a rotation ``I + sum_k a_k G_k`` of one copy of the batch, ``L_k E = dE/da_k``
+    at ``a = 0``, and their forces and stress as the derivatives of ``L_k E``
+    with respect to positions and strain. Other targets come from one
+    forward-mode evaluation of three copies of the batch whose rotation is the
+    dual number ``I + t G_k``, and so do the values of energies when that
+    evaluation is made anyway.
 
     :param step: the training step
     :param wanted: for each target, ``None`` for its values and the names of
         the gradients (``"positions"``, ``"strain"``) to differentiate
     :param create_graph: keep the graph to the model's parameters
+    :param predictions: the step's own predictions in the units of the loss, with
+        the gradients it computed
     """
+    values: dict[str, torch.Tensor] = {}
+    for name, gradients in wanted.items():
+        if gradients == {None} and predictions is not None and name in predictions:
+            lie = _lie_from_step_gradients(step, name, predictions[name])
+            if lie is not None:
+                values[name] = lie
     reverse = {
         name: set(gradients)
         for name, gradients in wanted.items()
-        if _is_energy(step.targets[name])
+        if _is_energy(step.targets[name]) and name not in values
     }
-    dual = sorted(set(wanted) - set(reverse))
+    dual = sorted(set(wanted) - set(reverse) - set(values))
     if dual:
         dual += sorted(
             name for name, gradients in reverse.items() if gradients <= {None}
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
-    values: dict[str, torch.Tensor] = {}
     if dual:
         with contextlib.nullcontext() if create_graph else torch.no_grad():
             values.update(_forward_lie_derivatives(step, dual))
     if reverse:
         values.update(_reverse_lie_derivatives(step, reverse, create_graph))
     return LieDerivatives(values)
+
+
+def _lie_from_step_gradients(
+    step: TrainingStep, name: str, energy: TensorMap
+) -> Optional[torch.Tensor]:
+    """``(3, n_values)`` Lie derivatives of an energy from the gradients the step
+    computed, in the units of the loss; ``None`` when it computed none that
+    suffice (a periodic structure needs the strain gradient: its energy also
+    depends on the orientation of the cell).
+
+    In metatrain's convention (positions ``r @ (1 + e)``), a rotation
+    ``1 + t G`` is the strain ``e = t G^T``: ``L_k E = sum_ab S_ab (G_k)_ba`` for
+    the strain gradient ``S``, and ``sum_i g_i . G_k r_i`` for the position
+    gradients ``g`` of a structure without cell.
+    """
+    from .generators import so3_generators
+
+    if not _is_energy(step.targets[name]):
+        return None
+    block = energy.block()
+    gradients = block.gradients_list()
+    generators = so3_generators(block.values.dtype, block.values.device)
+    if "strain" in gradients:
+        strain = block.gradient("strain").values  # (n_systems, 3, 3, n_properties)
+        lie = torch.einsum("sabp,kba->ksp", strain, generators)
+        return lie.reshape(3, -1)
+    periodic = any(bool(system.pbc.any()) for system in step.systems)
+    if "positions" not in gradients or periodic:
+        return None
+    return _lie_from_position_gradients(step, name, block)
+
+
+def _lie_from_position_gradients(
+    step: TrainingStep, name: str, block: TensorBlock
+) -> torch.Tensor:
+    """``sum_i g_i . G_k r_i`` per structure and property, divided by the number
+    of atoms as metatrain divides the energy (not its position gradients)."""
+    from .generators import so3_generators
+
+    gradient = block.gradient("positions")
+    values = gradient.values  # (n_atoms, 3, n_properties)
+    positions = torch.cat([system.positions for system in step.systems])
+    sizes = torch.tensor([len(system) for system in step.systems])
+    offsets = torch.cumsum(sizes, dim=0) - sizes
+    sample = gradient.samples.column("sample").to(torch.long).cpu()
+    atom = offsets[sample] + gradient.samples.column("atom").to(torch.long).cpu()
+    generators = so3_generators(values.dtype, values.device)
+    # (G_k r_i)_a for every atom i
+    moved = torch.einsum("kab,ib->kia", generators, positions[atom.to(values.device)])
+    per_atom = torch.einsum("kia,iap->kip", moved, values)
+    n_systems = len(block.values)
+    lie = torch.zeros(3, n_systems, values.shape[-1], dtype=values.dtype)
+    lie = lie.to(values.device).index_add_(1, sample.to(values.device), per_atom)
+    if name not in step.per_structure_targets:
+        lie = lie / sizes.to(lie).reshape(1, -1, 1)
+    return lie.reshape(3, -1)
 
 
 def _is_energy(info) -> bool:

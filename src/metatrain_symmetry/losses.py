@@ -292,10 +292,15 @@ class PenaltyContext:
         )
         return self._rotated
 
-    def lie_derivatives(self, loss: EquivarianceLoss) -> LieDerivatives:
+    def lie_derivatives(
+        self, loss: EquivarianceLoss, predictions: dict[str, TensorMap]
+    ) -> LieDerivatives:
         """Lie derivatives of the predictions of the current step, evaluated once
         for every active loss of this context with ``method: generators`` (or
-        again if ``loss`` needs another target or gradient)."""
+        again if ``loss`` needs another target or gradient).
+
+        :param predictions: the step's predictions, in the units of the loss
+        """
         step = self._step
         assert step is not None
         cached = self._derivatives
@@ -304,7 +309,9 @@ class PenaltyContext:
         wanted: dict[str, set] = {}
         for other in self._active(loss, "generators"):
             wanted.setdefault(other.target, set()).add(other.gradient)
-        self._derivatives = evaluate_lie_derivatives(step, wanted)
+        self._derivatives = evaluate_lie_derivatives(
+            step, wanted, predictions=predictions
+        )
         return self._derivatives
 
     def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
@@ -422,14 +429,21 @@ class EquivarianceLoss(LossInterface):
             tensor = targets.get(self.target)
             if tensor is None or self.gradient not in tensor[0].gradients_list():
                 return loss
-        penalty = self.penalty()
+        penalty = self.penalty(predictions)
         return loss + self.gamma * penalty
 
-    def penalty(self) -> torch.Tensor:
+    def penalty(
+        self, predictions: Optional[dict[str, TensorMap]] = None
+    ) -> torch.Tensor:
         """``L_sigma`` for the current training step of the context (differentiable
-        with respect to the model's parameters)."""
+        with respect to the model's parameters).
+
+        :param predictions: the step's predictions in the units of the loss; with
+            ``method: generators``, the Lie derivatives of an energy come from the
+            forces or stress among them, when the step computed those
+        """
         if self.method == "generators":
-            derivatives = self.context.lie_derivatives(self)
+            derivatives = self.context.lie_derivatives(self, predictions or {})
             penalty = generator_penalty(derivatives, self.label)
         else:
             rotated = self.context.rotated_predictions(self)

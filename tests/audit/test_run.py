@@ -1,7 +1,10 @@
 """The audit of a model on a dataset: errors against targets, equivariance and
 leakage of exactly known models, and bad input."""
 
+import ase.build
+import jsonschema
 import pytest
+import torch
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.testing import tiny_pet
@@ -87,3 +90,48 @@ def test_bad_input(molecules):
         msym.audit(model, [], outputs=["mtt::distance"])
     with pytest.raises(ValueError, match="not periodic"):
         msym.audit(tiny_pet(), molecules, outputs=["stress"])
+
+
+def test_infinitesimal_screen():
+    # a PET on four molecules, screened: the same numbers as the infinitesimal
+    # metrics computed on their own, in the summary with the rank correlation
+    # that SciPy gives
+    from scipy.stats import spearmanr
+
+    from metatrain_symmetry.audit import audit_markdown, audit_schema
+
+    pet = tiny_pet()
+    frames = [ase.build.molecule(name) for name in ("CH3OH", "H2O", "CH4", "C2H6")]
+    outputs = ["energy", "non_conservative_force"]
+    result = msym.audit(pet, frames, outputs, max_lambda=2, infinitesimal=True)
+    alone = msym.infinitesimal(pet, frames, outputs)
+    for name in outputs:
+        screen = result.screen[name]
+        torch.testing.assert_close(
+            screen["relative_lie_derivative"], alone.relative_lie_derivative[name]
+        )
+        torch.testing.assert_close(
+            screen["inversion_error"], alone.inversion_error[name]
+        )
+        lie = screen["relative_lie_derivative"]
+        assert bool((lie > 1e-6).all())
+        grid = result.relative_equivariance_errors(name)
+        entry = result.summary["outputs"][name]["screen"]
+        rho, p_value = spearmanr(lie.numpy(), grid.numpy())
+        assert entry["rank_correlation"] == pytest.approx(
+            {"spearman": rho, "p_value": p_value, "n_structures": 4}
+        )
+        assert entry["relative_lie_derivative"]["max"] == pytest.approx(
+            float(lie.max())
+        )
+        properties = result.chemiscope_input()["properties"]
+        assert properties[f"{name}: relative Lie derivative"]["values"] == (
+            pytest.approx(lie.tolist())
+        )
+    jsonschema.validate(result.summary, audit_schema())
+    assert "## Infinitesimal screen" in audit_markdown(result.summary)
+
+    plain = msym.audit(pet, frames, outputs, max_lambda=2)
+    assert plain.screen == {}
+    assert all(entry["screen"] is None for entry in plain.summary["outputs"].values())
+    assert "Infinitesimal screen" not in audit_markdown(plain.summary)

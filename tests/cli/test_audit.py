@@ -44,7 +44,18 @@ def test_audit_command_writes_every_file(audit_directory, audit_inputs):
         group = "outputs" if name in summary["outputs"] else "features"
         mean = spectra.block({"entry": index}).values.mean(dim=0)
         assert mean.tolist() == pytest.approx(summary[group][name]["mean_spectrum"])
-    assert "`non_conservative_force`" in (audit_directory / "audit.md").read_text()
+    report = (audit_directory / "audit.md").read_text()
+    assert "`non_conservative_force`" in report
+    # --infinitesimal: the screen of every output, ranked against the grid
+    assert "## Infinitesimal screen" in report
+    for entry in summary["outputs"].values():
+        screen = entry["screen"]
+        assert screen["rank_correlation"]["n_structures"] == 2
+        assert screen["relative_lie_derivative"]["max"] > 0
+    chemiscope = json.loads(
+        gzip.decompress((audit_directory / "audit.chemiscope.json.gz").read_bytes())
+    )
+    assert "energy: relative Lie derivative" in chemiscope["properties"]
     assert (audit_directory / "spectra.png").read_bytes()[:4] == b"\x89PNG"
 
 

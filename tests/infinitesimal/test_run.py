@@ -359,3 +359,22 @@ def test_bad_requests(analytic_model, molecules, arguments, message):
 def test_stress_needs_periodic_structures(molecules):
     with pytest.raises(ValueError, match="stress needs periodic structures"):
         msym.infinitesimal(pair_model(), molecules, ["stress"])
+
+
+def test_same_numbers_in_inference_mode(molecules):
+    # the energy's metrics need autograd, which a caller's inference mode or
+    # no_grad would switch off
+    from metatrain_symmetry.testing import tiny_pet
+
+    pet = tiny_pet()
+    outputs = ["energy", "forces", "non_conservative_force"]
+    reference = msym.infinitesimal(pet, molecules[:2], outputs)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            result = msym.infinitesimal(pet, molecules[:2], outputs)
+        for name in outputs:
+            torch.testing.assert_close(
+                result.relative_lie_derivative[name],
+                reference.relative_lie_derivative[name],
+            )
+            assert bool(torch.isfinite(reference.relative_lie_derivative[name]).all())

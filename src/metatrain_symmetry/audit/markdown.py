@@ -24,6 +24,7 @@ def audit_markdown(summary: dict) -> str:
     ]
     lines += [_output_row(name, entry) for name, entry in summary["outputs"].items()]
     lines += _left_out(summary)
+    lines += _screen(summary)
     irrep_names = [irrep_name(lam, sigma) for lam, sigma in summary["irreps"]]
     lines += [
         "",
@@ -119,6 +120,47 @@ def _left_out(summary: dict) -> list[str]:
                     "its leakage and mean spectrum."
                 )
     return [""] + lines if lines else []
+
+
+def _screen(summary: dict) -> list[str]:
+    """The table of the infinitesimal screen, when the audit has one."""
+    screened = {
+        name: entry["screen"]
+        for name, entry in summary["outputs"].items()
+        if entry.get("screen") is not None
+    }
+    if not screened:
+        return []
+    lines = [
+        "",
+        "## Infinitesimal screen",
+        "",
+        "Relative Lie derivative sqrt(sum_k |L_k f|^2 / |f|^2) per structure (per "
+        "radian, zero for an equivariant output), inversion error "
+        "|rho(-1) f(-x) - f(x)| / |f(x)|, and Spearman's rank correlation of the "
+        "relative Lie derivative with the grid's equivariance RMSE over the RMS of "
+        "the output, per structure: near 1, the screen ranks the structures as the "
+        "grid does.",
+        "",
+        "| output | Lie derivative mean | max | inversion error mean | max "
+        "| Spearman rho | p-value | structures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, screen in screened.items():
+        lie, inversion = screen["relative_lie_derivative"], screen["inversion_error"]
+        correlation = screen["rank_correlation"]
+        cells = [
+            f"`{name}`",
+            _number(lie["mean"]),
+            _number(lie["max"]),
+            _number(inversion["mean"]),
+            _number(inversion["max"]),
+            _number(correlation["spearman"]),
+            _number(correlation["p_value"]),
+            str(correlation["n_structures"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _output_row(name: str, entry: dict) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,11 @@ from ..diagnostics import AnalysisResult
 from ..quantities import expected_irreps
 from .summary import audit_summary, leakage
 from .viewer import ChemiscopeViews
+
+
+SCREEN_MEASURES = ("relative_lie_derivative", "inversion_error")
+"""the per-structure infinitesimal measures of an audit's screen (see
+:py:class:`~metatrain_symmetry.infinitesimal.InfinitesimalResult`)"""
 
 
 @dataclass
@@ -46,6 +52,9 @@ class AuditResult(ChemiscopeViews):
     :py:func:`~metatrain_symmetry.identity.dataset_identity`)"""
     frames: list = field(default_factory=list, repr=False)
     """the audited structures (``ase.Atoms``), in order"""
+    screen: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    """per screened output, each of :py:data:`SCREEN_MEASURES` per structure,
+    ``(n_structures,)`` (NaN where the output is zero); empty without a screen"""
     summary: dict = field(init=False, repr=False)
     """JSON-ready summary, as written to ``audit.json``"""
 
@@ -54,6 +63,10 @@ class AuditResult(ChemiscopeViews):
             name: (key, self.predictions[name], self.references[name])
             for name, key in self.targets.items()
         }
+        screens = {
+            name: (measures, self.relative_equivariance_errors(name))
+            for name, measures in self.screen.items()
+        }
         self.summary = audit_summary(
             self.analysis,
             self.model,
@@ -61,6 +74,7 @@ class AuditResult(ChemiscopeViews):
             {name: self.descriptions[name] for name in self.outputs},
             self.features,
             comparisons,
+            screens,
         )
 
     @property
@@ -82,6 +96,16 @@ class AuditResult(ChemiscopeViews):
         exact grids or when no irrep is expected."""
         leaked = leakage(self.analysis, name)
         return None if leaked is None else leaked[1]
+
+    def relative_equivariance_errors(self, name: str) -> torch.Tensor:
+        """Per-structure equivariance RMSE of ``name`` over the RMS of its
+        unrotated prediction, ``(n_structures,)``: the grid's counterpart of the
+        screen's relative Lie derivative (NaN where the output is zero)."""
+        scale = torch.stack(
+            [prediction.square().mean().sqrt() for prediction in self.predictions[name]]
+        )
+        relative = self.analysis.equivariance_rmse(name).to(torch.float64) / scale
+        return relative.masked_fill(self.analysis.zero_structures[name], math.nan)
 
     def structure_errors(self, name: str) -> torch.Tensor | None:
         """Per-structure RMSE of the unrotated prediction of ``name`` against its

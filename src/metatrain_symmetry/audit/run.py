@@ -20,9 +20,10 @@ from ..diagnostics import (
 from ..distributed import run_resumable
 from ..grid import O3Grid
 from ..identity import dataset_identity, model_identity
+from ..infinitesimal import infinitesimal
 from ..models import LoadedModel, ModelLike, load_model
 from ..quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, expected_irreps
-from .result import AuditResult
+from .result import SCREEN_MEASURES, AuditResult
 from .summary import describe_outputs
 from .targets import check_target, predict, read_target, resolve_targets
 
@@ -42,6 +43,7 @@ def audit(
     distributed: bool = False,
     work_dir: str | os.PathLike | None = None,
     allow_close_atoms: bool = False,
+    infinitesimal: bool = False,
 ) -> AuditResult | None:
     """Audit the rotational symmetry of a model on a dataset.
 
@@ -74,6 +76,11 @@ def audit(
         remove it once the result is saved
     :param allow_close_atoms: warn, instead of raising, on structures with atoms
         closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
+    :param infinitesimal: also screen every structure with the infinitesimal
+        metrics of the audited outputs (see
+        :py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`; about four
+        model calls per structure), and report how well they rank the
+        structures as the grid does
     :return: the audit, with its JSON-ready ``summary``; ``None`` on ranks other
         than 0 when ``distributed``
     """
@@ -90,11 +97,12 @@ def audit(
         targets,
         frames,
         data_path,
+        infinitesimal,
     )
     manifest = None
     if work_dir is not None:
         manifest = request.plan.manifest(
-            "audit", request.systems, audited_outputs=outputs
+            "audit", request.systems, audited_outputs=outputs, screen=infinitesimal
         )
     parts = run_resumable(
         request.plan.costs(request.systems),
@@ -111,8 +119,11 @@ class _AuditRequest:
     """A checked audit: the analysis plan, what is compared with which targets,
     and the structures with their targets read."""
 
-    def __init__(self, plan: AnalysisPlan, outputs, features, targets, frames, path):
+    def __init__(
+        self, plan: AnalysisPlan, outputs, features, targets, frames, path, screen
+    ):
         self.plan = plan
+        self.screen = screen
         self.outputs = outputs
         self.features = features
         self.targets = targets
@@ -126,13 +137,13 @@ class _AuditRequest:
 
     def run(
         self, mine: dict[int, list[int]], progress: bool
-    ) -> Iterator[tuple[int, tuple[AnalysisPart, dict[str, list[torch.Tensor]]]]]:
+    ) -> Iterator[tuple[int, tuple[AnalysisPart, dict, dict]]]:
         """Unrotated predictions of this rank's shards (checked against the
         targets), then their analysis.
 
         :param mine: ``{shard: structure indices}``
-        :return: ``(shard, (analysis part, per output the shard's predictions))``
-            as each shard completes
+        :return: ``(shard, (analysis part, per output the shard's predictions,
+            per output its screen))`` as each shard completes
         """
         outputs = self.outputs
         indices = [index for shard in mine.values() for index in shard]
@@ -151,13 +162,37 @@ class _AuditRequest:
                 name: [by_structure[index][name] for index in mine[shard]]
                 for name in outputs
             }
-            yield shard, (part, predictions)
+            yield shard, (part, predictions, self._screen(mine[shard]))
+
+    def _screen(self, indices: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per output, the infinitesimal screen of the structures ``indices``
+        (empty when not asked for)."""
+        if not self.screen:
+            return {}
+        result = infinitesimal(
+            self.plan.model, [self.frames[index] for index in indices], self.outputs
+        )
+        return {
+            name: {
+                "relative_lie_derivative": result.relative_lie_derivative[name],
+                "inversion_error": result.inversion_error[name],
+            }
+            for name in self.outputs
+        }
 
     def result(self, parts: list) -> AuditResult:
         """The audit, from the results of every shard in order."""
         predictions = {
-            name: [value for _, shard in parts for value in shard[name]]
+            name: [value for _, shard, _ in parts for value in shard[name]]
             for name in self.outputs
+        }
+        screen = {
+            name: {
+                measure: torch.cat([shard[name][measure] for _, _, shard in parts])
+                for measure in SCREEN_MEASURES
+            }
+            for name in self.outputs
+            if self.screen
         }
         references = {
             name: [
@@ -168,7 +203,7 @@ class _AuditRequest:
         }
         model = self.plan.model
         return AuditResult(
-            analysis=self.plan.assemble([part for part, _ in parts]),
+            analysis=self.plan.assemble([part for part, _, _ in parts]),
             outputs=self.outputs,
             descriptions=describe_outputs(model, self.outputs),
             features=self.features,
@@ -178,6 +213,7 @@ class _AuditRequest:
             model=model_identity(model, model.source),
             dataset=dataset_identity(self.frames, self.data_path),
             frames=self.frames,
+            screen=screen,
         )
 
 

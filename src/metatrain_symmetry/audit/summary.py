@@ -21,7 +21,7 @@ from ..models import LoadedModel
 from ..quantities import expected_irreps
 
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """Version of the ``audit.json`` schema; the major number changes when a field
 changes meaning or disappears."""
 
@@ -80,6 +80,7 @@ def audit_summary(
     outputs: dict[str, dict],
     features: Sequence[str],
     comparisons: dict[str, tuple[str, list, list]],
+    screens: dict[str, tuple[dict, torch.Tensor]] | None = None,
 ) -> dict:
     """The JSON-ready summary of an audit (``audit.json``, see
     :py:func:`audit_schema`).
@@ -91,7 +92,12 @@ def audit_summary(
     :param features: audited features
     :param comparisons: per output with a target, ``(dataset key, predictions,
         references)``, each a list over structures of ``(n_samples, n)`` tensors
+    :param screens: per screened output, ``(measures, relative grid errors)``:
+        the per-structure infinitesimal measures (relative Lie derivative,
+        inversion error) and the grid's relative equivariance errors, each
+        ``(n_structures,)``
     """
+    screens = screens or {}
     grid = analysis.grid
     irreps = [[lam, sigma] for lam, sigma in spectrum_irreps(analysis.max_lambda)]
     return {
@@ -109,7 +115,10 @@ def audit_summary(
         "max_lambda": analysis.max_lambda,
         "irreps": irreps,
         "outputs": {
-            name: _output_entry(analysis, name, description, comparisons.get(name))
+            name: {
+                **_output_entry(analysis, name, description, comparisons.get(name)),
+                "screen": _screen_entry(screens.get(name)),
+            }
             for name, description in outputs.items()
         },
         "features": {
@@ -165,6 +174,35 @@ def _output_entry(
             "mean_standard_error": None if error is None else _number(error),
         }
     return entry
+
+
+def _screen_entry(screen: tuple[dict, torch.Tensor] | None) -> dict | None:
+    """The infinitesimal screen of one output: statistics of its measures, and
+    the Spearman rank correlation of the relative Lie derivative with the grid's
+    relative equivariance error over the structures where both are defined."""
+    if screen is None:
+        return None
+    measures, grid = screen
+    lie = measures["relative_lie_derivative"]
+    defined = ~torch.isnan(lie) & ~torch.isnan(grid)
+    correlation = {
+        "spearman": None,
+        "p_value": None,
+        "n_structures": int(defined.sum()),
+    }
+    pairs = (lie[defined].numpy(), grid[defined].numpy())
+    # a rank correlation needs three structures and values that vary
+    if len(pairs[0]) >= 3 and min(len(set(values)) for values in pairs) > 1:
+        from scipy.stats import spearmanr
+
+        rho, p_value = spearmanr(*pairs)
+        correlation["spearman"] = _number(rho)
+        correlation["p_value"] = _number(p_value)
+    return {
+        "relative_lie_derivative": _statistics(lie),
+        "inversion_error": _statistics(measures["inversion_error"]),
+        "rank_correlation": correlation,
+    }
 
 
 def _equivariance_statistics(analysis: AnalysisResult, name: str) -> dict:

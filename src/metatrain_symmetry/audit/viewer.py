@@ -49,7 +49,7 @@ class ChemiscopeViews:
     dataset and shows it as a widget.
 
     It reads the audit through the result's attributes (``summary``, ``analysis``,
-    ``outputs``, ``targets``, ``frames``) and per-structure measures
+    ``outputs``, ``targets``, ``frames``, ``screen``) and per-structure measures
     (``leakage``, ``structure_errors``, ``atom_equivariance_errors``,
     ``deviations``).
     """
@@ -160,6 +160,13 @@ class ChemiscopeViews:
                         "standard error of the Monte-Carlo estimate of the "
                         f"leakage of '{name}'",
                     )
+            screen = self.screen.get(name)
+            if screen is not None:
+                properties[f"{name}: relative Lie derivative"] = _structure_property(
+                    screen["relative_lie_derivative"].numpy(),
+                    f"sqrt(sum_k |L_k f|^2 / |f|^2) of '{name}' along the three "
+                    "generators of rotations (infinitesimal screen, per radian)",
+                )
             errors = self.structure_errors(name)
             if errors is not None:
                 properties[f"{name}: error"] = _structure_property(

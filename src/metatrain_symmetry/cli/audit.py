@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_grid(parser)
     options.add_device(parser)
     options.add_dtype(parser)
+    parser.add_argument(
+        "--infinitesimal",
+        action="store_true",
+        help="also screen every structure with the infinitesimal metrics (Lie "
+        "derivatives along the generators of rotations and the inversion error, "
+        "about four model calls per structure) and report how well they rank "
+        "the structures as the grid does",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
         distributed=args.context.is_distributed,
         work_dir=work_dir,
         allow_close_atoms=args.allow_close_atoms,
+        infinitesimal=args.infinitesimal,
     )
     if result is None:
         return

@@ -44,6 +44,8 @@ _COPIES = 4
 """copies of each structure in a batch: one per generator, and the inverted one"""
 
 
+# the energy's metrics need autograd: not the inference mode of a caller
+@torch.inference_mode(False)
 def infinitesimal(
     model: ModelLike,
     systems: Sequence[SystemLike],
