@@ -24,7 +24,11 @@ training:
   one reverse-mode copy of the batch (the derivative with respect to the angles
   of a rotation, as Orb-v3 penalises it);
 - ``method: generators`` on the energy and its forces: the same copy, and the
-  derivatives of the energy's Lie derivatives with respect to the positions.
+  derivatives of the energy's Lie derivatives with respect to the positions;
+
+and, for an energy trained with its forces and stress (EMT's), against that
+training: ``method: generators`` on the energy, whose Lie derivatives come from
+the stress of the step itself (no model call).
 
 The epoch time is the time between consecutive metric log lines
 (``log_interval: 1``): one epoch of training plus validation on two structures.
@@ -41,6 +45,7 @@ Run from the repository root::
 
     python benchmarks/penalty_training_speed.py
     python benchmarks/penalty_training_speed.py --structures 16 --repeats 1 --threads 2
+    python benchmarks/penalty_training_speed.py --variants monitor --epochs 8
 """
 
 import argparse
@@ -79,8 +84,11 @@ loss:
 """
 MONITOR_TARGET = 1.05
 
-# an energy trained with its conservative forces
+# an energy trained with its conservative forces (and its stress)
 CONSERVATIVE_PLAIN = ""
+STRESS_TARGETS = """\
+energy: {key: energy, unit: eV, forces: {key: forces}, stress: {key: stress}}
+"""
 CONSERVATIVE_ENERGY_GENERATORS = """\
 loss:
   energy: {type: equivariance, gamma: 1.0, method: generators}
@@ -131,9 +139,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rotations", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
-        "--conservative-only",
-        action="store_true",
-        help="only the energy trained with its forces, and its generator penalties",
+        "--variants",
+        nargs="+",
+        help="run only these variants (with their baselines), e.g. monitor or "
+        "'stress energy generators'",
     )
     args = parser.parse_args()
 
@@ -141,6 +150,7 @@ def main() -> None:
 
     import ase.io
     import torch
+    from ase.calculators.emt import EMT
 
     from metatrain_symmetry import hooks
     from metatrain_symmetry.demo import make_dataset
@@ -154,6 +164,10 @@ def main() -> None:
     hooks.register()
     logging.disable(logging.INFO)
     frames = make_dataset(args.structures + 2, seed=0)
+    for atoms in frames:
+        atoms.calc = EMT()
+        atoms.info["stress"] = atoms.get_stress(voigt=False)
+        atoms.calc = None
     variants = {"plain": (PLAIN, PET_TARGETS)}
     for n_rotations in args.rotations:
         variants[f"R={n_rotations}"] = (PENALISED.format(R=n_rotations), PET_TARGETS)
@@ -168,8 +182,14 @@ def main() -> None:
         CONSERVATIVE_GENERATORS,
         CONSERVATIVE_TARGETS,
     )
-    if args.conservative_only:
-        variants = {k: v for k, v in variants.items() if k.startswith("conservative")}
+    variants["stress"] = (CONSERVATIVE_PLAIN, STRESS_TARGETS)
+    variants["stress energy generators"] = (
+        CONSERVATIVE_ENERGY_GENERATORS,
+        STRESS_TARGETS,
+    )
+    if args.variants:
+        wanted = set(args.variants) | {_baseline(name) for name in args.variants}
+        variants = {k: v for k, v in variants.items() if k in wanted}
 
     best: dict[str, dict[str, float]] = {"cpu": {}, "wall": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -207,11 +227,20 @@ def main() -> None:
         _print_ratios(clock, times, args.rotations)
 
 
+def _baseline(name: str) -> str:
+    """The variant that ``name`` is compared with."""
+    for baseline in ("conservative", "stress"):
+        if name.startswith(baseline):
+            return baseline
+    return "plain"
+
+
 def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> None:
     """Each variant's epoch time against its baseline, with its target."""
     for baseline, label in (
         ("plain", "plain augmented training"),
         ("conservative", "conservative plain training"),
+        ("stress", "conservative plain training with stress"),
     ):
         if baseline in times:
             print(f"{clock} time, {label}: {times[baseline]:.3f} s/epoch")
@@ -231,6 +260,12 @@ def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> 
             "conservative generators",
             "conservative, method: generators on energy and forces",
             "conservative",
+            GENERATORS_TARGET,
+        ),
+        (
+            "stress energy generators",
+            "with stress, method: generators on the energy",
+            "stress",
             GENERATORS_TARGET,
         ),
     ]

@@ -5,6 +5,8 @@ analytic torque and prefers orientations, and its average does not."""
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,7 @@ import pytest
 
 from metatrain_symmetry.cli import main
 from metatrain_symmetry.consequences import consequences_schema
+from metatrain_symmetry.consequences.simulation import KILL_AFTER_STEPS_VARIABLE
 from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
 from tests.helpers import assert_same_numbers
 
@@ -263,3 +266,35 @@ def test_ipi_writes_what_ase_writes(runs):
     )
     observables = ipi_run["experiments"]["observables"]["variants"]["plain"]
     assert observables["msd_A2"][0] == 0.0 and observables["msd_A2"][-1] > 0.0
+
+
+def test_an_interrupted_run_continues_its_trajectory(runs, tmp_path):
+    """Killed in the middle of a trajectory, the command started again continues
+    it from its last saved step: the same numbers as the run never stopped."""
+    for name in ("lab.pt", "molecule.xyz"):
+        (tmp_path / name).write_bytes((runs / name).read_bytes())
+    arguments = ["consequences", "lab.pt", "molecule.xyz", *NVE, "-o", "result"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "metatrain_symmetry.cli", *arguments],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, KILL_AFTER_STEPS_VARIABLE: "20"},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "result").exists()
+    saved = list((tmp_path / "result.partial" / "trajectories").glob("*.npz"))
+    assert [path.name for path in saved] == ["molecule-nve-plain-0.npz"]
+
+    resumed = run_mtt_symmetry(*arguments, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing molecule-nve plain #0" in resumed.stderr
+    assert not (tmp_path / "result.partial").exists()
+    timings = ("seconds_per_step", "cost_per_step_relative")
+    assert_same_numbers(
+        _summary(tmp_path, "result")["experiments"],
+        _summary(runs, "nve-ase")["experiments"],
+        1e-12,
+        1e-14,
+        timings,
+    )

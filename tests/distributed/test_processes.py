@@ -29,6 +29,8 @@ from tests.helpers import assert_same_numbers
 # every process of these tests waits at most this long for its peers
 _TIMEOUT = 120
 _SETTINGS = ["--max-lambda", "2"]
+# the audits screen too: the infinitesimal metrics spread and resume with them
+_AUDIT_SETTINGS = [*_SETTINGS, "--infinitesimal"]
 
 
 def _environment(**variables) -> dict:
@@ -109,12 +111,16 @@ def _files(directory: Path) -> list[str]:
 
 def _assert_same_audit(directory: Path, reference: Path) -> None:
     assert _files(directory) == _files(reference)
+    summary = json.loads((directory / "audit.json").read_text())
     assert_same_numbers(
-        json.loads((directory / "audit.json").read_text()),
+        summary,
         json.loads((reference / "audit.json").read_text()),
         rel=1e-10,
         abs=1e-14,
     )
+    for entry in summary["outputs"].values():
+        correlation = entry["screen"]["rank_correlation"]
+        assert correlation["n_structures"] == summary["dataset"]["n_structures"]
 
 
 # ---------------------------------------------------------------------- inputs
@@ -136,7 +142,12 @@ def single_audit(inputs, tmp_path_factory):
     """An audit by one process."""
     output = tmp_path_factory.mktemp("single") / "audit"
     process = run_mtt_symmetry(
-        "audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output, *_SETTINGS
+        "audit",
+        inputs / "model.ckpt",
+        inputs / "data.xyz",
+        "-o",
+        output,
+        *_AUDIT_SETTINGS,
     )
     assert process.returncode == 0, process.stderr
     assert not (output.parent / "audit.partial").exists()
@@ -147,7 +158,12 @@ def single_audit(inputs, tmp_path_factory):
 def test_torchrun_audit_equals_one_process(inputs, single_audit, tmp_path):
     output = tmp_path / "audit"
     process = _torchrun(
-        "audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output, *_SETTINGS
+        "audit",
+        inputs / "model.ckpt",
+        inputs / "data.xyz",
+        "-o",
+        output,
+        *_AUDIT_SETTINGS,
     )
     assert process.returncode == 0, process.stderr
     _assert_same_audit(output, single_audit)
@@ -192,7 +208,7 @@ def test_interrupted_audit_resumes_on_other_processes(inputs, single_audit, tmp_
     arguments = ["audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]
     killed = subprocess.run(
         [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, arguments)]
-        + _SETTINGS,
+        + _AUDIT_SETTINGS,
         capture_output=True,
         text=True,
         env=_environment(**{KILL_AFTER_SHARDS_VARIABLE: 3}),
@@ -205,20 +221,20 @@ def test_interrupted_audit_resumes_on_other_processes(inputs, single_audit, tmp_
     before = {name: (work / name).stat().st_mtime_ns for name in saved}
 
     # another run's settings or model are refused, touching nothing
-    refused = run_mtt_symmetry(*arguments, *_SETTINGS, "--rotations", "16")
+    refused = run_mtt_symmetry(*arguments, *_AUDIT_SETTINGS, "--rotations", "16")
     assert refused.returncode == 2
     error = refused.stderr.strip().splitlines()
     assert len(error) == 1, refused.stderr
     assert "another grid" in error[0] and "audit.partial" in error[0]
     assert "remove it" in error[0]
     other = ["audit", inputs / "other.ckpt", *arguments[2:]]
-    refused = run_mtt_symmetry(*other, *_SETTINGS)
+    refused = run_mtt_symmetry(*other, *_AUDIT_SETTINGS)
     assert refused.returncode == 2
     assert "another model" in refused.stderr
     assert not output.exists()
     assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == before
 
-    resumed = _torchrun(*arguments, *_SETTINGS)
+    resumed = _torchrun(*arguments, *_AUDIT_SETTINGS)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: 3 of" in resumed.stderr
     _assert_same_audit(output, single_audit)
@@ -228,7 +244,7 @@ def test_interrupted_audit_resumes_on_other_processes(inputs, single_audit, tmp_
 def test_a_failing_rank_fails_every_rank(inputs, tmp_path):
     output = tmp_path / "audit"
     arguments = ["audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]
-    processes = _srun(*arguments, *_SETTINGS, **{FAIL_RANK_VARIABLE: 1})
+    processes = _srun(*arguments, *_AUDIT_SETTINGS, **{FAIL_RANK_VARIABLE: 1})
     for process in processes:
         assert process.returncode != 0
     assert "rank 1 failed: test failure requested on rank 1" in processes[0].stderr

@@ -4,9 +4,11 @@ task, spread over processes and resumable."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -28,7 +30,13 @@ from .ipi import check_ipi, run_dynamics_ipi
 from .molecules import molecule_nve_summary, orientations_summary
 from .observables import observables_summary
 from .result import ConsequencesResult, assemble
-from .simulation import Settings, Trajectory, relax, run_dynamics
+from .simulation import (
+    Settings,
+    Trajectory,
+    TrajectoryCheckpoint,
+    relax,
+    run_dynamics,
+)
 
 
 __all__ = ["ENGINES", "EXPERIMENTS", "VARIANTS", "consequences"]
@@ -119,6 +127,9 @@ def consequences(
         "selected": {key: list(value) for key, value in selected.items()},
     }
     runner = _TaskRunner(loaded, frames, grid, batch_size, settings, device, engine)
+    if work_dir is not None and engine == "ase":
+        # i-PI trajectories start again from their first step
+        runner.checkpoints = Path(work_dir) / "trajectories"
     parts = run_resumable(
         costs,
         partial(runner.run, tasks=tasks, progress=progress and context.is_main),
@@ -265,6 +276,8 @@ class _TaskRunner:
         self.frames = frames
         self.settings = settings
         self.dynamics = _DYNAMICS[engine]
+        self.checkpoints: Path | None = None
+        """where running ASE trajectories save their state (none: nowhere)"""
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
         self._warm: set[tuple[bool, int]] = set()
@@ -304,9 +317,18 @@ class _TaskRunner:
             if task.experiment == "relax":
                 return relax(atoms, calculator, settings, bar)
             ensemble = "nve" if task.experiment == "molecule-nve" else "nvt"
+            checkpoint = self._checkpoint(task)
             trajectory = self.dynamics(
-                atoms, calculator, settings, ensemble, self._seed(task, 0), bar
+                atoms,
+                calculator,
+                settings,
+                ensemble,
+                self._seed(task, 0),
+                bar,
+                **({} if checkpoint is None else {"checkpoint": checkpoint}),
             )
+            if checkpoint is not None:
+                checkpoint.remove()
         if task.experiment == "molecule-nve":
             summary = molecule_nve_summary(trajectory, settings.temperature_K)
             if task.variant == "plain":
@@ -320,6 +342,20 @@ class _TaskRunner:
             "trajectory": trajectory,
             "seconds_per_step": trajectory.seconds_per_step,
         }
+
+    def _checkpoint(self, task: Task) -> TrajectoryCheckpoint | None:
+        """Where the trajectory of ``task`` saves its running state, if anywhere."""
+        if self.checkpoints is None:
+            return None
+        name = f"{task.experiment}-{task.variant}-{task.structure}.npz"
+        checkpoint = TrajectoryCheckpoint(self.checkpoints / name)
+        if checkpoint.path.exists():
+            print(
+                f"continuing {task.experiment} {task.variant} #{task.structure} "
+                f"from its state saved in {checkpoint.path}",
+                file=sys.stderr,
+            )
+        return checkpoint
 
     def _warm_up(self, task: Task, atoms: Atoms) -> None:
         """One untimed call per calculator and structure, so that the cost per

@@ -3,8 +3,12 @@ ASE's integrators, thermostat and optimizer, recorded frame by frame."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
@@ -22,9 +26,11 @@ from .._utils import is_integer
 
 
 __all__ = [
+    "CHECKPOINT_SECONDS",
     "FrameRecorder",
     "Settings",
     "Trajectory",
+    "TrajectoryCheckpoint",
     "initial_state",
     "relax",
     "run_dynamics",
@@ -186,6 +192,98 @@ class FrameRecorder:
         )
 
 
+CHECKPOINT_SECONDS = 60.0
+"""shortest wall time between two saved states of a running trajectory"""
+
+# test-only hook: save at every kept frame and SIGKILL this process once a
+# trajectory has saved its state at this many steps (an interruption mid-run)
+KILL_AFTER_STEPS_VARIABLE = "MTT_SYMMETRY_TEST_KILL_AFTER_STEPS"
+
+
+class TrajectoryCheckpoint:
+    """The state of a running trajectory in a file, saved at kept frames at most
+    every ``every_seconds``, so that a run interrupted and started again
+    continues from the last saved step, exactly as if it had not stopped.
+
+    The state is the step count, positions and momenta, the frames kept so far,
+    the state of every random number generator (initial velocities and
+    thermostat noise, the random frames of a calculator that draws them) and the
+    calculator's results at that step (a calculator that draws a random frame at
+    every call would not give them again). It is written as ``.npz`` arrays and
+    JSON, read without running code, and replaced atomically.
+
+    :param path: the file (``.npz``); its directory is made when first saved
+    :param every_seconds: shortest wall time between two saves
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, every_seconds: float = CHECKPOINT_SECONDS
+    ):
+        self.path = Path(path)
+        self.every_seconds = every_seconds
+        self._saved = time.monotonic()
+
+    def save(self, dynamics, recorder: FrameRecorder, rngs: dict) -> None:
+        """Save the state at the current step, if ``every_seconds`` have passed
+        since the last save."""
+        kill_after = int(os.environ.get(KILL_AFTER_STEPS_VARIABLE, "0"))
+        now = time.monotonic()
+        if now - self._saved < self.every_seconds and not kill_after:
+            return
+        self._saved = now
+        atoms = dynamics.atoms
+        results = atoms.calc.results
+        meta = {
+            "steps": int(dynamics.nsteps),
+            "rngs": {name: rng.bit_generator.state for name, rng in rngs.items()},
+            "results": [name for name in results if name in ("energy", "forces")],
+        }
+        arrays = {
+            "positions": atoms.get_positions(),
+            "momenta": atoms.get_momenta(),
+            **{f"result_{name}": np.asarray(results[name]) for name in meta["results"]},
+            **{
+                f"frames_{key}": np.array(value)
+                for key, value in recorder.frames.items()
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial.npz")
+        np.savez(partial, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(partial, self.path)
+        if kill_after and dynamics.nsteps >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def restore(self, dynamics, recorder: FrameRecorder, rngs: dict) -> int:
+        """Restore the saved state, if any, into the dynamics, the recorder and
+        the generators; the number of steps it had run (0 without a file)."""
+        if not self.path.exists():
+            return 0
+        with np.load(self.path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            atoms = dynamics.atoms
+            atoms.set_positions(saved["positions"])
+            atoms.set_momenta(saved["momenta"])
+            for key in recorder.frames:
+                recorder.frames[key] = list(saved[f"frames_{key}"])
+            # one real call sets the calculator up for these positions; its
+            # results are then those of the interrupted run, and the generators'
+            # states (restored below) undo any draw it made
+            calculator = atoms.calc
+            calculator.get_forces(atoms)
+            for name in meta["results"]:
+                value = saved[f"result_{name}"]
+                calculator.results[name] = float(value) if value.ndim == 0 else value
+        for name, state in meta["rngs"].items():
+            rngs[name].bit_generator.state = state
+        dynamics.nsteps = meta["steps"]
+        return meta["steps"]
+
+    def remove(self) -> None:
+        """Remove the file, once the trajectory is complete."""
+        self.path.unlink(missing_ok=True)
+
+
 def run_dynamics(
     atoms: Atoms,
     calculator: Calculator,
@@ -193,6 +291,7 @@ def run_dynamics(
     ensemble: str,
     seed: int,
     progress=None,
+    checkpoint: TrajectoryCheckpoint | None = None,
 ) -> Trajectory:
     """Molecular dynamics of ``atoms`` (not modified) with ``calculator`` and
     ASE's integrators, from :py:func:`initial_state` drawn with ``seed``.
@@ -200,6 +299,8 @@ def run_dynamics(
     :param ensemble: ``"nve"`` (velocity Verlet) or ``"nvt"`` (Langevin, with the
         centre of mass fixed)
     :param progress: a progress bar advanced by one every step, or ``None``
+    :param checkpoint: save the running state there, and continue from the state
+        saved there by an interrupted run of the same trajectory
     """
     rng = np.random.default_rng(seed)
     atoms = initial_state(atoms, settings, rng)
@@ -231,11 +332,20 @@ def run_dynamics(
         )
 
     dynamics.attach(record, interval=settings.save_every)
+    rngs = {"dynamics": rng}
+    if isinstance(getattr(calculator, "rng", None), np.random.Generator):
+        rngs["calculator"] = calculator.rng
+    done = 0
+    if checkpoint is not None:
+        done = checkpoint.restore(dynamics, recorder, rngs)
+        dynamics.attach(checkpoint.save, settings.save_every, dynamics, recorder, rngs)
     if progress is not None:
+        progress.update(done)
         dynamics.attach(progress.update, interval=1)
     start = time.perf_counter()
-    dynamics.run(settings.steps)
-    return recorder.trajectory((time.perf_counter() - start) / settings.steps)
+    dynamics.run(settings.steps - done)
+    elapsed = time.perf_counter() - start
+    return recorder.trajectory(elapsed / max(settings.steps - done, 1))
 
 
 def relax(

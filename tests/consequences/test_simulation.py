@@ -1,0 +1,106 @@
+"""Trajectories that are interrupted and started again continue exactly where
+they stopped: thermostat noise, random frames and kept frames included."""
+
+import ase.build
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from metatrain_symmetry.calculators import RandomRotationCalculator
+from metatrain_symmetry.consequences.simulation import (
+    Settings,
+    TrajectoryCheckpoint,
+    run_dynamics,
+)
+
+
+SETTINGS = Settings(steps=60, frames=20, temperature_K=500.0, seed=3)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """A progress bar that interrupts the run after ``steps`` steps."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.done = 0
+
+    def update(self, steps: int = 1) -> None:
+        self.done += steps
+        if self.done >= self.steps:
+            raise Interrupt()
+
+
+def cluster():
+    atoms = ase.build.molecule("CH3OH")
+    atoms.set_chemical_symbols(["Cu"] * len(atoms))
+    atoms.positions *= 1.6
+    return atoms
+
+
+class FieldEMT(EMT):
+    """EMT in a uniform field along z: not invariant, so that every random
+    frame of ``random_rotation`` gives other forces."""
+
+    field = 0.3  # eV/A
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        self.results["energy"] -= self.field * self.atoms.positions[:, 2].sum()
+        self.results["forces"] = self.results["forces"] + [0.0, 0.0, self.field]
+
+
+def calculator(variant: str, seed: int = 5):
+    # a fresh calculator, as a new process would make it
+    if variant == "plain":
+        return FieldEMT()
+    return RandomRotationCalculator(FieldEMT(), seed=seed)
+
+
+@pytest.mark.parametrize("variant", ["plain", "random_rotation"])
+@pytest.mark.parametrize("ensemble", ["nve", "nvt"])
+def test_an_interrupted_trajectory_continues_exactly(tmp_path, variant, ensemble):
+    atoms = cluster()
+    whole = run_dynamics(atoms, calculator(variant), SETTINGS, ensemble, seed=7)
+    if variant == "random_rotation":
+        # another stream of random frames gives another trajectory
+        other = run_dynamics(atoms, calculator(variant, 6), SETTINGS, ensemble, 7)
+        assert np.abs(other.forces[-1] - whole.forces[-1]).max() > 1e-3
+
+    checkpoint = TrajectoryCheckpoint(tmp_path / "state.npz", every_seconds=0.0)
+    with pytest.raises(Interrupt):
+        run_dynamics(
+            atoms, calculator(variant), SETTINGS, ensemble, 7, StopAfter(38), checkpoint
+        )
+    # the last state saved is that of the last kept frame before the stop
+    with np.load(checkpoint.path) as saved:
+        assert len(saved["frames_t"]) == 38 // SETTINGS.save_every + 1
+
+    progress = StopAfter(10**6)
+    resumed = run_dynamics(
+        atoms, calculator(variant), SETTINGS, ensemble, 7, progress, checkpoint
+    )
+    assert progress.done == SETTINGS.steps
+    assert len(resumed.time_ps) == len(whole.time_ps) == SETTINGS.frames + 1
+    for name in ("time_ps", "positions", "momenta", "forces", "potential_energy"):
+        np.testing.assert_allclose(
+            getattr(resumed, name), getattr(whole, name), rtol=1e-12, atol=1e-12
+        )
+    # and the trajectory moved
+    assert np.abs(whole.positions[-1] - whole.positions[0]).max() > 1e-2
+
+
+def test_without_a_saved_state_the_run_starts_from_the_beginning(tmp_path):
+    atoms = cluster()
+    checkpoint = TrajectoryCheckpoint(tmp_path / "none.npz", every_seconds=1e9)
+    trajectory = run_dynamics(
+        atoms, EMT(), SETTINGS, "nvt", seed=7, checkpoint=checkpoint
+    )
+    reference = run_dynamics(atoms, EMT(), SETTINGS, "nvt", seed=7)
+    np.testing.assert_array_equal(trajectory.positions, reference.positions)
+    # no save within the interval, and removing a missing file is fine
+    assert not checkpoint.path.exists()
+    checkpoint.remove()
