@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 import metatrain_symmetry as msym
+from metatrain_symmetry.consequences import consequences_schema
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +182,39 @@ def test_water_study_quick(tmp_path):
     assert symmetrized_model.evaluations_per_structure == size
     assert exported["cost_ratio"] > 1.0
 
+    # 6. consequences for simulations: the molecule, the liquid and GenIce2 ice
+    simulations = report["consequences"]
+    variants = {"plain", "average", "random_rotation"}
+    assert set(simulations["molecule"]) == variants
+    for entry in simulations["molecule"].values():
+        _numbers(entry, ["max_angular_momentum_change_hbar", "energy_drift_eV_per_ps"])
+        assert 0.0 <= entry["uniformity_p_value"] <= 1.0
+    assert set(simulations["bulk"]) == variants
+    assert simulations["bulk"]["plain"]["rdf_max_difference_in_errors"] == 0.0
+    ice = ase.io.read(output / "data" / "ice-genice.xyz", ":")
+    assert len(ice) == 2 and all(len(atoms) == 48 for atoms in ice)
+    # GenIce2's cells differ in their hydrogen-bond networks, not their oxygens
+    assert np.abs(ice[0].positions - ice[1].positions).max() > 0.5
+    for variant in variants:
+        energies = simulations["ice"][variant]["relative_energy_meV_per_molecule"]
+        assert len(energies) == 2 and min(energies) == 0.0
+    for group in ("molecule", "bulk", "ice"):
+        directory = output / "consequences" / group
+        jsonschema.validate(
+            json.loads((directory / "consequences.json").read_text()),
+            consequences_schema(),
+        )
+    assert "## Consequences for simulations" in (output / "report.md").read_text()
+
     stages = report["timings"]
-    for stage in ("data", "audits", "dynamics", "trade-off", "symmetrized export"):
+    for stage in (
+        "data",
+        "audits",
+        "dynamics",
+        "trade-off",
+        "symmetrized export",
+        "consequences",
+    ):
         assert stages[stage] > 0
 
     # the report and its figures are redrawn from a finished run

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from water_consequences import report_lines as consequences_lines
+from water_consequences import stage_consequences
 
 from metatrain_symmetry.testing import CONSERVATIVE_TARGETS, PET_TARGETS
 from metatrain_symmetry.testing import pet_options as testing_pet_options
@@ -1080,6 +1082,8 @@ def write_report(output, report):
         "",
     ]
     lines += symmetrized_export_lines(report["symmetrized_export"])
+    if "consequences" in report:
+        lines += [""] + consequences_lines(report["consequences"])
     lines += [
         "",
         "## Stages",
@@ -1169,6 +1173,14 @@ def main(argv=None):
     symmetrized = timer.run(
         "symmetrized export", stage_symmetrize, output, config, sets
     )
+    simulations = timer.run(
+        "consequences",
+        stage_consequences,
+        output,
+        mode,
+        output / "models" / "conservative" / "model.pt",
+        sets,
+    )
     timer.stages["total"] = time.perf_counter() - start
 
     report = {
@@ -1190,6 +1202,7 @@ def main(argv=None):
         "tradeoff": tradeoff,
         "retrain": retrain,
         "symmetrized_export": symmetrized,
+        "consequences": simulations,
         "timings": timer.stages,
     }
     finish_report(output, report)
