@@ -24,21 +24,31 @@ import numpy as np
 
 
 # per study size: the settings of each group and the Lebedev degree of its average
+MOLECULE_TEMPERATURE_K = 600.0
+BULK_TEMPERATURE_K = 300.0
+# per study size and group: the consequences settings, the Lebedev degree of the
+# average, and the number of ice cells
+MOLECULE = {"temperature_K": MOLECULE_TEMPERATURE_K}
+BULK = {"temperature_K": BULK_TEMPERATURE_K}
 SIZES = {
     "quick": {
-        "molecule": {"steps": 20, "frames": 10, "blocks": 2, "degree": 1},
-        "bulk": {"steps": 4, "frames": 2, "blocks": 2, "degree": 1},
+        "molecule": {**MOLECULE, "steps": 20, "frames": 10, "blocks": 2, "degree": 1},
+        "bulk": {**BULK, "steps": 4, "frames": 2, "blocks": 2, "degree": 1},
         "ice": {"cells": 2, "steps": 3, "fmax": 0.05, "degree": 1},
     },
     "full": {
         # 1 ps of a molecule at 0.5 fs, hot enough to sample its orientations
-        "molecule": {"steps": 2000, "frames": 400, "blocks": 5, "degree": 5},
-        "bulk": {"steps": 200, "frames": 100, "blocks": 4, "degree": 1},
+        "molecule": {
+            **MOLECULE,
+            "steps": 2000,
+            "frames": 400,
+            "blocks": 5,
+            "degree": 5,
+        },
+        "bulk": {**BULK, "steps": 200, "frames": 100, "blocks": 4, "degree": 1},
         "ice": {"cells": 8, "steps": 150, "fmax": 0.02, "degree": 2},
     },
 }
-MOLECULE_TEMPERATURE_K = 600.0
-BULK_TEMPERATURE_K = 300.0
 
 
 def genice_cells(n_cells: int, seed: int = 0) -> list:
@@ -97,43 +107,21 @@ def stage_consequences(output: Path, mode: str, model: Path, sets: dict) -> dict
     ice = genice_cells(size["ice"]["cells"])
     ase.io.write(output / "data" / "ice-genice.xyz", ice)
     groups = {
-        "molecule": (
-            [_plain(sets["molecules"][0])],
-            ["molecule-nve", "orientations"],
-            Settings(
-                steps=size["molecule"]["steps"],
-                frames=size["molecule"]["frames"],
-                blocks=size["molecule"]["blocks"],
-                temperature_K=MOLECULE_TEMPERATURE_K,
-            ),
-            size["molecule"]["degree"],
-        ),
-        "bulk": (
-            [_plain(sets["test"][0])],
-            ["observables"],
-            Settings(
-                steps=size["bulk"]["steps"],
-                frames=size["bulk"]["frames"],
-                blocks=size["bulk"]["blocks"],
-                temperature_K=BULK_TEMPERATURE_K,
-            ),
-            size["bulk"]["degree"],
-        ),
-        "ice": (
-            ice,
-            ["relax"],
-            Settings(steps=size["ice"]["steps"], fmax=size["ice"]["fmax"]),
-            size["ice"]["degree"],
-        ),
+        "molecule": ([_plain(sets["molecules"][0])], ["molecule-nve", "orientations"]),
+        "bulk": ([_plain(sets["test"][0])], ["observables"]),
+        "ice": (ice, ["relax"]),
     }
     summaries = {}
-    for name, (structures, experiments, settings, degree) in groups.items():
+    for name, (structures, experiments) in groups.items():
+        options = dict(size[name])
+        grid = O3Grid(options.pop("degree"))
+        options.pop("cells", None)
         result = consequences(
             model,
             structures,
             experiments=experiments,
-            settings=settings,
-            grid=O3Grid(degree),
+            settings=Settings(**options),
+            grid=grid,
             progress=False,
         )
         directory = output / "consequences" / name
