@@ -2,10 +2,11 @@
 rotations, for ``method: generators`` of the equivariance loss
 (:py:mod:`metatrain_symmetry.losses`) and its validation monitor.
 
-Energies are differentiated in reverse mode with respect to the angles of a
-rotation of one copy of the batch (the generator derivative of Orb-v3's
-penalty), which gives their forces and stress by one more derivative; other
-targets by forward mode on three copies.
+An energy's Lie derivatives come from the forces or stress the step computed
+(the generator derivative of Orb-v3's penalty, with no model call), or else from
+reverse-mode derivatives with respect to the angles of a rotation of one copy of
+the batch, which give its forces' and stress's by one more derivative; other
+targets' from forward mode on three copies.
 """
 
 from __future__ import annotations
