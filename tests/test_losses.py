@@ -267,6 +267,65 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
+class Opaque(torch.autograd.Function):
+    """The identity, with a backward formula and no forward-mode one."""
+
+    @staticmethod
+    def forward(ctx, values):
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient
+
+
+class OpaqueModel(LinearModel):
+    """:py:class:`LinearModel` whose positions go through :py:class:`Opaque`."""
+
+    def forward(self, systems, outputs, selected_atoms=None):
+        opaque = [
+            System(
+                types=s.types,
+                positions=Opaque.apply(s.positions),
+                cell=s.cell,
+                pbc=s.pbc,
+            )
+            for s in systems
+        ]
+        return super().forward(opaque, outputs, selected_atoms)
+
+
+@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
+def test_generator_penalty_without_forward_mode(name):
+    # forward mode fails on the model: the Lie derivatives come by double
+    # backward, the same closed form, said once
+    model = OpaqueModel(ANISOTROPIC)
+    systems = make_systems()
+    context = PenaltyContext(seed=1)
+    loss = EquivarianceLoss(
+        name, None, 1.0, "mean", method="generators", context=context
+    )
+    context.step = TrainingStep(model, systems, {name: target_infos()[name]})
+    with pytest.warns(UserWarning, match="without a forward-mode derivative") as said:
+        penalty = loss.penalty()
+        context.step = TrainingStep(model, systems, {name: target_infos()[name]})
+        again = loss.penalty()
+    assert len(said) == 1
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([s.positions for s in systems])
+    expected = (
+        sum(
+            (x @ (matrix @ g - g @ matrix).T).square().sum(dim=1) for g in generators()
+        ).mean()
+        / 3
+    )
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(again, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+
+
 def energy_generator_penalty(systems, matrix):
     """The closed form of ``L_sigma`` of the energy ``x.Dx/2`` with ``method:
     generators``: ``L_k E = sum_i (G_k x_i) . D_sym x_i``, divided by the number of

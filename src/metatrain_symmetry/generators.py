@@ -27,6 +27,7 @@ __all__ = [
     "split_dual",
     "apply_generator",
     "inversion_sign",
+    "lacks_forward_mode",
     "so3_generators",
     "spherical_generators",
 ]
@@ -134,3 +135,15 @@ def split_dual(tensor: TensorMap) -> tuple[TensorMap, TensorMap]:
                 )
             )
     return TensorMap(tensor.keys, primals), TensorMap(tensor.keys, tangents)
+
+
+# how PyTorch words the errors of operations without a forward-mode formula
+_FORWARD_MODE_MESSAGES = ("forward ad", "forward-mode", "forward mode", "jvp")
+
+
+def lacks_forward_mode(error: Exception) -> bool:
+    """Whether ``error`` says that an operation has no forward-mode derivative
+    (a custom ``autograd.Function`` without ``jvp``, a kernel without a forward
+    formula)."""
+    message = str(error).lower()
+    return any(text in message for text in _FORWARD_MODE_MESSAGES)

@@ -12,25 +12,28 @@ targets' from forward mode on three copies.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch import TensorMap
 
+from .lie_energies import is_energy, lie_from_step_gradients, reverse_lie_derivatives
 from .rotated_predictions import (
     TrainingStep,
     copy_major_systems,
+    derivative,
+    differentiable_attention,
     predictions_in_loss_units,
-    raw_predictions,
     requested_targets,
-    to_loss_units,
+    rotated_by_angles,
 )
 
 
-__all__ = ["LieDerivatives", "evaluate_lie_derivatives", "lie_label"]
+__all__ = ["LieDerivatives", "evaluate_lie_derivatives"]
 
 
 @dataclass
@@ -43,12 +46,6 @@ class LieDerivatives:
     """for each loss label (``target``, or ``target::gradient`` for forces and
     stress), ``(3, n_values)``: the generator, then every value of the target's
     blocks (or gradient blocks), flattened"""
-
-
-def lie_label(target: str, gradient: Optional[str]) -> str:
-    """The label of a target's values (``gradient=None``) or of one of its
-    gradients, as in the training log."""
-    return target if gradient is None else f"{target}::{gradient}"
 
 
 def evaluate_lie_derivatives(
@@ -81,13 +78,13 @@ def evaluate_lie_derivatives(
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
         if gradients == {None} and predictions is not None and name in predictions:
-            lie = _lie_from_step_gradients(step, name, predictions[name])
+            lie = lie_from_step_gradients(step, name, predictions[name])
             if lie is not None:
                 values[name] = lie
     reverse = {
         name: set(gradients)
         for name, gradients in wanted.items()
-        if _is_energy(step.targets[name]) and name not in values
+        if is_energy(step.targets[name]) and name not in values
     }
     dual = sorted(set(wanted) - set(reverse) - set(values))
     if dual:
@@ -96,78 +93,110 @@ def evaluate_lie_derivatives(
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
     if dual:
-        with contextlib.nullcontext() if create_graph else torch.no_grad():
-            values.update(_forward_lie_derivatives(step, dual))
+        values.update(_lie_derivatives_of_values(step, dual, create_graph))
     if reverse:
-        values.update(_reverse_lie_derivatives(step, reverse, create_graph))
+        values.update(reverse_lie_derivatives(step, reverse, create_graph))
     return LieDerivatives(values)
 
 
-def _lie_from_step_gradients(
-    step: TrainingStep, name: str, energy: TensorMap
-) -> Optional[torch.Tensor]:
-    """``(3, n_values)`` Lie derivatives of an energy from the gradients the step
-    computed, in the units of the loss; ``None`` when it computed none that
-    suffice (a periodic structure needs the strain gradient: its energy also
-    depends on the orientation of the cell).
+# models found to have an operation without a forward-mode derivative
+_WITHOUT_FORWARD_MODE: weakref.WeakSet = weakref.WeakSet()
 
-    In metatrain's convention (positions ``r @ (1 + e)``), a rotation
-    ``1 + t G`` is the strain ``e = t G^T``: ``L_k E = sum_ab S_ab (G_k)_ba`` for
-    the strain gradient ``S``, and ``sum_i g_i . G_k r_i`` for the position
-    gradients ``g`` of a structure without cell.
-    """
+
+def _lie_derivatives_of_values(
+    step: TrainingStep, targets: list[str], create_graph: bool
+) -> dict[str, torch.Tensor]:
+    """Lie derivatives of the values of ``targets``: by forward mode, or by
+    double backward for a model with an operation that has no forward-mode
+    derivative (said once, then remembered for the model)."""
+    from .generators import lacks_forward_mode
+
+    model = step.model
+    if model not in _WITHOUT_FORWARD_MODE:
+        try:
+            with contextlib.nullcontext() if create_graph else torch.no_grad():
+                return _forward_lie_derivatives(step, targets)
+        except (RuntimeError, NotImplementedError) as error:
+            if not lacks_forward_mode(error):
+                raise
+            _WITHOUT_FORWARD_MODE.add(model)
+            first_line = str(error).strip().splitlines()[0]
+            warnings.warn(
+                f"the model has an operation without a forward-mode derivative "
+                f"({first_line}); method: generators takes the Lie derivatives of "
+                f"{', '.join(targets)} by double backward instead (the same "
+                "numbers, at a higher cost)",
+                stacklevel=2,
+            )
+    return _double_backward_lie_derivatives(step, targets, create_graph)
+
+
+def _double_backward_lie_derivatives(
+    step: TrainingStep, targets: list[str], create_graph: bool
+) -> dict[str, torch.Tensor]:
+    """``L_k z = D_k z - d rho(G_k) z`` with the tangent ``D_k z`` of one copy of
+    the batch rotated by ``I + sum_k a_k G_k`` as the derivative, with respect
+    to a probe ``u``, of the vector-Jacobian product ``u . dz/da``."""
     from .generators import so3_generators
 
-    if not _is_energy(step.targets[name]):
-        return None
-    block = energy.block()
-    gradients = block.gradients_list()
-    generators = so3_generators(block.values.dtype, block.values.device)
-    if "strain" in gradients:
-        strain = block.gradient("strain").values  # (n_systems, 3, 3, n_properties)
-        lie = torch.einsum("sabp,kba->ksp", strain, generators)
-        return lie.reshape(3, -1)
-    periodic = any(bool(system.pbc.any()) for system in step.systems)
-    if "positions" not in gradients or periodic:
-        return None
-    return _lie_from_position_gradients(step, name, block)
+    systems = step.systems
+    dtype, device = systems[0].positions.dtype, systems[0].positions.device
+    generators = so3_generators(dtype, device)
+    with torch.enable_grad(), differentiable_attention():
+        angles, copies, _, _ = rotated_by_angles(step, set())
+        infos = requested_targets(step.targets, {name: set() for name in targets})
+        predictions = predictions_in_loss_units(step, copies, infos)
+        lie = {}
+        for name in targets:
+            tangents = []
+            for block in predictions[name].blocks():
+                values = block.values
+                probe = torch.zeros_like(values, requires_grad=True)
+                (product,) = _derivative_along(values, angles, probe)
+                tangents.append(
+                    [
+                        derivative(product[:, k].sum(), [probe], create_graph)[0]
+                        for k in range(3)
+                    ]
+                )
+            lie[name] = _lie_of_blocks(name, predictions[name], tangents, generators)
+    return lie
 
 
-def _lie_from_position_gradients(
-    step: TrainingStep, name: str, block: TensorBlock
+def _derivative_along(
+    values: torch.Tensor, angles: torch.Tensor, probe: torch.Tensor
+) -> tuple[torch.Tensor]:
+    """``probe . d values / d angles`` (``(n_systems, 3)``), differentiable with
+    respect to ``probe``; zero where ``values`` do not depend on the angles."""
+    if not values.requires_grad:
+        return (torch.zeros_like(angles) + 0.0 * probe.sum(),)
+    return torch.autograd.grad(
+        values, angles, probe, create_graph=True, materialize_grads=True
+    )
+
+
+def _lie_of_blocks(
+    name: str,
+    tensor: TensorMap,
+    tangents: list[list[torch.Tensor]],
+    generators: torch.Tensor,
 ) -> torch.Tensor:
-    """``sum_i g_i . G_k r_i`` per structure and property, divided by the number
-    of atoms as metatrain divides the energy (not its position gradients)."""
-    from .generators import so3_generators
+    """``(3, n_values)`` Lie derivatives of the blocks of ``tensor`` (one copy
+    of the batch) from their tangents along each generator."""
+    from .generators import apply_generator
+    from .irreps import block_layout
 
-    gradient = block.gradient("positions")
-    values = gradient.values  # (n_atoms, 3, n_properties)
-    positions = torch.cat([system.positions for system in step.systems])
-    sizes = torch.tensor([len(system) for system in step.systems])
-    offsets = torch.cumsum(sizes, dim=0) - sizes
-    sample = gradient.samples.column("sample").to(torch.long).cpu()
-    atom = offsets[sample] + gradient.samples.column("atom").to(torch.long).cpu()
-    generators = so3_generators(values.dtype, values.device)
-    # (G_k r_i)_a for every atom i
-    moved = torch.einsum("kab,ib->kia", generators, positions[atom.to(values.device)])
-    per_atom = torch.einsum("kia,iap->kip", moved, values)
-    n_systems = len(block.values)
-    lie = torch.zeros(3, n_systems, values.shape[-1], dtype=values.dtype)
-    lie = lie.to(values.device).index_add_(1, sample.to(values.device), per_atom)
-    if name not in step.per_structure_targets:
-        lie = lie / sizes.to(lie).reshape(1, -1, 1)
-    return lie.reshape(3, -1)
-
-
-def _is_energy(info) -> bool:
-    """Whether a target is an energy with one invariant value per structure, the
-    case differentiated in reverse mode."""
-    from metatrain.utils.data import TargetInfo
-
-    if not isinstance(info, TargetInfo) or info.quantity != "energy":
-        return False
-    blocks = info.layout.blocks()
-    return len(blocks) == 1 and list(blocks[0].samples.names) == ["system"]
+    per_generator: list[list[torch.Tensor]] = [[], [], []]
+    for (key, block), block_tangents in zip(tensor.items(), tangents, strict=True):
+        layout = block_layout(
+            name, list(tensor.keys.names), key.values, block.components
+        )
+        for k in range(3):
+            lie = block_tangents[k] - apply_generator(
+                block.values, layout, generators[k]
+            )
+            per_generator[k].append(lie.reshape(-1))
+    return torch.stack([torch.cat(parts) for parts in per_generator])
 
 
 def _forward_lie_derivatives(
@@ -185,7 +214,7 @@ def _forward_lie_derivatives(
     eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
     generators = so3_generators(positions.dtype, positions.device)
     infos = requested_targets(step.targets, {name: set() for name in targets})
-    with _differentiable_attention(), forward_ad.dual_level():
+    with differentiable_attention(), forward_ad.dual_level():
         rotations = forward_ad.make_dual(
             eye.expand(3 * n_systems, 3, 3).clone(),
             generators.repeat_interleave(n_systems, dim=0),
@@ -228,239 +257,3 @@ def _lie_from_tangents(
             )
             per_generator[k].append(lie.reshape(-1))
     return torch.stack([torch.cat(parts) for parts in per_generator])
-
-
-def _reverse_lie_derivatives(
-    step: TrainingStep, energies: dict[str, set[Optional[str]]], create_graph: bool
-) -> dict[str, torch.Tensor]:
-    """Lie derivatives of energies and their gradients, from derivatives with
-    respect to the angles ``a`` of a rotation ``R = I + sum_k a_k G_k`` of one
-    copy of the batch, at ``a = 0``.
-
-    The copy's positions are ``R (1 + e)^T r`` for leaf positions ``r`` and a
-    zero strain ``e`` (metatrain's convention, ``r @ (1 + e)``), so that the
-    derivatives with respect to ``r`` and ``e`` are the back-rotated forces and
-    stress of the rotated copy; their derivatives with respect to ``a_k`` are
-    those of ``L_k E = dE/da_k`` with respect to ``r`` and ``e``.
-    """
-    from .copies import prepare_rotations, transformed_copies
-    from .generators import so3_generators
-
-    systems = step.systems
-    dtype, device = systems[0].positions.dtype, systems[0].positions.device
-    gradients = set().union(*energies.values()) - {None}
-    with torch.enable_grad(), _differentiable_attention():
-        angles = torch.zeros(len(systems), 3, dtype=dtype, device=device)
-        angles.requires_grad_(True)
-        strains = torch.zeros(len(systems), 3, 3, dtype=dtype, device=device)
-        strains.requires_grad_("strain" in gradients)
-        eye = torch.eye(3, dtype=dtype, device=device)
-        generators = so3_generators(dtype, device)
-        rotations = eye + torch.einsum("sk,kij->sij", angles, generators)
-        matrices = rotations @ (eye + strains).transpose(1, 2)
-        prepared = [prepare_rotations(system) for system in systems]
-        leaves = [
-            system.positions.requires_grad_("positions" in gradients)
-            for system in prepared
-        ]
-        copies = [
-            transformed_copies(system, matrices[index : index + 1])[0]
-            for index, system in enumerate(prepared)
-        ]
-        infos = requested_targets(step.targets, {name: set() for name in energies})
-        raw = raw_predictions(step, copies, infos)
-        inputs = {"positions": leaves, "strain": [strains]}
-        lie = {}
-        for name, wanted in energies.items():
-            maps = _energy_lie_maps(
-                raw[name], angles, inputs, wanted - {None}, create_graph
-            )
-            in_loss_units = [
-                to_loss_units(step, copies, {name: tensor})[name] for tensor in maps
-            ]
-            lie.update(_flattened_by_label(name, wanted, in_loss_units))
-    return lie
-
-
-def _energy_lie_maps(
-    energy: TensorMap,
-    angles: torch.Tensor,
-    inputs: dict[str, list[torch.Tensor]],
-    gradients: set[str],
-    create_graph: bool,
-) -> list[TensorMap]:
-    """For each generator ``k``, a map with the metadata of ``energy`` (one
-    block, one row per system, in order) whose values are ``L_k E`` and whose
-    ``gradients`` are the derivatives of ``L_k E`` with respect to ``inputs``."""
-    block = energy.block()
-    values = block.values
-    order = torch.arange(len(values), device=values.device)
-    if not bool(torch.equal(block.samples.column("system").to(order), order)):
-        raise ValueError("an energy must have one row per system, in order")
-    per_property = []
-    for index in range(values.shape[-1]):
-        # L_k E is differentiated again for the gradients: keep its graph then
-        lie = _derivative(
-            values[:, index].sum(), [angles], create_graph or bool(gradients)
-        )[0]
-        derivatives = [
-            _lie_gradients(lie[:, k], inputs, gradients, create_graph) for k in range(3)
-        ]
-        per_property.append((lie, derivatives))
-    n_atoms = [len(leaf) for leaf in inputs["positions"]]
-    return [
-        _energy_map(
-            block,
-            torch.stack([lie[:, k] for lie, _ in per_property], dim=-1),
-            {
-                name: torch.stack([d[k][name] for _, d in per_property], dim=-1)
-                for name in gradients
-            },
-            n_atoms,
-        )
-        for k in range(3)
-    ]
-
-
-def _derivative(
-    output: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool
-) -> list[torch.Tensor]:
-    """``d output / d inputs``, zero where ``output`` does not depend on an input
-    (an energy made of composition terms only)."""
-    if not output.requires_grad or not inputs:
-        return [torch.zeros_like(tensor) for tensor in inputs]
-    return list(
-        torch.autograd.grad(
-            output,
-            inputs,
-            retain_graph=True,
-            create_graph=create_graph,
-            materialize_grads=True,
-        )
-    )
-
-
-def _lie_gradients(
-    lie: torch.Tensor,
-    inputs: dict[str, list[torch.Tensor]],
-    gradients: set[str],
-    create_graph: bool,
-) -> dict[str, torch.Tensor]:
-    """The derivatives of ``L_k E`` (``(n_systems,)``) with respect to the
-    positions (``(n_atoms, 3)``, all systems) and strains (``(n_systems, 3,
-    3)``) that ``gradients`` names."""
-    names = sorted(gradients)
-    tensors = [tensor for name in names for tensor in inputs[name]]
-    derivatives = iter(_derivative(lie.sum(), tensors, create_graph))
-    result = {}
-    for name in names:
-        parts = [next(derivatives) for _ in inputs[name]]
-        result[name] = torch.cat(parts) if name == "positions" else parts[0]
-    return result
-
-
-def _energy_map(
-    block: TensorBlock,
-    values: torch.Tensor,
-    gradients: dict[str, torch.Tensor],
-    n_atoms: list[int],
-) -> TensorMap:
-    """A one-block map with the metadata of an energy ``block`` and ``values``
-    (``(n_systems, n_properties)``), with ``positions`` (``(n_atoms, 3,
-    n_properties)``) and ``strain`` (``(n_systems, 3, 3, n_properties)``) gradient
-    blocks laid out as metatrain lays out forces and stress."""
-    device = values.device
-    result = TensorBlock(values, block.samples, block.components, block.properties)
-
-    def xyz(name: str) -> Labels:
-        return Labels([name], torch.arange(3, device=device).reshape(-1, 1))
-
-    if "positions" in gradients:
-        counts = torch.tensor(n_atoms, device=device)
-        samples = torch.stack(
-            [
-                torch.repeat_interleave(
-                    torch.arange(len(n_atoms), device=device), counts
-                ),
-                torch.cat([torch.arange(n, device=device) for n in n_atoms]),
-            ],
-            dim=1,
-        )
-        result.add_gradient(
-            "positions",
-            TensorBlock(
-                gradients["positions"],
-                Labels(["sample", "atom"], samples),
-                [xyz("xyz")],
-                block.properties,
-            ),
-        )
-    if "strain" in gradients:
-        result.add_gradient(
-            "strain",
-            TensorBlock(
-                gradients["strain"],
-                Labels(
-                    ["sample"], torch.arange(len(values), device=device).reshape(-1, 1)
-                ),
-                [xyz("xyz_1"), xyz("xyz_2")],
-                block.properties,
-            ),
-        )
-    return TensorMap(Labels.single().to(device), [result])
-
-
-def _flattened_by_label(
-    name: str, wanted: set[Optional[str]], maps: list[TensorMap]
-) -> dict[str, torch.Tensor]:
-    """``(3, n_values)`` per label of ``wanted``, from the three maps of
-    :py:func:`_energy_lie_maps` in the units of the loss."""
-    flattened = {}
-    for gradient in wanted:
-        parts = [
-            (m.block() if gradient is None else m.block().gradient(gradient)).values
-            for m in maps
-        ]
-        flattened[lie_label(name, gradient)] = torch.stack(
-            [part.reshape(-1) for part in parts]
-        )
-    return flattened
-
-
-def _reference_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
-):
-    """``scaled_dot_product_attention`` written out, with a softmax free of
-    in-place operations."""
-    if dropout_p != 0.0 or is_causal:
-        raise ValueError(
-            "method: generators supports attention without dropout or causal masks"
-        )
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    weights = (query @ key.transpose(-2, -1)) * scale
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            weights = weights.masked_fill(~attn_mask, float("-inf"))
-        else:
-            weights = weights + attn_mask
-    weights = torch.exp(weights - weights.amax(dim=-1, keepdim=True).detach())
-    return (weights / weights.sum(dim=-1, keepdim=True)) @ value
-
-
-@contextlib.contextmanager
-def _differentiable_attention() -> Iterator[None]:
-    """Replace ``torch.nn.functional.scaled_dot_product_attention`` by the same
-    function written out, for the duration.
-
-    Back-propagating through forward-mode tangents fails in every kernel of
-    PyTorch's own (the fused ones have no forward-mode formula, the math one
-    modifies its softmax in place); the written-out attention computes the same
-    function with operations that support both.
-    """
-    functional = torch.nn.functional
-    original = functional.scaled_dot_product_attention
-    functional.scaled_dot_product_attention = _reference_attention
-    try:
-        yield
-    finally:
-        functional.scaled_dot_product_attention = original

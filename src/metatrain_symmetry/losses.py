@@ -44,13 +44,14 @@ from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
-from .lie_predictions import LieDerivatives, evaluate_lie_derivatives, lie_label
+from .lie_predictions import LieDerivatives, evaluate_lie_derivatives
 from .monitor import ValidationMonitor
 from .penalties import equivariance_penalty, generator_penalty
 from .rotated_predictions import (
     RotatedPredictions,
     TrainingStep,
     evaluate_rotated_copies,
+    loss_label,
 )
 
 
@@ -407,7 +408,7 @@ class EquivarianceLoss(LossInterface):
     @property
     def label(self) -> str:
         """Name of this loss in the training log."""
-        return lie_label(self.target, self.gradient)
+        return loss_label(self.target, self.gradient)
 
     def compute(
         self,

@@ -9,7 +9,10 @@ per-property scales).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from metatensor.torch import TensorMap
@@ -20,6 +23,10 @@ __all__ = [
     "RotatedPredictions",
     "TrainingStep",
     "copy_major_systems",
+    "derivative",
+    "differentiable_attention",
+    "loss_label",
+    "rotated_by_angles",
     "evaluate_rotated_copies",
     "predictions_in_loss_units",
     "raw_predictions",
@@ -225,3 +232,99 @@ def _without_gradients(layout: TensorMap) -> TensorMap:
         for block in layout.blocks()
     ]
     return TensorMap(layout.keys, blocks)
+
+
+def loss_label(target: str, gradient: Optional[str]) -> str:
+    """The label of a target's values (``gradient=None``) or of one of its
+    gradients, as in the training log."""
+    return target if gradient is None else f"{target}::{gradient}"
+
+
+def _reference_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
+):
+    """``scaled_dot_product_attention`` written out, with a softmax free of
+    in-place operations."""
+    if dropout_p != 0.0 or is_causal:
+        raise ValueError(
+            "method: generators supports attention without dropout or causal masks"
+        )
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    weights = (query @ key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attn_mask, float("-inf"))
+        else:
+            weights = weights + attn_mask
+    weights = torch.exp(weights - weights.amax(dim=-1, keepdim=True).detach())
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ value
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Replace ``torch.nn.functional.scaled_dot_product_attention`` by the same
+    function written out, for the duration.
+
+    Back-propagating through forward-mode tangents fails in every kernel of
+    PyTorch's own (the fused ones have no forward-mode formula, the math one
+    modifies its softmax in place); the written-out attention computes the same
+    function with operations that support both.
+    """
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _reference_attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def rotated_by_angles(step: TrainingStep, gradients: set[str]) -> tuple:
+    """One copy of the step's systems, rotated by ``R = I + sum_k a_k G_k`` at
+    ``a = 0`` after a zero strain ``e`` (metatrain's ``r @ (1 + e)``).
+
+    :param gradients: ``"positions"`` and ``"strain"``: which of the leaf
+        positions and strains require gradients
+    :return: the angles (``(n_systems, 3)``, requiring gradients), the copies,
+        the strains (``(n_systems, 3, 3)``) and the leaf positions of each system
+    """
+    from .copies import prepare_rotations, transformed_copies
+    from .generators import so3_generators
+
+    systems = step.systems
+    dtype, device = systems[0].positions.dtype, systems[0].positions.device
+    angles = torch.zeros(len(systems), 3, dtype=dtype, device=device)
+    angles.requires_grad_(True)
+    strains = torch.zeros(len(systems), 3, 3, dtype=dtype, device=device)
+    strains.requires_grad_("strain" in gradients)
+    eye = torch.eye(3, dtype=dtype, device=device)
+    generators = so3_generators(dtype, device)
+    rotations = eye + torch.einsum("sk,kij->sij", angles, generators)
+    matrices = rotations @ (eye + strains).transpose(1, 2)
+    prepared = [prepare_rotations(system) for system in systems]
+    leaves = [
+        system.positions.requires_grad_("positions" in gradients) for system in prepared
+    ]
+    copies = [
+        transformed_copies(system, matrices[index : index + 1])[0]
+        for index, system in enumerate(prepared)
+    ]
+    return angles, copies, strains, leaves
+
+
+def derivative(
+    output: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool
+) -> list[torch.Tensor]:
+    """``d output / d inputs``, zero where ``output`` does not depend on an input
+    (an energy made of composition terms only)."""
+    if not output.requires_grad or not inputs:
+        return [torch.zeros_like(tensor) for tensor in inputs]
+    return list(
+        torch.autograd.grad(
+            output,
+            inputs,
+            retain_graph=True,
+            create_graph=create_graph,
+            materialize_grads=True,
+        )
+    )

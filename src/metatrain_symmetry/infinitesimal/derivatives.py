@@ -35,7 +35,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..copies import PreparedSystem, rotated_copies
 from ..engine import BlockChunk, split_by_copy
-from ..generators import apply_generator, so3_generators, split_dual
+from ..generators import (
+    apply_generator,
+    lacks_forward_mode,
+    so3_generators,
+    split_dual,
+)
 from ..irreps import block_layout
 from ..models import LoadedModel
 
@@ -72,15 +77,6 @@ class ForwardModeUnsupported(RuntimeError):
     """The model has an operation without a forward-mode derivative."""
 
 
-# how PyTorch words the errors of operations without a forward-mode formula
-_FORWARD_MODE_MESSAGES = ("forward ad", "forward-mode", "forward mode", "jvp")
-
-
-def _lacks_forward_mode(error: Exception) -> bool:
-    message = str(error).lower()
-    return any(text in message for text in _FORWARD_MODE_MESSAGES)
-
-
 def forward_derivatives(
     model: LoadedModel, prepared: Sequence[PreparedSystem], requests: dict
 ) -> Derivatives:
@@ -102,7 +98,7 @@ def forward_derivatives(
             results = model(systems, requests, None)
             maps = {name: split_dual(results[name]) for name in requests}
     except (RuntimeError, NotImplementedError) as error:
-        if _lacks_forward_mode(error):
+        if lacks_forward_mode(error):
             raise ForwardModeUnsupported(str(error)) from error
         raise
     with torch.no_grad():
