@@ -21,6 +21,7 @@ from metatrain_symmetry.losses import (
     check_loss_options,
     check_options,
 )
+from tests.helpers import NoForwardMode
 
 
 class LinearModel(torch.nn.Module):
@@ -253,13 +254,7 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     # block holds the same vector with its components permuted
     penalty, model, systems = penalty_for(name, ANISOTROPIC, method="generators")
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
-    x = torch.cat([s.positions for s in systems])
-    expected = (
-        sum(
-            (x @ (matrix @ g - g @ matrix).T).square().sum(dim=1) for g in generators()
-        ).mean()
-        / 3
-    )
+    expected = vector_generator_penalty(systems, matrix)
     assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
     # and so is its gradient with respect to the parameters
     penalty.backward()
@@ -267,26 +262,14 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
-class Opaque(torch.autograd.Function):
-    """The identity, with a backward formula and no forward-mode one."""
-
-    @staticmethod
-    def forward(ctx, values):
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, gradient):
-        return gradient
-
-
 class OpaqueModel(LinearModel):
-    """:py:class:`LinearModel` whose positions go through :py:class:`Opaque`."""
+    """:py:class:`LinearModel` whose positions go through ``NoForwardMode``."""
 
     def forward(self, systems, outputs, selected_atoms=None):
         opaque = [
             System(
                 types=s.types,
-                positions=Opaque.apply(s.positions),
+                positions=NoForwardMode.apply(s.positions),
                 cell=s.cell,
                 pbc=s.pbc,
             )
@@ -312,18 +295,21 @@ def test_generator_penalty_without_forward_mode(name):
         again = loss.penalty()
     assert len(said) == 1
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
-    x = torch.cat([s.positions for s in systems])
-    expected = (
-        sum(
-            (x @ (matrix @ g - g @ matrix).T).square().sum(dim=1) for g in generators()
-        ).mean()
-        / 3
-    )
+    expected = vector_generator_penalty(systems, matrix)
     assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
     assert torch.allclose(again, expected, rtol=1e-12, atol=0)
     penalty.backward()
     expected.backward()
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+
+
+def vector_generator_penalty(systems, matrix):
+    """The closed form of ``L_sigma`` of the per-atom vectors ``D x_i`` with
+    ``method: generators``: ``L_k (D x) = [D, G_k] x``, squared and summed over
+    ``k``, averaged over atoms and components."""
+    x = torch.cat([s.positions for s in systems])
+    squares = [(x @ (matrix @ g - g @ matrix).T).square() for g in generators()]
+    return sum(square.sum(dim=1) for square in squares).mean() / 3
 
 
 def energy_generator_penalty(systems, matrix):
@@ -561,14 +547,7 @@ def test_generator_penalty_of_conservative_forces():
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
     # the energy, hence its gradient, sees the symmetric part of D only
     symmetric = (matrix + matrix.T) / 2
-    x = torch.cat([s.positions for s in systems])
-    expected = (
-        sum(
-            (x @ (symmetric @ g - g @ symmetric).T).square().sum(dim=1)
-            for g in generators()
-        ).mean()
-        / 3
-    )
+    expected = vector_generator_penalty(systems, symmetric)
     assert float(expected.detach()) > 1e-3
     assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
     penalty.backward()

@@ -13,6 +13,7 @@ import metatrain_symmetry as msym
 from metatrain_symmetry.generators import so3_generators
 from tests.helpers import (
     AnalyticModel,
+    NoForwardMode,
     PairPotential,
     capabilities,
     finite_lie_derivative,
@@ -293,23 +294,11 @@ def test_zero_outputs_have_no_relative_values():
     assert float(result.relative_lie_derivative["forces"][1]) > 1e-3
 
 
-class _NoForwardMode(torch.autograd.Function):
-    """The identity, with a backward formula and no forward-mode one."""
-
-    @staticmethod
-    def forward(ctx, values):
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, gradient):
-        return gradient
-
-
 class NoForwardModeModel(AnalyticModel):
     def forward(self, systems, outputs, selected_atoms=None):
         results = super().forward(systems, outputs, selected_atoms)
         block = results["mtt::x_z"].block()
-        values = _NoForwardMode.apply(block.values)
+        values = NoForwardMode.apply(block.values)
         block = TensorBlock(values, block.samples, block.components, block.properties)
         results["mtt::x_z"] = TensorMap(results["mtt::x_z"].keys, [block])
         return results
