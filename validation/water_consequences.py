@@ -11,6 +11,11 @@ average and a random frame at every call (``random_rotation``):
   squared displacement and OH-bond orientational correlations;
 - proton-disordered ice Ih cells made by GenIce2, one seed each: relaxed
   energies, their ranking and the relaxed structures' differences.
+
+``water_study.py`` runs it as its last stage. On its own, it runs the stage on
+the trained model and the data of a study (finished or still running)::
+
+    python validation/water_consequences.py STUDY -o OUTPUT [--quick]
 """
 
 from __future__ import annotations
@@ -253,3 +258,31 @@ def report_lines(report: dict) -> list[str]:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3g}"
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    import ase.io
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="directory of a water study")
+    parser.add_argument("-o", "--output", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="the short settings")
+    args = parser.parse_args(argv)
+    sets = {
+        name: ase.io.read(args.study / "data" / f"{name}.xyz", ":")
+        for name in ("molecules", "test")
+    }
+    (args.output / "data").mkdir(parents=True, exist_ok=False)
+    model = args.study / "models" / "conservative" / "model.pt"
+    report = stage_consequences(
+        args.output, "quick" if args.quick else "full", model, sets
+    )
+    (args.output / "consequences.json").write_text(json.dumps(report, indent=2))
+    (args.output / "consequences.md").write_text("\n".join(report_lines(report)))
+    print("\n".join(report_lines(report)))
+
+
+if __name__ == "__main__":
+    main()
