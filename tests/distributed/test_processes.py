@@ -27,7 +27,7 @@ from tests.helpers import assert_same_numbers
 
 
 # every process of these tests waits at most this long for its peers
-_TIMEOUT = 120
+_TIMEOUT = 600
 _SETTINGS = ["--max-lambda", "2"]
 # the audits screen too: the infinitesimal metrics spread and resume with them
 _AUDIT_SETTINGS = [*_SETTINGS, "--infinitesimal"]
@@ -39,7 +39,9 @@ def _environment(**variables) -> dict:
         for name, value in os.environ.items()
         if not name.startswith(("SLURM_", "MASTER_")) and name != "WORLD_SIZE"
     }
-    environment.update(OMP_NUM_THREADS="1", MTT_SYMMETRY_DISTRIBUTED_TIMEOUT="60")
+    # a rank that finishes first waits for the others at the last collective:
+    # long enough for a loaded machine, short enough to fail a hung test
+    environment.update(OMP_NUM_THREADS="1", MTT_SYMMETRY_DISTRIBUTED_TIMEOUT="300")
     environment.update({name: str(value) for name, value in variables.items()})
     return environment
 
