@@ -154,11 +154,7 @@ def main() -> None:
 
     from metatrain_symmetry import hooks
     from metatrain_symmetry.demo import make_dataset
-    from metatrain_symmetry.testing import (
-        CONSERVATIVE_TARGETS,
-        PET_TARGETS,
-        pet_options,
-    )
+    from metatrain_symmetry.testing import pet_options
 
     torch.set_num_threads(args.threads)
     hooks.register()
@@ -168,28 +164,7 @@ def main() -> None:
         atoms.calc = EMT()
         atoms.info["stress"] = atoms.get_stress(voigt=False)
         atoms.calc = None
-    variants = {"plain": (PLAIN, PET_TARGETS)}
-    for n_rotations in args.rotations:
-        variants[f"R={n_rotations}"] = (PENALISED.format(R=n_rotations), PET_TARGETS)
-    variants["generators"] = (GENERATORS, PET_TARGETS)
-    variants["monitor"] = (MONITORED, PET_TARGETS)
-    variants["conservative"] = (CONSERVATIVE_PLAIN, CONSERVATIVE_TARGETS)
-    variants["conservative energy generators"] = (
-        CONSERVATIVE_ENERGY_GENERATORS,
-        CONSERVATIVE_TARGETS,
-    )
-    variants["conservative generators"] = (
-        CONSERVATIVE_GENERATORS,
-        CONSERVATIVE_TARGETS,
-    )
-    variants["stress"] = (CONSERVATIVE_PLAIN, STRESS_TARGETS)
-    variants["stress energy generators"] = (
-        CONSERVATIVE_ENERGY_GENERATORS,
-        STRESS_TARGETS,
-    )
-    if args.variants:
-        wanted = set(args.variants) | {_baseline(name) for name in args.variants}
-        variants = {k: v for k, v in variants.items() if k in wanted}
+    variants = _variants(args.rotations, args.variants)
 
     best: dict[str, dict[str, float]] = {"cpu": {}, "wall": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -225,6 +200,36 @@ def main() -> None:
     for clock in ("cpu", "wall"):
         times = best[clock]
         _print_ratios(clock, times, args.rotations)
+
+
+def _variants(rotations: list[int], only: list[str] | None) -> dict:
+    """The ``(loss, dataset targets)`` of every variant, or of ``only`` and their
+    baselines."""
+    from metatrain_symmetry.testing import CONSERVATIVE_TARGETS, PET_TARGETS
+
+    variants = {"plain": (PLAIN, PET_TARGETS)}
+    for n_rotations in rotations:
+        variants[f"R={n_rotations}"] = (PENALISED.format(R=n_rotations), PET_TARGETS)
+    variants["generators"] = (GENERATORS, PET_TARGETS)
+    variants["monitor"] = (MONITORED, PET_TARGETS)
+    variants["conservative"] = (CONSERVATIVE_PLAIN, CONSERVATIVE_TARGETS)
+    variants["conservative energy generators"] = (
+        CONSERVATIVE_ENERGY_GENERATORS,
+        CONSERVATIVE_TARGETS,
+    )
+    variants["conservative generators"] = (
+        CONSERVATIVE_GENERATORS,
+        CONSERVATIVE_TARGETS,
+    )
+    variants["stress"] = (CONSERVATIVE_PLAIN, STRESS_TARGETS)
+    variants["stress energy generators"] = (
+        CONSERVATIVE_ENERGY_GENERATORS,
+        STRESS_TARGETS,
+    )
+    if only:
+        wanted = set(only) | {_baseline(name) for name in only}
+        variants = {k: v for k, v in variants.items() if k in wanted}
+    return variants
 
 
 def _baseline(name: str) -> str:

@@ -76,11 +76,9 @@ def audit(
         remove it once the result is saved
     :param allow_close_atoms: warn, instead of raising, on structures with atoms
         closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
-    :param infinitesimal: also screen every structure with the infinitesimal
-        metrics of the audited outputs (see
-        :py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`; about four
-        model calls per structure), and report how well they rank the
-        structures as the grid does
+    :param infinitesimal: also screen the structures with the infinitesimal
+        metrics of :py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`,
+        ranked against the grid's errors
     :return: the audit, with its JSON-ready ``summary``; ``None`` on ranks other
         than 0 when ``distributed``
     """
@@ -90,14 +88,9 @@ def audit(
     outputs, targets = resolve_targets(loaded, frames, outputs, targets)
     features = _ordered_features(loaded, features)
     _check_outputs(loaded, outputs, max_lambda)
+    plan = AnalysisPlan(loaded, outputs + features, max_lambda, grid, batch_size)
     request = _AuditRequest(
-        AnalysisPlan(loaded, outputs + features, max_lambda, grid, batch_size),
-        outputs,
-        features,
-        targets,
-        frames,
-        data_path,
-        infinitesimal,
+        plan, outputs, features, targets, frames, data_path, infinitesimal
     )
     manifest = None
     if work_dir is not None:
