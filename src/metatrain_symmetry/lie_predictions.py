@@ -148,53 +148,43 @@ def _double_backward_lie_derivatives(
         predictions = predictions_in_loss_units(step, copies, infos)
         lie = {}
         for name in targets:
-            tangents = []
+            pairs = []
             for block in predictions[name].blocks():
                 values = block.values
                 probe = torch.zeros_like(values, requires_grad=True)
-                (product,) = _derivative_along(values, angles, probe)
-                tangents.append(
+                # probe . d values / d angles, linear in the probe
+                (product,) = derivative(values, [angles], True, along=probe)
+                pairs.append(
                     [
-                        derivative(product[:, k].sum(), [probe], create_graph)[0]
+                        (
+                            values,
+                            derivative(product[:, k].sum(), [probe], create_graph)[0],
+                        )
                         for k in range(3)
                     ]
                 )
-            lie[name] = _lie_of_blocks(name, predictions[name], tangents, generators)
+            lie[name] = _stacked_lie(name, predictions[name], pairs, generators)
     return lie
 
 
-def _derivative_along(
-    values: torch.Tensor, angles: torch.Tensor, probe: torch.Tensor
-) -> tuple[torch.Tensor]:
-    """``probe . d values / d angles`` (``(n_systems, 3)``), differentiable with
-    respect to ``probe``; zero where ``values`` do not depend on the angles."""
-    if not values.requires_grad:
-        return (torch.zeros_like(angles) + 0.0 * probe.sum(),)
-    return torch.autograd.grad(
-        values, angles, probe, create_graph=True, materialize_grads=True
-    )
-
-
-def _lie_of_blocks(
+def _stacked_lie(
     name: str,
     tensor: TensorMap,
-    tangents: list[list[torch.Tensor]],
+    pairs: list[list[tuple[torch.Tensor, torch.Tensor]]],
     generators: torch.Tensor,
 ) -> torch.Tensor:
-    """``(3, n_values)`` Lie derivatives of the blocks of ``tensor`` (one copy
-    of the batch) from their tangents along each generator."""
+    """``(3, n_values)`` Lie derivatives ``L_k z = D_k z - d rho(G_k) z`` of the
+    blocks of ``tensor``, from each block's ``(z, D_k z)`` for ``k = 0, 1, 2``."""
     from .generators import apply_generator
     from .irreps import block_layout
 
     per_generator: list[list[torch.Tensor]] = [[], [], []]
-    for (key, block), block_tangents in zip(tensor.items(), tangents, strict=True):
+    for (key, block), block_pairs in zip(tensor.items(), pairs, strict=True):
         layout = block_layout(
             name, list(tensor.keys.names), key.values, block.components
         )
-        for k in range(3):
-            lie = block_tangents[k] - apply_generator(
-                block.values, layout, generators[k]
-            )
+        for k, (values, tangent) in enumerate(block_pairs):
+            lie = tangent - apply_generator(values, layout, generators[k])
             per_generator[k].append(lie.reshape(-1))
     return torch.stack([torch.cat(parts) for parts in per_generator])
 
@@ -223,37 +213,23 @@ def _forward_lie_derivatives(
         predictions = predictions_in_loss_units(step, rotated, infos)
         split = {name: split_dual(tensor) for name, tensor in predictions.items()}
     return {
-        name: _lie_from_tangents(name, values, tangents, n_systems, generators)
+        name: _stacked_lie(
+            name, values, _copy_pairs(values, tangents, n_systems), generators
+        )
         for name, (values, tangents) in split.items()
     }
 
 
-def _lie_from_tangents(
-    name: str,
-    values: TensorMap,
-    tangents: TensorMap,
-    n_systems: int,
-    generators: torch.Tensor,
-) -> torch.Tensor:
-    """``(3, n_values)`` Lie derivatives from the predictions on the three
-    copies (copy ``k`` of system ``i`` at ``k * n_systems + i``) and their
-    tangents along ``G_k``."""
-    from .generators import apply_generator
-    from .irreps import block_layout
-
-    per_generator: list[list[torch.Tensor]] = [[], [], []]
-    for (key, block), tangent in zip(values.items(), tangents.blocks(), strict=True):
-        layout = block_layout(
-            name, list(values.keys.names), key.values, block.components
+def _copy_pairs(
+    values: TensorMap, tangents: TensorMap, n_systems: int
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per block, the values and tangents of copy ``k`` (systems ``k *
+    n_systems`` to ``(k + 1) * n_systems``) for ``k = 0, 1, 2``."""
+    pairs = []
+    for block, tangent in zip(values.blocks(), tangents.blocks(), strict=True):
+        system = block.samples.column("system").to(torch.long)
+        copy = torch.div(system, n_systems, rounding_mode="floor")
+        pairs.append(
+            [(block.values[copy == k], tangent.values[copy == k]) for k in range(3)]
         )
-        copy = torch.div(
-            block.samples.column("system").to(torch.long),
-            n_systems,
-            rounding_mode="floor",
-        )
-        for k in range(3):
-            lie = tangent.values[copy == k] - apply_generator(
-                block.values[copy == k], layout, generators[k]
-            )
-            per_generator[k].append(lie.reshape(-1))
-    return torch.stack([torch.cat(parts) for parts in per_generator])
+    return pairs

@@ -313,9 +313,13 @@ def rotated_by_angles(step: TrainingStep, gradients: set[str]) -> tuple:
 
 
 def derivative(
-    output: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool
+    output: torch.Tensor,
+    inputs: list[torch.Tensor],
+    create_graph: bool,
+    along: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
-    """``d output / d inputs``, zero where ``output`` does not depend on an input
+    """``d output / d inputs`` (contracted with ``along``, shaped as ``output``,
+    for a non-scalar output), zero where ``output`` does not depend on an input
     (an energy made of composition terms only)."""
     if not output.requires_grad or not inputs:
         return [torch.zeros_like(tensor) for tensor in inputs]
@@ -323,6 +327,7 @@ def derivative(
         torch.autograd.grad(
             output,
             inputs,
+            along,
             retain_graph=True,
             create_graph=create_graph,
             materialize_grads=True,

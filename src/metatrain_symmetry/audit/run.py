@@ -162,13 +162,13 @@ class _AuditRequest:
         (empty when not asked for)."""
         if not self.screen:
             return {}
+        # the prepared systems: their neighbour lists are already computed
         result = infinitesimal(
-            self.plan.model, [self.frames[index] for index in indices], self.outputs
+            self.plan.model, [self.systems[index] for index in indices], self.outputs
         )
         return {
             name: {
-                "relative_lie_derivative": result.relative_lie_derivative[name],
-                "inversion_error": result.inversion_error[name],
+                measure: getattr(result, measure)[name] for measure in SCREEN_MEASURES
             }
             for name in self.outputs
         }

@@ -126,10 +126,9 @@ def consequences(
         "grid": {"size": len(grid), "description": repr(grid)},
         "selected": {key: list(value) for key, value in selected.items()},
     }
-    runner = _TaskRunner(loaded, frames, grid, batch_size, settings, device, engine)
-    if work_dir is not None and engine == "ase":
-        # i-PI trajectories start again from their first step
-        runner.checkpoints = Path(work_dir) / "trajectories"
+    runner = _TaskRunner(
+        loaded, frames, grid, batch_size, settings, device, engine, work_dir
+    )
     parts = run_resumable(
         costs,
         partial(runner.run, tasks=tasks, progress=progress and context.is_main),
@@ -271,13 +270,24 @@ class _TaskRunner:
     """Runs tasks with calculators made once per process."""
 
     def __init__(
-        self, model, frames, grid, batch_size, settings: Settings, device, engine
+        self,
+        model,
+        frames,
+        grid,
+        batch_size,
+        settings: Settings,
+        device,
+        engine,
+        work_dir,
     ):
         self.frames = frames
         self.settings = settings
         self.dynamics = _DYNAMICS[engine]
-        self.checkpoints: Path | None = None
+        # i-PI trajectories start again from their first step
+        self.checkpoints = None
         """where running ASE trajectories save their state (none: nowhere)"""
+        if work_dir is not None and engine == "ase":
+            self.checkpoints = Path(work_dir) / "trajectories"
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
         self._warm: set[tuple[bool, int]] = set()

@@ -220,15 +220,15 @@ class TrajectoryCheckpoint:
         self, path: str | os.PathLike, every_seconds: float = CHECKPOINT_SECONDS
     ):
         self.path = Path(path)
-        self.every_seconds = every_seconds
+        self._kill_after = int(os.environ.get(KILL_AFTER_STEPS_VARIABLE, "0"))
+        self.every_seconds = 0.0 if self._kill_after else every_seconds
         self._saved = time.monotonic()
 
     def save(self, dynamics, recorder: FrameRecorder, rngs: dict) -> None:
         """Save the state at the current step, if ``every_seconds`` have passed
         since the last save."""
-        kill_after = int(os.environ.get(KILL_AFTER_STEPS_VARIABLE, "0"))
         now = time.monotonic()
-        if now - self._saved < self.every_seconds and not kill_after:
+        if now - self._saved < self.every_seconds:
             return
         self._saved = now
         atoms = dynamics.atoms
@@ -251,7 +251,7 @@ class TrajectoryCheckpoint:
         partial = self.path.with_suffix(".partial.npz")
         np.savez(partial, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(partial, self.path)
-        if kill_after and dynamics.nsteps >= kill_after:
+        if self._kill_after and dynamics.nsteps >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, dynamics, recorder: FrameRecorder, rngs: dict) -> int:
