@@ -133,7 +133,16 @@ def test_water_study_quick(tmp_path):
     methods = [row["method"] for row in report["tradeoff"]]
     assert methods.count("trained") == 1
     assert methods.count("fine-tuned") == 1
+    assert methods.count("fine-tuned, generators") == 1
     assert methods.count("retrained") == 2
+    # the cheaper penalty method again, for more epochs, in the other's wall time
+    rows = {row["method"]: row for row in report["tradeoff"]}
+    rotations, generators = rows["fine-tuned"], rows["fine-tuned, generators"]
+    assert rotations["epochs"] == generators["epochs"]
+    faster = min((rotations, generators), key=lambda row: row["seconds"])
+    (equal_time,) = [row for row in rows.values() if row["method"].endswith("time")]
+    assert equal_time["method"] == f"{faster['method']}, equal time"
+    assert equal_time["epochs"] > faster["epochs"]
     for row in report["tradeoff"]:
         _numbers(
             row,

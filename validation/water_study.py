@@ -16,7 +16,8 @@ The boxes are split into training, validation and test boxes, then:
 3. spectra of outputs and features across epochs and layers
    (``training_dynamics``);
 4. the accuracy-equivariance trade-off of the conservative model: fine-tuning
-   with the ``equivariance`` loss through ``mtt train`` against the closed-form
+   with the ``equivariance`` loss through ``mtt train``, by rotated copies and by
+   generators (the same epochs, then the same wall time), against the closed-form
    readout retraining sweep, timed;
 5. the symmetrized export of the conservative model: its equivariance error and
    its cost per evaluation against the plain export.
@@ -430,13 +431,15 @@ def training_table(report):
 
 def tradeoff_table(rows):
     lines = [
-        "| method | gamma | time (s) | energy RMSE (meV) | energy equivariance "
-        "RMSE (meV) | force RMSE (meV/Å) | force equivariance RMSE (meV/Å) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | gamma | epochs | time (s) | energy RMSE (meV) | energy "
+        "equivariance RMSE (meV) | force RMSE (meV/Å) | force equivariance RMSE "
+        "(meV/Å) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {fmt(row['gamma'])} | {fmt(row['seconds'])} "
+            f"| {row['method']} | {fmt(row['gamma'])} | {fmt(row.get('epochs'))} "
+            f"| {fmt(row['seconds'])} "
             f"| {fmt(row['energy_rmse'], 1000)} "
             f"| {fmt(row['energy_equivariance_rmse'], 1000)} "
             f"| {fmt(row['force_rmse'], 1000)} "
@@ -460,6 +463,9 @@ def plot_tradeoff(rows, path):
         for method, marker in (
             ("trained", "*"),
             ("fine-tuned", "o"),
+            ("fine-tuned, equal time", "o"),
+            ("fine-tuned, generators", "^"),
+            ("fine-tuned, generators, equal time", "^"),
             ("retrained", "s"),
         ):
             points = [row for row in rows if row["method"] == method]
@@ -823,34 +829,79 @@ def _test_errors(model, test, config, force):
 TRADEOFF_MODEL = "conservative"
 
 
+# trade-off rows of fine-tunings, by the penalty's method
+FINETUNED = {"rotations": "fine-tuned", "generators": "fine-tuned, generators"}
+
+
+def _finetune_loss(gamma: float, penalty: str) -> str:
+    """The ``loss`` section of a fine-tuning: the equivariance penalty with
+    ``gamma`` on the energy and on its forces, by rotated copies (``"rotations"``)
+    or by generators (``"generators"``)."""
+    if penalty == "generators":
+        energy = f"type: equivariance, base: mse, gamma: {gamma}, method: generators"
+        forces = energy
+    else:
+        energy = f"type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2"
+        forces = f"type: equivariance, base: mse, gamma: {gamma}"
+    return f"loss:\n  energy: {{{energy}, gradients: {{positions: {{{forces}}}}}}}\n"
+
+
+def _finetune(output, config, test, gamma, penalty, epochs):
+    """Fine-tune the trade-off's model with ``mtt train``; its trade-off row."""
+    targets, force = MODELS[TRADEOFF_MODEL]
+    name = f"finetune-{penalty}-gamma-{gamma:g}-epochs-{epochs}"
+    directory = output / "models" / name
+    options = pet_options(
+        config,
+        targets,
+        epochs,
+        training=_finetune_loss(gamma, penalty),
+        finetune=f"../{TRADEOFF_MODEL}/model.ckpt",
+    )
+    seconds = mtt_train(directory, options)
+    return {
+        "method": FINETUNED[penalty],
+        "gamma": gamma,
+        "seconds": seconds,
+        "epochs": epochs,
+    } | _test_errors(directory / "model.ckpt", test, config, force)
+
+
+def _penalty_methods(output, config, test, rows):
+    """Fine-tunings with the generator penalty at the gammas of the rotated
+    copies, first for the same number of epochs, then the cheaper of the two
+    methods again for as many epochs as fill the other's wall time."""
+    epochs = config["finetune_epochs"]
+    for gamma in [gamma for gamma in config["finetune_gammas"] if gamma > 0]:
+        (rotations,) = [
+            row
+            for row in rows
+            if row["method"] == FINETUNED["rotations"] and row["gamma"] == gamma
+        ]
+        generators = _finetune(output, config, test, gamma, "generators", epochs)
+        rows.append(generators)
+        if generators["seconds"] < rotations["seconds"]:
+            faster, slower, penalty = generators, rotations, "generators"
+        else:
+            faster, slower, penalty = rotations, generators, "rotations"
+        longer = max(epochs + 1, round(epochs * slower["seconds"] / faster["seconds"]))
+        row = _finetune(output, config, test, gamma, penalty, longer)
+        rows.append(row | {"method": f"{row['method']}, equal time"})
+
+
 def stage_tradeoff(output, config, test):
     import metatrain_symmetry as msym
 
     targets, force = MODELS[TRADEOFF_MODEL]
     base = output / "models" / TRADEOFF_MODEL / "model.ckpt"
     rows = [
-        {"method": "trained", "gamma": None, "seconds": None}
+        {"method": "trained", "gamma": None, "seconds": None, "epochs": None}
         | _test_errors(base, test, config, force)
     ]
     for gamma in config["finetune_gammas"]:
-        penalty = f"type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2"
-        loss = (
-            f"loss:\n  energy: {{{penalty}, gradients: {{positions: "
-            f"{{type: equivariance, base: mse, gamma: {gamma}}}}}}}\n"
-        )
-        directory = output / "models" / f"finetune-gamma-{gamma:g}"
-        options = pet_options(
-            config,
-            targets,
-            config["finetune_epochs"],
-            training=loss,
-            finetune=f"../{TRADEOFF_MODEL}/model.ckpt",
-        )
-        seconds = mtt_train(directory, options)
-        rows.append(
-            {"method": "fine-tuned", "gamma": gamma, "seconds": seconds}
-            | _test_errors(directory / "model.ckpt", test, config, force)
-        )
+        epochs = config["finetune_epochs"]
+        rows.append(_finetune(output, config, test, gamma, "rotations", epochs))
+    _penalty_methods(output, config, test, rows)
 
     directory = output / "models" / "retrained"
     start = time.perf_counter()
@@ -866,7 +917,7 @@ def stage_tradeoff(output, config, test):
     for gamma, checkpoint in zip(result.gammas, result.checkpoints, strict=True):
         rows.append(
             # the sweep solves every gamma in one pass: its time is shared
-            {"method": "retrained", "gamma": gamma, "seconds": seconds}
+            {"method": "retrained", "gamma": gamma, "seconds": seconds, "epochs": None}
             | _test_errors(checkpoint, test, config, force)
         )
     retrain = {
