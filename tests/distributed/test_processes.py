@@ -243,6 +243,44 @@ def test_interrupted_audit_resumes_on_other_processes(inputs, single_audit, tmp_
     assert not work.exists()
 
 
+def test_interrupted_screen_finishes_under_torchrun(inputs, tmp_path):
+    import metatrain_symmetry as msym
+
+    output = tmp_path / "screen"
+    work = tmp_path / "screen.partial"
+    names = ["energy", "forces", "non_conservative_force"]
+    arguments = ["analyze", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]
+    arguments += ["--outputs", *names, "--infinitesimal"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        env=_environment(**{KILL_AFTER_SHARDS_VARIABLE: 2}),
+        timeout=_TIMEOUT,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not output.exists()
+    saved = sorted(p.name for p in work.iterdir())
+    assert saved == [MANIFEST] + [f"shard-{i:06d}.pt" for i in range(2)]
+
+    resumed = _torchrun(*arguments)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 2 of" in resumed.stderr
+    assert resumed.stdout.count("results written to") == 1
+    assert not work.exists()
+    expected = msym.infinitesimal(
+        inputs / "model.ckpt", ase.io.read(inputs / "data.xyz", ":"), names
+    )
+    for name in names:
+        saved = mts.load(str(output / f"{file_stem(name)}.lie_derivative.mts"))
+        mts.equal_metadata_raise(saved, expected.lie_derivative[name])
+        assert mts.allclose(saved, expected.lie_derivative[name], rtol=1e-10)
+    torque = mts.load(str(output / "torque.mts"))
+    assert mts.allclose(torque, expected.torque, rtol=1e-10)
+    rows = (output / "infinitesimal.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(expected.relative_lie_derivative["energy"])
+
+
 def test_a_failing_rank_fails_every_rank(inputs, tmp_path):
     output = tmp_path / "audit"
     arguments = ["audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]

@@ -129,22 +129,28 @@ def _check_infinitesimal_options(args: argparse.Namespace) -> None:
             "--infinitesimal gives per-atom Lie derivatives of per-atom outputs "
             "only: remove --per-atom"
         )
-    if args.context.is_distributed:
-        raise ValueError(
-            "--infinitesimal runs in one process: start it without torchrun or srun"
-        )
 
 
 def _run_infinitesimal(args, output: Path, model, frames, names, batch_size) -> None:
+    work_dir = work_directory(output)
     result = infinitesimal(
-        model, frames, names, batch_size=batch_size, method=args.method, progress=True
+        model,
+        frames,
+        names,
+        batch_size=batch_size,
+        method=args.method,
+        progress=True,
+        distributed=args.context.is_distributed,
+        work_dir=work_dir,
     )
+    if result is None:
+        return
 
     def write(directory: Path) -> None:
         save_infinitesimal(result, directory)
         (directory / "infinitesimal.md").write_text(infinitesimal_table(result))
         (directory / "infinitesimal.csv").write_text(infinitesimal_csv(result))
 
-    options.write_output(output, write)
+    options.write_output(output, write, work_dir)
     print(infinitesimal_table(result))
     print(f"results written to {output}/")

@@ -13,8 +13,9 @@ The generators and how they act on each kind of output block are in
 ``derivatives`` (the derivatives on one batch of
 structures, by forward mode or double backward), ``run``
 (:py:func:`~metatrain_symmetry.infinitesimal.infinitesimal`), ``result``
-(:py:class:`~metatrain_symmetry.InfinitesimalResult`) and ``files`` (the
-result on disk)."""
+(:py:class:`~metatrain_symmetry.InfinitesimalResult`), ``shards`` (results of
+shards of structures as tensors, merged in order: runs spread over processes and
+resumed) and ``files`` (the result on disk)."""
 
 from .files import infinitesimal_csv, infinitesimal_table, save_infinitesimal
 from .result import InfinitesimalResult

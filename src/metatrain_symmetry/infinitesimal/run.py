@@ -3,6 +3,7 @@ a model on many structures, batch by batch."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -12,13 +13,19 @@ from metatomic.torch import System
 
 from .._utils import first_line, is_integer, name_list, progress_bar
 from ..copies import prepare_rotations
-from ..diagnostics import output_request, zero_structures
+from ..diagnostics import (
+    model_fingerprint,
+    output_request,
+    run_context,
+    zero_structures,
+)
+from ..distributed import run_resumable
 from ..engine import DEFAULT_ATOMS_PER_BATCH, check_periodic
 from ..generators import inversion_sign
 from ..irreps import block_layout
-from ..models import ModelLike, load_model
+from ..models import LoadedModel, ModelLike, load_model
 from ..quantities import DERIVED_OUTPUTS
-from ..systems import SystemLike, prepare_systems
+from ..systems import SystemLike, prepare_systems, systems_fingerprint
 from .derivatives import (
     BlockDerivatives,
     Derivatives,
@@ -28,6 +35,7 @@ from .derivatives import (
     forward_derivatives,
 )
 from .result import InfinitesimalResult
+from .shards import merge_records, shard_record
 
 
 __all__ = ["METHODS", "infinitesimal"]
@@ -54,7 +62,9 @@ def infinitesimal(
     batch_size: int | None = None,
     method: str = "auto",
     progress: bool = False,
-) -> InfinitesimalResult:
+    distributed: bool = False,
+    work_dir: str | os.PathLike | None = None,
+) -> InfinitesimalResult | None:
     """Infinitesimal symmetry metrics: the Lie derivatives of outputs and
     features along the three generators of rotations, their parity under the
     inversion and, for a conservative energy, the net torque (non-periodic
@@ -72,34 +82,75 @@ def infinitesimal(
     :param batch_size: structures per model call (default: about 4096 atoms,
         counting the copies)
     :param method: see :py:data:`METHODS`
-    :param progress: show a progress bar
-    :return: see :py:class:`InfinitesimalResult`
+    :param progress: show a progress bar (on rank 0 only)
+    :param distributed: spread the structures over the processes of torch's
+        initialized default process group (see
+        :py:func:`metatrain_symmetry.distributed.init_from_environment`); every
+        rank must call this function with the same arguments
+    :param work_dir: save each completed shard of structures in this directory,
+        and reuse the shards a previous, interrupted run with the same model
+        file, structures and settings saved there (another run's directory is
+        refused); the directory is kept: remove it once the result is saved
+    :return: see :py:class:`InfinitesimalResult`; ``None`` on ranks other than 0
+        when ``distributed``. Spread over shards (``distributed`` or
+        ``work_dir``), its tensors are on the CPU
     """
     model = load_model(model)
     names = _checked_names(model, [*outputs, *features], batch_size, method)
     systems = prepare_systems(systems, model)
     if "stress" in names:
         check_periodic(systems)
-    energy_names = [name for name in names if name in ENERGY_OUTPUTS]
-    other = {
-        name: output_request(model, name, False)
-        for name in names
-        if name not in ENERGY_OUTPUTS
-    }
-    energy_request = output_request(model, "energy", False)
+    evaluation = _Evaluation(model, names, batch_size, method)
+    if not distributed and work_dir is None:
+        with progress_bar(systems, _COPIES, "infinitesimal", progress) as bar:
+            return evaluation.run(systems, bar)
+    return _sharded(evaluation, systems, progress, distributed, work_dir)
 
-    collected: dict[str, tuple[Labels, list[list[BlockDerivatives]]]] = {}
-    energy_raw: list[dict[str, torch.Tensor]] = []
-    with progress_bar(systems, _COPIES, "infinitesimal", progress) as bar:
-        for batch in _batches(systems, batch_size):
+
+class _Evaluation:
+    """The checked request of an infinitesimal analysis, evaluated on a set of
+    structures at a time; after a fallback to double backward, it stays there."""
+
+    def __init__(self, model: LoadedModel, names: list[str], batch_size, method):
+        self.model = model
+        self.names = names
+        self.batch_size = batch_size
+        self.method = method
+        self.energy_names = [name for name in names if name in ENERGY_OUTPUTS]
+        self.other = {
+            name: output_request(model, name, False)
+            for name in names
+            if name not in ENERGY_OUTPUTS
+        }
+        self.energy_request = output_request(model, "energy", False)
+
+    def manifest(self, systems: Sequence[System]) -> dict:
+        """JSON-ready identity of a resumable run on ``systems``."""
+        return {
+            "kind": "infinitesimal",
+            "model": model_fingerprint(self.model),
+            "structures": systems_fingerprint(systems),
+            "n_structures": len(systems),
+            "outputs": self.names,
+            "method": self.method,
+            "batch_size": self.batch_size,
+        }
+
+    def run(self, systems: Sequence[System], bar) -> InfinitesimalResult:
+        """The metrics of ``systems``, batch by batch, advancing ``bar``."""
+        collected: dict[str, tuple[Labels, list[list[BlockDerivatives]]]] = {}
+        energy_raw: list[dict[str, torch.Tensor]] = []
+        for batch in _batches(systems, self.batch_size):
             prepared = [prepare_rotations(systems[i]) for i in batch]
             derivatives: Derivatives = {}
-            if other:
-                found, method = _model_derivatives(model, prepared, other, method)
+            if self.other:
+                found, self.method = _model_derivatives(
+                    self.model, prepared, self.other, self.method
+                )
                 derivatives.update(found)
-            if energy_names:
+            if self.energy_names:
                 found, raw = energy_derivatives(
-                    model, prepared, energy_names, energy_request
+                    self.model, prepared, self.energy_names, self.energy_request
                 )
                 derivatives.update(found)
                 energy_raw.extend(raw)
@@ -107,17 +158,41 @@ def infinitesimal(
                 collected.setdefault(name, (keys, []))[1].extend(entries)
             bar.update(sum(len(systems[i]) for i in batch) * _COPIES)
 
-    result = InfinitesimalResult(
-        outputs=names, method="forward" if method == "auto" else method
+        method = "forward" if self.method == "auto" else self.method
+        result = InfinitesimalResult(outputs=self.names, method=method)
+        for name in self.names:
+            keys, entries = collected[name]
+            _add_output(result, name, keys, entries)
+        if self.energy_names:
+            result.torque, result.antisymmetric_virial = _energy_metrics(
+                systems, energy_raw
+            )
+        return result
+
+
+def _sharded(
+    evaluation: _Evaluation, systems, progress, distributed, work_dir
+) -> InfinitesimalResult | None:
+    """:py:func:`infinitesimal` shard by shard, spread over ranks and resumable."""
+    context = run_context(distributed)
+    manifest = None if work_dir is None else evaluation.manifest(systems)
+
+    def compute(mine: dict[int, list[int]]):
+        selected = [systems[index] for shard in mine.values() for index in shard]
+        enabled = progress and context.is_main
+        with progress_bar(selected, _COPIES, "infinitesimal", enabled) as bar:
+            for shard, indices in mine.items():
+                part = evaluation.run([systems[index] for index in indices], bar)
+                yield shard, shard_record(part)
+
+    records = run_resumable(
+        [max(len(system), 1) * _COPIES for system in systems],
+        compute,
+        context,
+        work_dir,
+        manifest,
     )
-    for name in names:
-        keys, entries = collected[name]
-        _add_output(result, name, keys, entries)
-    if energy_names:
-        result.torque, result.antisymmetric_virial = _energy_metrics(
-            systems, energy_raw
-        )
-    return result
+    return None if records is None else merge_records(records)
 
 
 def _checked_names(model, names, batch_size, method: str) -> list[str]:
