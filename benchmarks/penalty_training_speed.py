@@ -21,8 +21,8 @@ and, for an energy trained with its conservative forces (``mse``), against that
 training:
 
 - ``method: generators`` on the energy: the Lie derivatives of the energy from
-  one reverse-mode copy of the batch (the derivative with respect to the angles
-  of a rotation, as Orb-v3 penalises it);
+  the strain gradient that the step computes with its forces (the derivative
+  along the generators, as Orb-v3 penalises it);
 - ``method: generators`` on the energy and its forces: the same copy, and the
   derivatives of the energy's Lie derivatives with respect to the positions;
 

@@ -12,6 +12,7 @@ from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
 from metatrain_symmetry.copies import rotated_systems
 from metatrain_symmetry.generators import so3_generators
+from metatrain_symmetry.lie_energies import with_strain_gradient
 from metatrain_symmetry.lie_predictions import evaluate_lie_derivatives
 from metatrain_symmetry.rotated_predictions import (
     TrainingStep,
@@ -69,16 +70,7 @@ def back_rotated_gradients(step, t: float, generator: torch.Tensor):
 
 
 def test_forces_and_stress_against_finite_differences(step):
-    from metatrain.utils.data import TargetInfo
-
-    info = step.targets["energy"]
-    targets = {
-        "energy": TargetInfo(
-            layout=_with_strain(info.layout),
-            quantity=info.quantity,
-            unit=info.unit,
-        )
-    }
+    targets = {"energy": with_strain_gradient(step.targets["energy"])}
     step = TrainingStep(step.model, step.systems, targets)
     lie = evaluate_lie_derivatives(step, {"energy": {"positions", "strain"}})
     for k, generator in enumerate(so3_generators(torch.float64)):
@@ -102,32 +94,16 @@ def richardson_difference(function, h: float = 1e-3) -> torch.Tensor:
     return (4 * central(h / 2) - central(h)) / 3
 
 
-def _with_strain(layout):
-    """An energy layout with positions and strain gradients."""
-    from metatrain.utils.data.target_info import get_energy_target_info
-
-    return get_energy_target_info(
-        "energy",
-        {"quantity": "energy", "unit": "eV"},
-        add_position_gradients=True,
-        add_strain_gradients=True,
-    ).layout
-
-
 @pytest.mark.parametrize("periodic", [True, False])
 def test_energy_from_the_steps_own_gradients(step, periodic):
-    # from the forces (molecules) or the stress the step computed, with no
-    # model call: the same Lie derivatives as from a rotated copy
-    from metatrain.utils.data import TargetInfo
-
+    # from the forces (molecules) or the stress the step computed (the strain
+    # gradient a training step adds), with no model call: the same Lie
+    # derivatives as from a rotated copy
     systems = step.systems
     if not periodic:
         systems = [_without_cell(system, step.model) for system in systems]
     info = step.targets["energy"]
-    layout = _with_strain(info.layout) if periodic else info.layout
-    targets = {
-        "energy": TargetInfo(layout=layout, quantity=info.quantity, unit=info.unit)
-    }
+    targets = {"energy": with_strain_gradient(info) if periodic else info}
     step = TrainingStep(step.model, systems, targets)
     predictions = predictions_in_loss_units(step, systems, targets)
     calls = []

@@ -603,3 +603,48 @@ def test_gradient_entries_accept_generators():
                 }
             }
         )
+
+
+@pytest.mark.parametrize(
+    "forces_penalty, strain, periodic, added",
+    [
+        (False, False, True, True),
+        (True, False, True, False),
+        (False, True, True, False),
+        (False, False, False, False),
+    ],
+)
+def test_steps_evaluate_the_strain_gradient_where_a_penalty_needs_it(
+    periodic_frames, molecules, forces_penalty, strain, periodic, added
+):
+    # a generator penalty on the values of an energy trained with its forces
+    # only takes their Lie derivatives from the strain gradient, which the step
+    # then evaluates; not for a penalty on the forces too (another way), a
+    # stress (already there) or molecules (the forces suffice)
+    from metatomic.torch import systems_to_torch
+    from metatrain.utils.data.target_info import get_energy_target_info
+
+    info = get_energy_target_info(
+        "energy",
+        {"quantity": "energy", "unit": "eV"},
+        add_position_gradients=True,
+        add_strain_gradients=strain,
+    )
+    context = PenaltyContext()
+    EquivarianceLoss("energy", None, 1.0, "mean", method="generators", context=context)
+    if forces_penalty:
+        EquivarianceLoss(
+            "energy", "positions", 1.0, "mean", method="generators", context=context
+        )
+    frames = periodic_frames if periodic else molecules
+    systems = systems_to_torch(frames, dtype=torch.float64)
+    targets = {"energy": info}
+    evaluated = context.evaluated_targets(systems, targets)
+    assert targets == {"energy": info}
+    expected = ["positions", "strain"] if added or strain else ["positions"]
+    assert evaluated["energy"].gradients == expected
+    assert (evaluated["energy"] is not info) == added
+    if added:
+        block = evaluated["energy"].layout.block()
+        assert block.properties == info.layout.block().properties
+        assert block.gradient("strain").components[1].names == ["xyz_2"]

@@ -13,7 +13,9 @@ by name get the wrapper):
   of one aggregator a shared :py:class:`~metatrain_symmetry.losses.PenaltyContext`;
 - ``metatrain.utils.evaluate_model.evaluate_model``: records the model, systems
   and targets of every training step (``is_training=True`` with gradients enabled)
-  and clears them for other evaluations, e.g. validation;
+  and clears them for other evaluations, e.g. validation; a training step
+  evaluates the targets the losses ask for (a strain gradient, see
+  :py:meth:`~metatrain_symmetry.losses.PenaltyContext.evaluated_targets`);
 - ``metatrain.utils.per_atom.average_by_num_atoms``: records which targets of
   that step are not divided by the number of atoms;
 - ``metatrain.utils.architectures.check_architecture_options``: validates the
@@ -196,10 +198,14 @@ def _patch_evaluate_model(module: ModuleType) -> None:
         def evaluate_model(model, systems, targets, is_training, *args, **kwargs):
             import torch
 
-            result = original(model, systems, targets, is_training, *args, **kwargs)
+            training = is_training and torch.is_grad_enabled()
+            evaluated = targets
+            for context in list(_CONTEXTS) if training else []:
+                evaluated = context.evaluated_targets(systems, evaluated)
+            result = original(model, systems, evaluated, is_training, *args, **kwargs)
             if _CONTEXTS:
                 step = None
-                if is_training and torch.is_grad_enabled():
+                if training:
                     from .rotated_predictions import TrainingStep
 
                     # keep the trainer's list object: average_by_num_atoms

@@ -29,7 +29,12 @@ from .rotated_predictions import (
 )
 
 
-__all__ = ["is_energy", "lie_from_step_gradients", "reverse_lie_derivatives"]
+__all__ = [
+    "is_energy",
+    "lie_from_step_gradients",
+    "reverse_lie_derivatives",
+    "with_strain_gradient",
+]
 
 
 def is_energy(info) -> bool:
@@ -43,13 +48,43 @@ def is_energy(info) -> bool:
     return len(blocks) == 1 and list(blocks[0].samples.names) == ["system"]
 
 
+def with_strain_gradient(info):
+    """The ``TargetInfo`` of an energy trained with its forces but not its
+    stress, with the strain gradient added; ``None`` for any other target.
+
+    A training step evaluated with it computes the strain gradient in the same
+    backward pass as the forces, from which :py:func:`lie_from_step_gradients`
+    takes the energy's Lie derivatives of periodic structures (whose energies
+    also depend on the orientation of their cells) at almost no cost.
+    """
+    from metatrain.utils.data import TargetInfo
+
+    if not is_energy(info) or info.gradients != ["positions"]:
+        return None
+    block = info.layout.block().copy()
+    device = block.values.device
+    strain = TensorBlock(
+        values=torch.empty(0, 3, 3, len(block.properties), dtype=block.values.dtype),
+        samples=Labels(["sample"], torch.empty((0, 1), dtype=torch.int32)),
+        components=[Labels.range("xyz_1", 3), Labels.range("xyz_2", 3)],
+        properties=block.properties.to("cpu"),
+    )
+    block.add_gradient("strain", strain.to(device))
+    return TargetInfo(
+        layout=TensorMap(info.layout.keys, [block]),
+        quantity=info.quantity,
+        unit=info.unit,
+        description=info.description,
+    )
+
+
 def lie_from_step_gradients(
     step: TrainingStep, name: str, energy: TensorMap
 ) -> Optional[torch.Tensor]:
     """``(3, n_values)`` Lie derivatives of an energy from the gradients the step
     computed, in the units of the loss; ``None`` when it computed none that
     suffice (a periodic structure needs the strain gradient: its energy also
-    depends on the orientation of the cell).
+    depends on the orientation of the cell; see :py:func:`with_strain_gradient`).
 
     In metatrain's convention (positions ``r @ (1 + e)``), a rotation
     ``1 + t G`` is the strain ``e = t G^T``: ``L_k E = sum_ab S_ab (G_k)_ba`` for

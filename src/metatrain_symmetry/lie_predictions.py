@@ -59,11 +59,14 @@ def evaluate_lie_derivatives(
     The values of an energy whose forces (molecules) or stress (any structure)
     the step predicted come from them, with no model call: ``L_k E`` is the
     energy's derivative along the generator, the force or virial contracted
-    with ``G_k`` (Orb-v3's penalty). Other energies (one invariant value per
-    structure) are differentiated in reverse mode with respect to the angles of
-    a rotation ``I + sum_k a_k G_k`` of one copy of the batch, ``L_k E = dE/da_k``
-    at ``a = 0``, and their forces and stress as the derivatives of ``L_k E``
-    with respect to positions and strain. Other targets come from one
+    with ``G_k`` (Orb-v3's penalty; training steps add the strain gradient to
+    energies trained without stress, see
+    :py:func:`~metatrain_symmetry.lie_energies.with_strain_gradient`). Other
+    energies (one invariant value per structure) are differentiated in reverse
+    mode with respect to the angles of a rotation ``I + sum_k a_k G_k`` of one
+    copy of the batch, ``L_k E = dE/da_k`` at ``a = 0``, and their forces and
+    stress as the derivatives of ``L_k E`` with respect to positions and
+    strain. Other targets come from one
     forward-mode evaluation of three copies of the batch whose rotation is the
     dual number ``I + t G_k``, and so do the values of energies when that
     evaluation is made anyway.

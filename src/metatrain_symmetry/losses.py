@@ -44,6 +44,7 @@ from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
 from ._utils import is_integer
+from .lie_energies import with_strain_gradient
 from .lie_predictions import LieDerivatives, evaluate_lie_derivatives
 from .monitor import ValidationMonitor
 from .penalties import equivariance_penalty, generator_penalty
@@ -264,6 +265,30 @@ class PenaltyContext:
         self._derivatives = None
         if step is not None:
             self._trained = step.model
+
+    def evaluated_targets(
+        self, systems: list, targets: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """The targets a training step on ``systems`` evaluates: ``targets``, with
+        the strain gradient added to an energy trained with its forces only when
+        a generator penalty on its values (not on its gradients) will take their
+        Lie derivatives from the step's gradients and a structure is periodic
+        (:py:func:`~metatrain_symmetry.lie_energies.with_strain_gradient`)."""
+        if not any(bool(system.pbc.any()) for system in systems):
+            return targets
+        generators = [
+            loss
+            for loss in self.losses
+            if loss.gamma > 0 and loss.method == "generators" and loss.target in targets
+        ]
+        values = {loss.target for loss in generators if loss.gradient is None}
+        gradients = {loss.target for loss in generators if loss.gradient is not None}
+        evaluated = dict(targets)
+        for name in values - gradients:
+            info = with_strain_gradient(targets[name])
+            if info is not None:
+                evaluated[name] = info
+        return evaluated
 
     def trains(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` is the model of this context's training steps."""
