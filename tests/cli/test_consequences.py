@@ -268,12 +268,14 @@ def test_ipi_writes_what_ase_writes(runs):
     assert observables["msd_A2"][0] == 0.0 and observables["msd_A2"][-1] > 0.0
 
 
-def test_an_interrupted_run_continues_its_trajectory(runs, tmp_path):
+@pytest.mark.parametrize("engine", ["ase", "ipi"])
+def test_an_interrupted_run_continues_its_trajectory(runs, tmp_path, engine):
     """Killed in the middle of a trajectory, the command started again continues
     it from its last saved step: the same numbers as the run never stopped."""
     for name in ("lab.pt", "molecule.xyz"):
         (tmp_path / name).write_bytes((runs / name).read_bytes())
     arguments = ["consequences", "lab.pt", "molecule.xyz", *NVE, "-o", "result"]
+    arguments += ["--engine", engine]
     killed = subprocess.run(
         [sys.executable, "-m", "metatrain_symmetry.cli", *arguments],
         cwd=tmp_path,
@@ -293,7 +295,7 @@ def test_an_interrupted_run_continues_its_trajectory(runs, tmp_path):
     timings = ("seconds_per_step", "cost_per_step_relative")
     assert_same_numbers(
         _summary(tmp_path, "result")["experiments"],
-        _summary(runs, "nve-ase")["experiments"],
+        _summary(runs, f"nve-{engine}")["experiments"],
         1e-12,
         1e-14,
         timings,

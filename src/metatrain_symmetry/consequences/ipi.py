@@ -5,7 +5,10 @@ i-PI (the ``ipi`` package) integrates the same initial state as the ASE engine
 same process: its ``ffdirect`` force field calls the variant's ASE calculator
 through a small i-PI driver (``_ipi_driver.py``), so that the plain model, its
 O(3) average and the random rotations run unchanged. The frames come back as the
-same :py:class:`~metatrain_symmetry.consequences.simulation.Trajectory` as ASE's.
+same :py:class:`~metatrain_symmetry.consequences.simulation.Trajectory` as ASE's,
+and a run saves its state in the same
+:py:class:`~metatrain_symmetry.consequences.simulation.TrajectoryCheckpoint` to
+continue exactly after an interruption.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from .simulation import FrameRecorder, Settings, Trajectory, initial_state
+from .simulation import (
+    FrameRecorder,
+    Settings,
+    Trajectory,
+    TrajectoryCheckpoint,
+    calculator_results,
+    initial_state,
+    saved_results,
+)
 
 
 __all__ = ["check_ipi", "registered_calculator", "run_dynamics_ipi"]
@@ -55,6 +66,7 @@ def run_dynamics_ipi(
     ensemble: str,
     seed: int,
     progress=None,
+    checkpoint: TrajectoryCheckpoint | None = None,
 ) -> Trajectory:
     """Molecular dynamics of ``atoms`` (not modified) with ``calculator``,
     integrated by i-PI from the initial state of the ASE engine.
@@ -64,41 +76,116 @@ def run_dynamics_ipi(
     :param seed: seed of the initial velocities (as with ASE) and of i-PI's
         random numbers
     :param progress: a progress bar advanced by one every step, or ``None``
+    :param checkpoint: save the running state there (i-PI's restart file, the
+        kept frames, the calculator's random generator and last results), and
+        continue from the state saved there by an interrupted run
     """
     from ipi.scripting import InteractiveSimulation
 
     if ensemble not in ("nve", "nvt"):
         raise ValueError(f"unknown ensemble '{ensemble}', use 'nve' or 'nvt'")
-    rng = np.random.default_rng(seed)
-    start = initial_state(atoms, settings, rng)
+    start = initial_state(atoms, settings, np.random.default_rng(seed))
     key = uuid.uuid4().hex
-    _CALCULATORS[key] = calculator
     recorder = FrameRecorder(start)
+    rngs = {}
+    if isinstance(getattr(calculator, "rng", None), np.random.Generator):
+        rngs["calculator"] = calculator.rng
+    saved = None if checkpoint is None else checkpoint.read(recorder, rngs)
+    # on resuming, i-PI first recomputes the forces of the saved positions: the
+    # interrupted run's results, which a random frame would not give again
+    _CALCULATORS[key] = (
+        calculator if saved is None else _Replay(calculator, saved_results(*saved))
+    )
     try:
         # i-PI writes its outputs and restart files in the working directory
+        # (a resumed run reads its state from the checkpoint instead: i-PI's
+        # restart file rounds positions, momenta and masses)
         with tempfile.TemporaryDirectory() as directory, contextlib.chdir(directory):
             start.write("template.xyz")
             boxed = _in_a_cell(start)
-            xml = _simulation_xml(boxed, settings, ensemble, seed, key)
-            simulation = InteractiveSimulation(xml)
+            simulation = InteractiveSimulation(
+                _simulation_xml(boxed, settings, ensemble, seed, key)
+            )
             simulation.set_structures(boxed)
-            _record(recorder, simulation, 0, settings)
-            began = time.perf_counter()
-            step, every = 0, settings.save_every
+            if saved is None:
+                _record(recorder, simulation, 0, settings)
+                step = 0
+            else:
+                step = _restore(simulation, *saved)
+            if progress is not None:
+                progress.update(step)
+            done, began = step, time.perf_counter()
             while step < settings.steps:
-                # from one kept frame to the next in one call: i-PI saves its
-                # restart data at the end of each
-                run = min(every - step % every, settings.steps - step)
+                # from one kept frame to the next in one call
+                run = min(
+                    settings.save_every - step % settings.save_every,
+                    settings.steps - step,
+                )
                 simulation.run(run, write_outputs=False)
                 step += run
-                if step % every == 0:
+                if step % settings.save_every == 0:
                     _record(recorder, simulation, step, settings)
+                    if checkpoint is not None and checkpoint.due():
+                        _save(checkpoint, simulation, step, recorder, rngs, calculator)
                 if progress is not None:
                     progress.update(run)
             elapsed = time.perf_counter() - began
     finally:
         del _CALCULATORS[key]
-    return recorder.trajectory(elapsed / settings.steps)
+    return recorder.trajectory(elapsed / max(settings.steps - done, 1))
+
+
+def _save(checkpoint, simulation, step, recorder, rngs, calculator) -> None:
+    """Save i-PI's positions and momenta (atomic units, to the last digit) and
+    random generator with the kept frames, the generators and the calculator's
+    last results. What else the simulation holds comes from its input again."""
+    results = calculator_results(calculator)
+    beads = simulation.syslist[0].beads
+    states = simulation.prng.state
+    arrays = {
+        "ipi_q": np.array(beads.q[0]),
+        "ipi_p": np.array(beads.p[0]),
+        **{f"ipi_prng_{i}": state["state"]["key"] for i, state in enumerate(states)},
+        **{f"result_{name}": value for name, value in results.items()},
+    }
+    meta = {
+        "results": list(results),
+        "ipi_prng": [
+            {**state, "state": {"pos": state["state"]["pos"]}} for state in states
+        ],
+    }
+    checkpoint.write(step, recorder, rngs, meta, arrays)
+
+
+def _restore(simulation, meta: dict, arrays: dict) -> int:
+    """Put the state :py:func:`_save` saved into a new simulation; its step."""
+    beads = simulation.syslist[0].beads
+    beads.q[0], beads.p[0] = arrays["ipi_q"], arrays["ipi_p"]
+    simulation.prng.state = [
+        {**state, "state": {"key": arrays[f"ipi_prng_{i}"], **state["state"]}}
+        for i, state in enumerate(meta["ipi_prng"])
+    ]
+    return meta["steps"]
+
+
+class _Replay(Calculator):
+    """``calculator``, whose first call returns ``results`` instead."""
+
+    implemented_properties = ("energy", "forces", "stress")
+
+    def __init__(self, calculator: Calculator, results: dict):
+        super().__init__()
+        self.calculator = calculator
+        self.replay = results
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        if self.replay is not None:
+            self.results, self.replay = dict(self.replay), None
+        else:
+            self.results = {
+                name: self.calculator.get_property(name, atoms) for name in properties
+            }
 
 
 def _in_a_cell(atoms: Atoms) -> Atoms:

@@ -283,10 +283,9 @@ class _TaskRunner:
         self.frames = frames
         self.settings = settings
         self.dynamics = _DYNAMICS[engine]
-        # i-PI trajectories start again from their first step
         self.checkpoints = None
-        """where running ASE trajectories save their state (none: nowhere)"""
-        if work_dir is not None and engine == "ase":
+        """where running trajectories save their state (none: nowhere)"""
+        if work_dir is not None:
             self.checkpoints = Path(work_dir) / "trajectories"
         self.plain = model_calculator(model, device)
         self.average = AveragedCalculator(model, grid, batch_size, device)
@@ -335,7 +334,7 @@ class _TaskRunner:
                 ensemble,
                 self._seed(task, 0),
                 bar,
-                **({} if checkpoint is None else {"checkpoint": checkpoint}),
+                checkpoint,
             )
             if checkpoint is not None:
                 checkpoint.remove()

@@ -31,9 +31,11 @@ __all__ = [
     "Settings",
     "Trajectory",
     "TrajectoryCheckpoint",
+    "calculator_results",
     "initial_state",
     "relax",
     "run_dynamics",
+    "saved_results",
 ]
 
 
@@ -192,6 +194,29 @@ class FrameRecorder:
         )
 
 
+# the results of a calculator that a saved state keeps: a calculator that draws
+# a random frame at every call would not give them again
+_SAVED_RESULTS = ("energy", "forces", "stress")
+
+
+def calculator_results(calculator: Calculator) -> dict[str, np.ndarray]:
+    """The calculator's last energy, forces and stress (those it has)."""
+    return {
+        name: np.asarray(calculator.results[name])
+        for name in _SAVED_RESULTS
+        if name in calculator.results
+    }
+
+
+def saved_results(meta: dict, arrays: dict) -> dict:
+    """The calculator results of a saved state, as ASE calculators keep them."""
+    results = {}
+    for name in meta["results"]:
+        value = arrays[f"result_{name}"]
+        results[name] = float(value) if value.ndim == 0 else value
+    return results
+
+
 CHECKPOINT_SECONDS = 60.0
 """shortest wall time between two saved states of a running trajectory"""
 
@@ -224,24 +249,27 @@ class TrajectoryCheckpoint:
         self.every_seconds = 0.0 if self._kill_after else every_seconds
         self._saved = time.monotonic()
 
-    def save(self, dynamics, recorder: FrameRecorder, rngs: dict) -> None:
-        """Save the state at the current step, if ``every_seconds`` have passed
-        since the last save."""
+    def due(self) -> bool:
+        """Whether ``every_seconds`` have passed since the last save (then the
+        clock restarts)."""
         now = time.monotonic()
         if now - self._saved < self.every_seconds:
-            return
+            return False
         self._saved = now
-        atoms = dynamics.atoms
-        results = atoms.calc.results
+        return True
+
+    def write(
+        self, steps: int, recorder: FrameRecorder, rngs: dict, meta: dict, arrays: dict
+    ) -> None:
+        """Save the state after ``steps`` steps: the kept frames, the generators'
+        states, and an engine's own JSON-ready ``meta`` and numpy ``arrays``."""
         meta = {
-            "steps": int(dynamics.nsteps),
+            "steps": steps,
             "rngs": {name: rng.bit_generator.state for name, rng in rngs.items()},
-            "results": [name for name in results if name in ("energy", "forces")],
+            **meta,
         }
         arrays = {
-            "positions": atoms.get_positions(),
-            "momenta": atoms.get_momenta(),
-            **{f"result_{name}": np.asarray(results[name]) for name in meta["results"]},
+            **arrays,
             **{
                 f"frames_{key}": np.array(value)
                 for key, value in recorder.frames.items()
@@ -251,30 +279,55 @@ class TrajectoryCheckpoint:
         partial = self.path.with_suffix(".partial.npz")
         np.savez(partial, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(partial, self.path)
-        if self._kill_after and dynamics.nsteps >= self._kill_after:
+        if self._kill_after and steps >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def restore(self, dynamics, recorder: FrameRecorder, rngs: dict) -> int:
-        """Restore the saved state, if any, into the dynamics, the recorder and
-        the generators; the number of steps it had run (0 without a file)."""
+    def read(self, recorder: FrameRecorder, rngs: dict) -> tuple[dict, dict] | None:
+        """Restore the saved kept frames and generators' states, if any; the
+        saved ``meta`` (with ``steps``) and ``arrays`` (``None`` without a file)."""
         if not self.path.exists():
-            return 0
+            return None
         with np.load(self.path, allow_pickle=False) as saved:
             meta = json.loads(str(saved["meta"]))
-            atoms = dynamics.atoms
-            atoms.set_positions(saved["positions"])
-            atoms.set_momenta(saved["momenta"])
-            for key in recorder.frames:
-                recorder.frames[key] = list(saved[f"frames_{key}"])
-            # one real call sets the calculator up for these positions; its
-            # results are then those of the interrupted run, and the generators'
-            # states (restored below) undo any draw it made
-            calculator = atoms.calc
-            calculator.get_forces(atoms)
-            for name in meta["results"]:
-                value = saved[f"result_{name}"]
-                calculator.results[name] = float(value) if value.ndim == 0 else value
+            arrays = {key: saved[key] for key in saved.files if key != "meta"}
+        for key in recorder.frames:
+            recorder.frames[key] = list(arrays[f"frames_{key}"])
         for name, state in meta["rngs"].items():
+            rngs[name].bit_generator.state = state
+        return meta, arrays
+
+    def save(self, dynamics, recorder: FrameRecorder, rngs: dict) -> None:
+        """Save the state of ASE's ``dynamics`` at the current step, if
+        ``every_seconds`` have passed since the last save."""
+        if not self.due():
+            return
+        atoms = dynamics.atoms
+        results = calculator_results(atoms.calc)
+        arrays = {
+            "positions": atoms.get_positions(),
+            "momenta": atoms.get_momenta(),
+            **{f"result_{name}": value for name, value in results.items()},
+        }
+        meta = {"results": list(results)}
+        self.write(int(dynamics.nsteps), recorder, rngs, meta, arrays)
+
+    def restore(self, dynamics, recorder: FrameRecorder, rngs: dict) -> int:
+        """Restore the saved state, if any, into ASE's dynamics, the recorder and
+        the generators; the number of steps it had run (0 without a file)."""
+        saved = self.read(recorder, rngs)
+        if saved is None:
+            return 0
+        meta, arrays = saved
+        atoms = dynamics.atoms
+        atoms.set_positions(arrays["positions"])
+        atoms.set_momenta(arrays["momenta"])
+        # one real call sets the calculator up for these positions; its results
+        # are then those of the interrupted run, and the generators' states
+        # (restored again) undo any draw it made
+        restored = {name: rng.bit_generator.state for name, rng in rngs.items()}
+        atoms.calc.get_forces(atoms)
+        atoms.calc.results.update(saved_results(meta, arrays))
+        for name, state in restored.items():
             rngs[name].bit_generator.state = state
         dynamics.nsteps = meta["steps"]
         return meta["steps"]
