@@ -125,6 +125,21 @@ def _assert_same_audit(directory: Path, reference: Path) -> None:
         assert correlation["n_structures"] == summary["dataset"]["n_structures"]
 
 
+def _assert_killed_after_shards(shards: int, arguments: list, work: Path) -> None:
+    """Run a command in one process that kills itself once it has saved
+    ``shards`` shards in its work directory ``work``."""
+    killed = subprocess.run(
+        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        env=_environment(**{KILL_AFTER_SHARDS_VARIABLE: shards}),
+        timeout=_TIMEOUT,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    saved = sorted(p.name for p in work.iterdir())
+    assert saved == [MANIFEST] + [f"shard-{i:06d}.pt" for i in range(shards)]
+
+
 # ---------------------------------------------------------------------- inputs
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -208,18 +223,9 @@ def test_interrupted_audit_resumes_on_other_processes(inputs, single_audit, tmp_
     output = tmp_path / "audit"
     work = tmp_path / "audit.partial"
     arguments = ["audit", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]
-    killed = subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, arguments)]
-        + _AUDIT_SETTINGS,
-        capture_output=True,
-        text=True,
-        env=_environment(**{KILL_AFTER_SHARDS_VARIABLE: 3}),
-        timeout=_TIMEOUT,
-    )
-    assert killed.returncode == -signal.SIGKILL
+    _assert_killed_after_shards(3, [*arguments, *_AUDIT_SETTINGS], work)
     assert not output.exists()
     saved = sorted(p.name for p in work.iterdir())
-    assert saved == [MANIFEST] + [f"shard-{i:06d}.pt" for i in range(3)]
     before = {name: (work / name).stat().st_mtime_ns for name in saved}
 
     # another run's settings or model are refused, touching nothing
@@ -251,17 +257,8 @@ def test_interrupted_screen_finishes_under_torchrun(inputs, tmp_path):
     names = ["energy", "forces", "non_conservative_force"]
     arguments = ["analyze", inputs / "model.ckpt", inputs / "data.xyz", "-o", output]
     arguments += ["--outputs", *names, "--infinitesimal"]
-    killed = subprocess.run(
-        [sys.executable, "-m", "metatrain_symmetry.cli", *map(str, arguments)],
-        capture_output=True,
-        text=True,
-        env=_environment(**{KILL_AFTER_SHARDS_VARIABLE: 2}),
-        timeout=_TIMEOUT,
-    )
-    assert killed.returncode == -signal.SIGKILL
+    _assert_killed_after_shards(2, arguments, work)
     assert not output.exists()
-    saved = sorted(p.name for p in work.iterdir())
-    assert saved == [MANIFEST] + [f"shard-{i:06d}.pt" for i in range(2)]
 
     resumed = _torchrun(*arguments)
     assert resumed.returncode == 0, resumed.stderr
