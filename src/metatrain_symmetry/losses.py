@@ -18,10 +18,11 @@ target scale, division by the number of atoms and per-property scales).
 With ``method: generators``, ``L_sigma`` is instead the mean over samples,
 components and properties of ``sum_k (L_k z)^2``, the squared Lie derivatives of
 the prediction along the three generators of rotations (per radian squared, in
-the same normalized units), from one forward-mode evaluation of three copies of
-the batch: zero exactly when the prediction is equivariant, with no random
-rotation. It applies to the values of a target (energies, non-conservative
-forces, spherical targets), not to gradients.
+the same normalized units): zero exactly when the prediction is equivariant,
+with no random rotation. It applies to the values of any target and to the
+forces and stress of an energy; how the derivatives are taken (from the step's
+own gradients, a reverse-mode copy or a forward-mode evaluation) is in
+:py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`.
 
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
