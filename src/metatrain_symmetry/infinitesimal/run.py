@@ -12,6 +12,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
 from .._utils import first_line, is_integer, name_list, progress_bar
+from .._version import __version__
 from ..copies import prepare_rotations
 from ..diagnostics import (
     model_fingerprint,
@@ -134,6 +135,8 @@ class _Evaluation:
             "outputs": self.names,
             "method": self.method,
             "batch_size": self.batch_size,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "version": __version__,
         }
 
     def run(self, systems: Sequence[System], bar) -> InfinitesimalResult:
