@@ -244,7 +244,8 @@ class TrajectoryCheckpoint:
     def __init__(
         self, path: str | os.PathLike, every_seconds: float = CHECKPOINT_SECONDS
     ):
-        self.path = Path(path)
+        # absolute: i-PI runs in a working directory of its own
+        self.path = Path(path).absolute()
         self._kill_after = int(os.environ.get(KILL_AFTER_STEPS_VARIABLE, "0"))
         self.every_seconds = 0.0 if self._kill_after else every_seconds
         self._saved = time.monotonic()
