@@ -1,5 +1,6 @@
-"""Audited export: the model ``mtt export`` writes, with the audit in its
-metadata; the symmetrized export run through metatomic's ASE calculator."""
+"""Audited export in new processes: the model ``mtt export`` writes, with the
+audit in its metadata; the symmetrized export run through metatomic's ASE
+calculator. The tests in this process are in ``test_export_in_process.py``."""
 
 import json
 import subprocess
@@ -15,9 +16,8 @@ from metatomic_ase import MetatomicCalculator
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import AUDIT_METADATA_KEY, audit_schema
-from metatrain_symmetry.cli import main
 from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH, RotatedEvaluator
-from metatrain_symmetry.testing import check_clean_failure, run_mtt_symmetry
+from metatrain_symmetry.testing import run_mtt_symmetry
 
 
 @pytest.fixture(scope="module")
@@ -150,51 +150,6 @@ def test_symmetrized_export_through_the_ase_calculator(audit_inputs, tmp_path):
     assert evaluator.copies_per_batch([box]) == 1
     small = ase.Atoms("H" * 4)
     assert evaluator.copies_per_batch([small]) == DEFAULT_ATOMS_PER_BATCH // (4 * 48)
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["missing.ckpt", "--audit", "data.xyz"], "'missing.ckpt' does not exist"),
-        (["model.ckpt", "--audit", "missing.xyz"], "'missing.xyz' does not exist"),
-        (["data.xyz", "--audit", "data.xyz"], "could not read 'data.xyz'"),
-        (
-            ["model.ckpt", "--audit", "data.xyz", "--outputs", "dipole"],
-            "unknown output 'dipole'",
-        ),
-        (
-            ["model.ckpt", "--audit", "data.xyz", "--targets", "energy=nope"],
-            "no target 'nope'",
-        ),
-        (["model.ckpt", "--audit", "data.xyz", "--grid-degree", "3"], "--symmetrize"),
-        (["model.ckpt", "--audit", "data.xyz", "-o", "data.xyz"], "--force"),
-        (["model.ckpt", "--audit", "data.xyz", "-o", "model.txt"], "must end with .pt"),
-    ],
-)
-def test_export_command_bad_input(
-    audit_inputs, arguments, message, capsys, monkeypatch
-):
-    monkeypatch.chdir(audit_inputs)
-    if "-o" not in arguments:
-        arguments = [*arguments, "-o", "exported.pt"]
-    check_clean_failure(main, ["export", *arguments], audit_inputs, capsys, message)
-
-
-def test_interrupted_export_leaves_nothing(audit_inputs, tmp_path, monkeypatch):
-    from metatrain_symmetry.audit import export as export_module
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(export_module.os, "replace", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        msym.export_audited(
-            audit_inputs / "model.ckpt",
-            tmp_path / "model.pt",
-            audit_inputs / "data.xyz",
-            max_lambda=1,
-        )
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_metadata_holds_what_the_audit_command_writes(exported, audit_inputs, tmp_path):
