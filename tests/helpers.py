@@ -409,3 +409,22 @@ class NoForwardMode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gradient):
         return gradient
+
+
+def assert_same_tensors(output, expected, quantities, rtol=1e-12, atol=1e-15):
+    """Every ``<name>.<quantity>.mts`` file in ``output`` is the TensorMap of
+    ``expected`` (an analysis result), and no other TensorMap was written."""
+    import metatensor.torch as mts
+
+    from metatrain_symmetry.diagnostics import file_stem
+
+    for name in expected.outputs:
+        for quantity in quantities:
+            written = mts.load(str(output / f"{file_stem(name)}.{quantity}.mts"))
+            tensor = getattr(expected, quantity)[name]
+            assert mts.allclose(written, tensor, rtol=rtol, atol=atol), (
+                name,
+                quantity,
+            )
+    files = sorted(path.name for path in output.glob("*.mts"))
+    assert len(files) == len(expected.outputs) * len(quantities)

@@ -8,6 +8,7 @@ import torch
 
 from metatrain_symmetry.testing import run_mtt_symmetry as mtt_symmetry
 from metatrain_symmetry.testing import tiny_pet
+from tests.helpers import assert_same_tensors
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +55,7 @@ def test_analyze_end_to_end(inputs, tmp_path):
         inputs / "model.ckpt", ase.io.read(inputs / "data.xyz", ":"), names, 2
     )
     quantities = ("variance", "character_projection", "average", "spectrum")
-    for name in names:
-        for quantity in quantities:
-            stem = msym.diagnostics.file_stem(name)
-            written = mts.load(str(output / f"{stem}.{quantity}.mts"))
-            tensor = getattr(expected, quantity)[name]
-            assert mts.allclose(written, tensor, rtol=1e-10, atol=1e-14), (
-                name,
-                quantity,
-            )
-    written_files = sorted(path.name for path in output.glob("*.mts"))
-    assert len(written_files) == len(names) * len(quantities)
+    assert_same_tensors(output, expected, quantities, rtol=1e-10, atol=1e-14)
     assert (output / "spectra.png").stat().st_size > 0
     assert "`energy`" in (output / "summary.md").read_text()
 

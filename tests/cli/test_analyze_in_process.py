@@ -14,6 +14,7 @@ from metatrain_symmetry.cli.main import main
 from metatrain_symmetry.diagnostics import file_stem, summary_table
 from metatrain_symmetry.infinitesimal import infinitesimal_csv, infinitesimal_table
 from metatrain_symmetry.testing import check_clean_failure
+from tests.helpers import assert_same_tensors
 
 
 LAYER = "mtt::feature::gnn_layers.0_node"
@@ -25,21 +26,6 @@ def arguments(inputs, output, *extra, data=None):
     ``data.xyz``), writing ``output``."""
     model, data = inputs / "model.ckpt", data or inputs / "data.xyz"
     return ["analyze", str(model), str(data), "-o", str(output), *extra]
-
-
-def assert_same_tensors(output, expected, quantities):
-    """Every ``<name>.<quantity>.mts`` file in ``output`` is the TensorMap of
-    ``expected``, and nothing else was written."""
-    for name in expected.outputs:
-        for quantity in quantities:
-            written = mts.load(str(output / f"{file_stem(name)}.{quantity}.mts"))
-            tensor = getattr(expected, quantity)[name]
-            assert mts.allclose(written, tensor, rtol=1e-12, atol=1e-15), (
-                name,
-                quantity,
-            )
-    files = sorted(path.name for path in output.glob("*.mts"))
-    assert len(files) == len(expected.outputs) * len(quantities)
 
 
 def test_grid_analysis_writes_what_the_api_returns(
