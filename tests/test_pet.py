@@ -139,3 +139,31 @@ def test_capture_cleanup_drops_the_hooks_of_a_failed_block():
     with capture_cleanup(module):
         module[1].register_forward_hook(lambda *args: None)
     assert len(module[1]._forward_hooks) == 1
+
+
+def test_last_layer_features_without_their_target():
+    """PET runs a target's last layers only when the target is requested: their
+    features are listed for every target and captured without it, equal to the
+    capture made alongside the target."""
+    model = msym.load_model(tiny_pet(), dtype=torch.float64)
+    last = [name for name in model.features if "_last_layers." in name]
+    assert sorted(last) == [
+        f"mtt::feature::{kind}_last_layers.{target}.0.{target}___0"
+        for kind in ("edge", "node")
+        for target in ("energy", "non_conservative_force")
+    ]
+    systems = prepare_systems([ase.build.molecule("CH3OH")], model)
+    alone = model(systems, {name: ModelOutput(sample_kind="atom") for name in last})
+    assert sorted(alone) == sorted(last)
+    for name in last:
+        target = name.split(".")[1]
+        both = model(
+            systems,
+            {
+                name: ModelOutput(sample_kind="atom"),
+                target: model.module.outputs[target],
+            },
+        )
+        values = alone[name].block().values
+        assert values.shape[0] >= 6 and values.abs().max() > 0
+        assert torch.equal(values, both[name].block().values)

@@ -27,7 +27,12 @@ from metatomic.torch import (
 )
 
 from ._utils import first_line
-from .pet import capture_cleanup, discover_features, unknown_feature_message
+from .pet import (
+    capture_cleanup,
+    discover_features,
+    outputs_for_features,
+    unknown_feature_message,
+)
 from .quantities import DERIVED_OUTPUTS, FEATURE_PREFIX, QUANTITIES, quantity
 from .training_targets import ModelTarget, recorded_targets
 
@@ -299,8 +304,10 @@ class LoadedModel:
         wants_features = any(name.startswith(FEATURE_PREFIX) for name in outputs)
         if not wants_features or isinstance(self.module, torch.jit.ScriptModule):
             return self.module(systems, outputs, selected_atoms)
+        evaluated = outputs_for_features(self.module, outputs)
         with capture_cleanup(self.module):
-            return self.module(systems, outputs, selected_atoms)
+            results = self.module(systems, evaluated, selected_atoms)
+        return {name: results[name] for name in outputs}
 
     def __repr__(self) -> str:
         name = type(self.module).__name__

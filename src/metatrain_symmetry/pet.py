@@ -115,7 +115,8 @@ def discover_features(
         handles.append(submodule.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            module([system], {"energy": ModelOutput(sample_kind="system")}, None)
+            # every target: PET runs a target's last layers only when it is asked for
+            module([system], _target_outputs(module, module.target_names), None)
     except Exception:
         pass
     finally:
@@ -137,6 +138,45 @@ def discover_features(
                 continue  # centre-token layer, see docstring
             features.append(FEATURE_PREFIX + path)
     return features
+
+
+def _target_outputs(module: torch.nn.Module, targets: list[str]) -> dict:
+    return {
+        name: module.outputs.get(name, ModelOutput(sample_kind="system"))
+        for name in targets
+    }
+
+
+def last_layer_targets(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """The targets whose last layers compute some of the features ``names``.
+
+    PET runs the last layers of a target only when that target is requested, so
+    a capture of ``node_last_layers.energy...`` needs ``energy`` among the
+    outputs. Empty for other models.
+    """
+    if not is_pet(module):
+        return []
+    paths = [name[len(FEATURE_PREFIX) :] for name in names]
+    return [
+        target
+        for target in module.target_names
+        if any(
+            path.startswith(
+                (f"node_last_layers.{target}.", f"edge_last_layers.{target}.")
+            )
+            for path in paths
+        )
+    ]
+
+
+def outputs_for_features(
+    module: torch.nn.Module, outputs: dict[str, ModelOutput]
+) -> dict[str, ModelOutput]:
+    """``outputs`` with the targets whose last layers compute its requested
+    features (see :py:func:`last_layer_targets`) added."""
+    features = [name for name in outputs if name.startswith(FEATURE_PREFIX)]
+    missing = [t for t in last_layer_targets(module, features) if t not in outputs]
+    return {**outputs, **_target_outputs(module, missing)}
 
 
 def _capturable(tensor, n_atoms: int) -> bool:
