@@ -7,9 +7,10 @@ missing reference value always gives the same clear error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ._utils import first_line
 __all__ = [
     "CLOSE_ATOMS_DISTANCE",
     "check_close_atoms",
+    "close_atoms_reported",
     "read_structures",
     "reference_value",
 ]
@@ -34,13 +36,19 @@ symmetry numbers of such a structure mean nothing"""
 def check_close_atoms(frames: Sequence, allow: bool = False) -> None:
     """Refuse structures with two atoms closer than :py:data:`CLOSE_ATOMS_DISTANCE`.
 
-    :param frames: ``ase.Atoms`` structures
+    :param frames: structures; only ``ase.Atoms`` are checked (metatomic
+        ``System`` objects, in the model's length unit, are left to the caller)
     :param allow: warn instead of raising
     :raises ValueError: naming the first such structure and pair of atoms
     """
+    from ase import Atoms
     from ase.neighborlist import neighbor_list
 
+    if not isinstance(frames, (list, tuple)):
+        frames = [frames]  # a single structure, as prepare_systems takes it
     for index, atoms in enumerate(frames):
+        if not isinstance(atoms, Atoms):
+            continue
         first, second, distances = neighbor_list("ijd", atoms, CLOSE_ATOMS_DISTANCE)
         if len(distances) == 0:
             continue
@@ -58,15 +66,31 @@ def check_close_atoms(frames: Sequence, allow: bool = False) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+@contextlib.contextmanager
+def close_atoms_reported() -> Iterator[None]:
+    """Silence the close-atoms warnings raised inside the block: for a workflow
+    that checked its structures and hands them on to functions that check them
+    again (the training dynamics analyses them once per checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _CLOSE_ATOMS_WARNING, UserWarning)
+        yield
+
+
+_CLOSE_ATOMS_WARNING = r"structure \d+ has atoms \d+ and \d+ .* apart"
+
+
 def read_structures(
-    path: str | os.PathLike, what: str = "data", allow_close_atoms: bool = False
+    path: str | os.PathLike,
+    what: str = "data",
+    allow_close_atoms: bool | None = False,
 ) -> list:
     """Read every structure of a file with ASE.
 
     :param path: any file ASE can read
     :param what: what the file holds, for error messages (``"data"``,
         ``"training"``, ``"validation"``)
-    :param allow_close_atoms: see :py:func:`check_close_atoms`
+    :param allow_close_atoms: see :py:func:`check_close_atoms`; ``None`` leaves
+        the check to the function the structures go to
     :return: the ``ase.Atoms`` of the file, at least one
     """
     import ase.io
@@ -83,7 +107,8 @@ def read_structures(
         ) from error
     if len(frames) == 0:
         raise ValueError(f"'{path}' contains no structures")
-    check_close_atoms(frames, allow_close_atoms)
+    if allow_close_atoms is not None:
+        check_close_atoms(frames, allow_close_atoms)
     return frames
 
 

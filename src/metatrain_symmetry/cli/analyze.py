@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(
         args.model, dtype=settings.pop("dtype"), device=settings.pop("device")
     )
-    frames = read_structures(args.data, allow_close_atoms=args.allow_close_atoms)
+    # analyze() and infinitesimal() check the structures
+    frames = read_structures(args.data, allow_close_atoms=None)
     features = settings.pop("features")
     names = list(args.outputs) + (model.features if features == "all" else features)
     if len(names) == 0:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> None:
         per_atom=args.per_atom,
         distributed=args.context.is_distributed,
         work_dir=work_dir,
+        allow_close_atoms=args.allow_close_atoms,
     )
     if result is None:
         return
@@ -142,6 +144,7 @@ def _run_infinitesimal(args, output: Path, model, frames, names, batch_size) -> 
         progress=True,
         distributed=args.context.is_distributed,
         work_dir=work_dir,
+        allow_close_atoms=args.allow_close_atoms,
     )
     if result is None:
         return

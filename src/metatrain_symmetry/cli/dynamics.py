@@ -68,11 +68,13 @@ def run(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist")
     dynamics = training_dynamics(
         checkpoints,
-        read_structures(data, allow_close_atoms=args.allow_close_atoms),
+        # training_dynamics() checks the structures
+        read_structures(data, allow_close_atoms=None),
         outputs=args.outputs,
         **options.shared_settings(args),
         progress=True,
         weights=args.weights,
+        allow_close_atoms=args.allow_close_atoms,
     )
     options.write_output(output, partial(save_dynamics, dynamics))
     print(dynamics_markdown(dynamics))

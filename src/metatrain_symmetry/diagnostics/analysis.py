@@ -20,6 +20,7 @@ from metatomic.torch import ModelOutput, System
 
 from .._utils import is_integer, name_list, sha256_of_file
 from .._version import __version__
+from ..data import check_close_atoms
 from ..distributed import DistributedContext, run_resumable
 from ..engine import RotatedEvaluator
 from ..grid import O3Grid
@@ -284,6 +285,7 @@ def analyze(
     per_atom: bool = False,
     distributed: bool = False,
     work_dir: str | os.PathLike | None = None,
+    allow_close_atoms: bool = False,
 ) -> AnalysisResult | None:
     """Rotational analysis of a model's outputs and internal features.
 
@@ -315,9 +317,12 @@ def analyze(
         and reuse the shards a previous, interrupted run with the same model
         file, structures and settings saved there (another run's directory is
         refused); the directory is kept: remove it once the result is saved
+    :param allow_close_atoms: warn, instead of raising, on structures with atoms
+        closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
     :return: the analysis, see :py:class:`AnalysisResult`; ``None`` on ranks
         other than 0 when ``distributed``
     """
+    check_close_atoms(systems, allow_close_atoms)
     context = run_context(distributed)
     plan = AnalysisPlan(model, outputs, max_lambda, grid, batch_size, per_atom)
     systems = plan.prepare(systems)

@@ -13,6 +13,7 @@ import ase
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
+from ..data import check_close_atoms, close_atoms_reported
 from ..diagnostics import DEFAULT_MAX_LAMBDA, AnalysisResult, analyze
 from ..grid import O3Grid
 from ..models import LoadedModel
@@ -39,6 +40,7 @@ def training_dynamics(
     progress: bool = False,
     weights: str = "epoch",
     dtype: torch.dtype | None = None,
+    allow_close_atoms: bool = False,
 ) -> TrainingDynamics:
     """Spectra of outputs and internal features across training checkpoints.
 
@@ -67,12 +69,15 @@ def training_dynamics(
         and ``mtt export`` use
     :param dtype: run every checkpoint in this precision (e.g. ``torch.float64``
         for a model trained in float32); by default its own
+    :param allow_close_atoms: warn, instead of raising, on structures with atoms
+        closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
     :return: the spectra against epoch, see :py:class:`TrainingDynamics`
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {list(WEIGHTS)}, got '{weights}'")
     paths = _checkpoint_paths(checkpoints)
     frames = _frame_list(frames)
+    check_close_atoms(frames, allow_close_atoms)
     # first pass: epochs and names, so that bad input fails before any analysis
     stored_epochs, names = _survey(paths, outputs, features, weights)
     paths, epochs, source = _in_epoch_order(paths, stored_epochs)
@@ -209,7 +214,9 @@ def _analyse_checkpoints(
     results: list[AnalysisResult] = []
     for path in iterator:
         model, _ = load(path)
-        result = analyze(model, frames, names, **settings)
+        # the structures were checked once, before the first checkpoint
+        with close_atoms_reported():
+            result = analyze(model, frames, names, **settings, allow_close_atoms=True)
         settings = {**settings, "grid": result.grid}
         if len(results) > 0:
             # keep only what the dynamics needs of all but the last checkpoint

@@ -14,6 +14,7 @@ from metatomic.torch import System
 from .._utils import first_line, is_integer, name_list, progress_bar
 from .._version import __version__
 from ..copies import prepare_rotations
+from ..data import check_close_atoms
 from ..diagnostics import (
     model_fingerprint,
     output_request,
@@ -65,6 +66,7 @@ def infinitesimal(
     progress: bool = False,
     distributed: bool = False,
     work_dir: str | os.PathLike | None = None,
+    allow_close_atoms: bool = False,
 ) -> InfinitesimalResult | None:
     """Infinitesimal symmetry metrics: the Lie derivatives of outputs and
     features along the three generators of rotations, their parity under the
@@ -92,10 +94,13 @@ def infinitesimal(
         and reuse the shards a previous, interrupted run with the same model
         file, structures and settings saved there (another run's directory is
         refused); the directory is kept: remove it once the result is saved
+    :param allow_close_atoms: warn, instead of raising, on structures with atoms
+        closer than :py:data:`~metatrain_symmetry.data.CLOSE_ATOMS_DISTANCE`
     :return: see :py:class:`InfinitesimalResult`; ``None`` on ranks other than 0
         when ``distributed``. Spread over shards (``distributed`` or
         ``work_dir``), its tensors are on the CPU
     """
+    check_close_atoms(systems, allow_close_atoms)
     model = load_model(model)
     names = _checked_names(model, [*outputs, *features], batch_size, method)
     systems = prepare_systems(systems, model)
