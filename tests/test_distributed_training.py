@@ -18,7 +18,9 @@ same rotation to the same copy of the same structure, and any difference left is
 in how gradients are combined across processes.
 """
 
+import os
 import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -199,6 +201,11 @@ def train(rank, world_size, port, gamma, output, loss=None):
         )
     if distributed:
         dist.destroy_process_group()
+        # gloo's threads outlive the group after forward-mode differentiation,
+        # and may abort the interpreter's shutdown (docs/src/distributed.rst)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def free_port():

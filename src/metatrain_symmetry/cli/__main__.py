@@ -1,8 +1,6 @@
 """``python -m metatrain_symmetry.cli``: the ``mtt-symmetry`` command."""
 
-import sys
-
-from .main import main
+from .main import entry_point
 
 
-sys.exit(main())
+entry_point()

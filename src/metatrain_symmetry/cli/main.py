@@ -4,6 +4,8 @@ distributed runs, and one-line errors."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 import torch
@@ -97,3 +99,23 @@ def _report(command: str, error: BaseException) -> int:
         raise error
     print(f"mtt-symmetry {command}: error: {first_line(error)}", file=sys.stderr)
     return 2
+
+
+def entry_point() -> None:
+    """The ``mtt-symmetry`` program: :py:func:`main`, then exit with its code.
+
+    A process started by ``torchrun`` or ``srun`` ends with ``os._exit`` once its
+    files are written and its output flushed, skipping the interpreter's shutdown.
+    In torch 2.13, forward-mode differentiation under ``no_grad`` (the
+    infinitesimal screen) keeps gloo's worker threads alive after
+    ``destroy_process_group``; when such a thread frees a finished collective
+    while the interpreter shuts down, the process aborts ("terminate called
+    without an active exception") after having done its work.
+    """
+    code = main()
+    if environment_world_size() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
