@@ -14,6 +14,8 @@ default random O(3) augmentation, three ways:
 - ``method: generators``: the same loss penalising the squared Lie derivatives,
   from three copies of every structure evaluated in forward mode (and
   back-propagated through);
+- ``method: generators`` with ``directions: random``: one copy of every
+  structure, along a random direction;
 - ``monitor: true`` with ``gamma: 0``: plain training that logs the squared Lie
   derivatives of the validation structures (at most 16) every epoch;
 
@@ -76,6 +78,13 @@ loss:
   non_conservative_force: {type: equivariance, gamma: 1.0, method: generators}
 """
 GENERATORS_TARGET = 1.5
+
+RANDOM_GENERATORS = """\
+loss:
+  energy: {type: equivariance, gamma: 1.0, method: generators, directions: random}
+  non_conservative_force:
+    {type: equivariance, gamma: 1.0, method: generators, directions: random}
+"""
 
 MONITORED = """\
 loss:
@@ -211,6 +220,7 @@ def _variants(rotations: list[int], only: list[str] | None) -> dict:
     for n_rotations in rotations:
         variants[f"R={n_rotations}"] = (PENALISED.format(R=n_rotations), PET_TARGETS)
     variants["generators"] = (GENERATORS, PET_TARGETS)
+    variants["random generators"] = (RANDOM_GENERATORS, PET_TARGETS)
     variants["monitor"] = (MONITORED, PET_TARGETS)
     variants["conservative"] = (CONSERVATIVE_PLAIN, CONSERVATIVE_TARGETS)
     variants["conservative energy generators"] = (
@@ -254,6 +264,12 @@ def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> 
     ]
     compared += [
         ("generators", "method: generators", "plain", GENERATORS_TARGET),
+        (
+            "random generators",
+            "method: generators, directions: random",
+            "plain",
+            GENERATORS_TARGET,
+        ),
         ("monitor", "gamma 0 with monitor: true", "plain", MONITOR_TARGET),
         (
             "conservative energy generators",

@@ -2,8 +2,6 @@
 reduction to the base loss at gamma = 0, L_sigma against closed-form equivariance
 errors of hand-written models, and option validation."""
 
-import math
-
 import pytest
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -14,13 +12,8 @@ from metatrain.utils.data.target_info import (
 )
 from metatrain.utils.loss import TensorMapHuberLoss, TensorMapMSELoss
 
-from metatrain_symmetry.losses import (
-    EquivarianceLoss,
-    PenaltyContext,
-    TrainingStep,
-    check_loss_options,
-    check_options,
-)
+from metatrain_symmetry.lie_predictions import random_directions
+from metatrain_symmetry.losses import EquivarianceLoss, PenaltyContext, TrainingStep
 from tests.helpers import NoForwardMode
 
 
@@ -167,7 +160,13 @@ def make_systems(seed=0):
 
 
 def penalty_for(
-    name, matrix, n_rotations=None, gradient=None, per_structure=(), method="rotations"
+    name,
+    matrix,
+    n_rotations=None,
+    gradient=None,
+    per_structure=(),
+    method="rotations",
+    directions=None,
 ):
     model = LinearModel(matrix)
     systems = make_systems()
@@ -181,6 +180,7 @@ def penalty_for(
         n_rotations=n_rotations,
         method=method,
         context=context,
+        directions=directions,
     )
     context.step = TrainingStep(
         model, systems, {name: infos[name]}, list(per_structure)
@@ -260,6 +260,60 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     penalty.backward()
     expected.backward()
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
+def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(name):
+    """``directions: random`` rotates one copy of each structure along
+    ``n . G`` with ``n`` drawn from the context's generator: the penalty is
+    ``3 |[D, n . G] x|^2`` averaged, and its gradient that of the closed form."""
+    penalty, model, systems = penalty_for(
+        name, ANISOTROPIC, method="generators", directions="random"
+    )
+    directions = random_directions(
+        len(systems), torch.Generator().manual_seed(1), torch.float64, "cpu"
+    )
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    squares = []
+    for system, n in zip(systems, directions, strict=True):
+        g = torch.einsum("k,kij->ij", n, generators())
+        lie = system.positions @ (matrix @ g - g @ matrix).T
+        squares.append(3 * lie.square().sum(dim=1))
+    expected = torch.cat(squares).mean() / 3
+    assert float(expected.detach()) > 1e-3
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+
+
+def test_random_direction_penalty_is_unbiased():
+    """Over many steps the mean of the random-direction penalty is the exact
+    penalty along the three generators (``E[n n^T] = I / 3``), within the
+    standard error of the mean."""
+    model = LinearModel(ANISOTROPIC)
+    systems = make_systems()
+    name = "non_conservative_force"
+    context = PenaltyContext(seed=3)
+    loss = EquivarianceLoss(
+        name,
+        None,
+        1.0,
+        "mean",
+        method="generators",
+        directions="random",
+        context=context,
+    )
+    values = []
+    with torch.no_grad():
+        for _ in range(400):
+            context.step = TrainingStep(model, systems, {name: target_infos()[name]})
+            values.append(float(loss.penalty()))
+    values = torch.tensor(values, dtype=torch.float64)
+    exact = vector_generator_penalty(systems, model.matrix.detach())
+    error = values.std() / len(values) ** 0.5
+    assert float(values.std()) > 0.05 * float(exact)
+    assert abs(float(values.mean() - exact)) < 3 * float(error)
 
 
 class OpaqueModel(LinearModel):
@@ -484,59 +538,6 @@ def test_compute_adds_gamma_times_penalty():
     assert torch.equal(loss.compute(predictions, targets), base)
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"gamma": -1.0}, "training.loss.energy.gamma"),
-        ({"gamma": math.nan}, "training.loss.energy.gamma"),
-        ({"n_rotations": 1}, "training.loss.energy.n_rotations"),
-        ({"n_rotations": 2.5}, "training.loss.energy.n_rotations"),
-        ({"base": "masked_mse"}, "training.loss.energy.base"),
-        ({"sigma": 1.0}, "training.loss.energy.sigma"),
-        ({"delta": 0.5}, "training.loss.energy.delta"),
-        ({"base": "huber", "delta": -1.0}, "training.loss.energy.delta"),
-        ({"method": "grids"}, "training.loss.energy.method"),
-        (
-            {"method": "generators", "n_rotations": 2},
-            "training.loss.energy.n_rotations applies to method: rotations",
-        ),
-    ],
-)
-def test_invalid_options_name_the_option(options, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        check_options({"type": "equivariance", **options}, "training.loss.energy")
-    # the class checks the same (unknown keywords are Python's TypeError)
-    with pytest.raises(
-        (ValueError, TypeError), match="gamma|n_rotations|base|delta|sigma|method"
-    ):
-        EquivarianceLoss("energy", None, 1.0, "mean", **options)
-
-
-def test_defaults_and_nested_entries():
-    assert check_options({"type": "equivariance"}, "x") == {
-        "base": "mse",
-        "gamma": 1.0,
-        "n_rotations": 2,
-        "method": "rotations",
-    }
-    assert check_options({"base": "huber"}, "x")["delta"] == 1.0
-    check_loss_options({"energy": "mse", "force": {"type": "mae"}})
-    with pytest.raises(ValueError, match=r"training\.loss\.energy\.forces\.gamma"):
-        check_loss_options(
-            {"energy": {"forces": {"type": "equivariance", "gamma": -1}}}
-        )
-    with pytest.raises(
-        ValueError, match=r"training\.loss\.energy\.gradients\.strain\.n_rotations"
-    ):
-        check_loss_options(
-            {
-                "energy": {
-                    "gradients": {"strain": {"type": "equivariance", "n_rotations": 0}}
-                }
-            }
-        )
-
-
 def test_generator_penalty_of_conservative_forces():
     # the position gradient D x_i of x.Dx/2 has L_k = [D, G_k] x_i, as the
     # non-conservative D x_i above; positions gradients are not divided by the
@@ -581,28 +582,6 @@ def test_generator_penalty_of_the_stress():
         "energy", 0.7 * torch.eye(3), gradient="strain", method="generators"
     )
     assert penalty.item() < 1e-26
-
-
-def test_gradient_entries_accept_generators():
-    checked = check_options(
-        {"type": "equivariance", "method": "generators"}, "where", gradient=True
-    )
-    assert checked["method"] == "generators"
-    check_loss_options(
-        {"energy": {"forces": {"type": "equivariance", "method": "generators"}}}
-    )
-    with pytest.raises(ValueError, match=r"training\.loss\.energy\.forces\.n_rot"):
-        check_loss_options(
-            {
-                "energy": {
-                    "forces": {
-                        "type": "equivariance",
-                        "method": "generators",
-                        "n_rotations": 3,
-                    }
-                }
-            }
-        )
 
 
 @pytest.mark.parametrize(

@@ -53,11 +53,19 @@ loss:
 
 
 def equivariance_loss(
-    energy_gamma: float, force_gamma: float, method: str = "rotations", extra=""
+    energy_gamma: float,
+    force_gamma: float,
+    method: str = "rotations",
+    extra="",
+    both="",
 ) -> str:
+    """The loss section; ``extra`` is added to the forces' entry, ``both`` to
+    both entries."""
     copies = "n_rotations: 2" if method == "rotations" else f"method: {method}"
-    energy = f"{{type: equivariance, base: mse, gamma: {energy_gamma}, {copies}}}"
-    force = f"{{type: equivariance, gamma: {force_gamma}, method: {method}{extra}}}"
+    energy = f"{{type: equivariance, base: mse, gamma: {energy_gamma}, {copies}{both}}}"
+    force = (
+        f"{{type: equivariance, gamma: {force_gamma}, method: {method}{extra}{both}}}"
+    )
     return f"loss:\n  energy: {energy}\n  non_conservative_force: {force}\n"
 
 
@@ -190,6 +198,12 @@ def runs(tmp_path_factory):
             root / "conservative",
             pet_options("", targets=testing.CONSERVATIVE_TARGETS),
         ),
+        root / "random_generators": start(
+            root / "random_generators",
+            pet_options(
+                equivariance_loss(30, 30, "generators", both=", directions: random")
+            ),
+        ),
         root / "conservative_generators": start(
             root / "conservative_generators",
             pet_options(CONSERVATIVE_GENERATORS, targets=testing.CONSERVATIVE_TARGETS),
@@ -250,6 +264,17 @@ def test_generator_penalty_lowers_the_equivariance_error(runs):
     rows = metrics(runs / "generators")
     assert float(rows[-1]["training L_sigma(non_conservative_force)"]) < float(
         rows[0]["training L_sigma(non_conservative_force)"]
+    )
+
+
+def test_random_direction_penalty_lowers_the_equivariance_error(runs):
+    """``directions: random`` (one copy along a random direction instead of
+    three along the generators) also teaches the symmetry."""
+    assert force_error_ratio(runs, "random_generators") < 0.9
+    rows = metrics(runs / "random_generators")
+    assert len(rows) == EPOCHS
+    assert all(
+        float(row["training L_sigma(non_conservative_force)"]) > 0 for row in rows
     )
 
 

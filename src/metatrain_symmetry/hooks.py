@@ -144,7 +144,8 @@ def _patch_loss(module: ModuleType) -> None:
 
     def make_create_loss(original):
         def create_loss(loss_type, *, name, gradient, weight, reduction, **extra):
-            from .losses import LOSS_TYPE, EquivarianceLoss
+            from .loss_options import LOSS_TYPE
+            from .losses import EquivarianceLoss
 
             if loss_type != LOSS_TYPE:
                 return original(
@@ -259,7 +260,7 @@ def _patch_architectures(module: ModuleType) -> None:
 
     def make_wrapper(original):
         def check_architecture_options(name, options, *args, **kwargs):
-            from .losses import check_loss_options
+            from .loss_options import check_loss_options
 
             training = options.get("training") if hasattr(options, "get") else None
             if hasattr(training, "get"):

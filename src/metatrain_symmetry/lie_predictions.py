@@ -12,6 +12,7 @@ targets' from forward mode on three copies.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .rotated_predictions import (
 )
 
 
-__all__ = ["LieDerivatives", "evaluate_lie_derivatives"]
+__all__ = ["LieDerivatives", "evaluate_lie_derivatives", "random_directions"]
 
 
 @dataclass
@@ -53,6 +54,7 @@ def evaluate_lie_derivatives(
     wanted: dict[str, set[Optional[str]]],
     create_graph: bool = True,
     predictions: Optional[dict[str, TensorMap]] = None,
+    directions: Optional[torch.Tensor] = None,
 ) -> LieDerivatives:
     """The Lie derivatives of the step's predictions that ``wanted`` names.
 
@@ -77,6 +79,12 @@ def evaluate_lie_derivatives(
     :param create_graph: keep the graph to the model's parameters
     :param predictions: the step's own predictions in the units of the loss, with
         the gradients it computed
+    :param directions: ``(n_systems, 3)`` unit vectors ``n``: the forward-mode
+        evaluation then takes one copy of the batch, rotated along
+        ``sum_k n_k G_k``, instead of three, and gives for each such value the
+        single row ``sqrt(3) L_n z``, whose square is an unbiased estimate of
+        ``sum_k |L_k z|^2`` for ``n`` uniform on the sphere (see
+        :py:func:`random_directions`); the other values keep their three rows
     """
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
@@ -96,7 +104,7 @@ def evaluate_lie_derivatives(
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
     if dual:
-        values.update(_lie_derivatives_of_values(step, dual, create_graph))
+        values.update(_lie_derivatives_of_values(step, dual, create_graph, directions))
     if reverse:
         values.update(reverse_lie_derivatives(step, reverse, create_graph))
     return LieDerivatives(values)
@@ -106,11 +114,25 @@ def evaluate_lie_derivatives(
 _WITHOUT_FORWARD_MODE: weakref.WeakSet = weakref.WeakSet()
 
 
+def random_directions(
+    n_systems: int, generator: torch.Generator, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """``(n_systems, 3)`` unit vectors drawn uniformly on the sphere (normalized
+    Gaussian vectors), for which ``E[n n^T] = I / 3``."""
+    vectors = torch.randn(n_systems, 3, generator=generator, dtype=torch.float64)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    return vectors.to(dtype=dtype, device=device)
+
+
 def _lie_derivatives_of_values(
-    step: TrainingStep, targets: list[str], create_graph: bool
+    step: TrainingStep,
+    targets: list[str],
+    create_graph: bool,
+    directions: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Lie derivatives of the values of ``targets``: by forward mode, or by
-    double backward for a model with an operation that has no forward-mode
+    """Lie derivatives of the values of ``targets``: by forward mode (along
+    ``directions`` when given), or by double backward, along the three
+    generators, for a model with an operation that has no forward-mode
     derivative (said once, then remembered for the model)."""
     from .generators import lacks_forward_mode
 
@@ -118,6 +140,8 @@ def _lie_derivatives_of_values(
     if model not in _WITHOUT_FORWARD_MODE:
         try:
             with contextlib.nullcontext() if create_graph else torch.no_grad():
+                if directions is not None:
+                    return _directional_lie_derivatives(step, targets, directions)
                 return _forward_lie_derivatives(step, targets)
         except (RuntimeError, NotImplementedError) as error:
             if not lacks_forward_mode(error):
@@ -236,3 +260,46 @@ def _copy_pairs(
             [(block.values[copy == k], tangent.values[copy == k]) for k in range(3)]
         )
     return pairs
+
+
+def _directional_lie_derivatives(
+    step: TrainingStep, targets: list[str], directions: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``sqrt(3) L_n z`` of the values of ``targets``, ``(1, n_values)``, from one
+    copy of each system ``s`` whose rotation is the dual number ``I + t sum_k
+    n_sk G_k``: ``L_n z = D_n z - sum_k n_sk d rho(G_k) z``."""
+    from .generators import apply_generator, so3_generators, split_dual
+    from .irreps import block_layout
+
+    systems = step.systems
+    positions = systems[0].positions
+    eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+    generators = so3_generators(positions.dtype, positions.device)
+    directions = directions.to(dtype=positions.dtype, device=positions.device)
+    infos = requested_targets(step.targets, {name: set() for name in targets})
+    with differentiable_attention(), forward_ad.dual_level():
+        rotations = forward_ad.make_dual(
+            eye.expand(len(systems), 3, 3).clone(),
+            torch.einsum("sk,kij->sij", directions, generators),
+        )
+        rotated = copy_major_systems(systems, rotations, 1)
+        predictions = predictions_in_loss_units(step, rotated, infos)
+        split = {name: split_dual(tensor) for name, tensor in predictions.items()}
+    lie = {}
+    for name, (values, tangents) in split.items():
+        parts = []
+        for (key, block), tangent in zip(
+            values.items(), tangents.blocks(), strict=True
+        ):
+            layout = block_layout(
+                name, list(values.keys.names), key.values, block.components
+            )
+            system = block.samples.column("system").to(torch.long)
+            weights = directions[system].reshape(-1, 3, *[1] * (block.values.ndim - 1))
+            rotated_values = sum(
+                weights[:, k] * apply_generator(block.values, layout, generators[k])
+                for k in range(3)
+            )
+            parts.append((tangent.values - rotated_values).reshape(-1))
+        lie[name] = math.sqrt(3.0) * torch.cat(parts).unsqueeze(0)
+    return lie

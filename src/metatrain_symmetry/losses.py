@@ -22,7 +22,9 @@ the same normalized units): zero exactly when the prediction is equivariant,
 with no random rotation. It applies to the values of any target and to the
 forces and stress of an energy; how the derivatives are taken (from the step's
 own gradients, a reverse-mode copy or a forward-mode evaluation) is in
-:py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`.
+:py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`. With
+``directions: random``, the forward-mode evaluation takes one random direction per
+structure and step instead of the three generators, an unbiased estimate.
 
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
@@ -36,7 +38,6 @@ subclasses. They find the model and systems of the current training step in a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -44,9 +45,13 @@ import torch
 from metatensor.torch import TensorMap
 from metatrain.utils.loss import LossInterface, LossType
 
-from ._utils import is_integer
 from .lie_energies import with_strain_gradient
-from .lie_predictions import LieDerivatives, evaluate_lie_derivatives
+from .lie_predictions import (
+    LieDerivatives,
+    evaluate_lie_derivatives,
+    random_directions,
+)
+from .loss_options import check_options
 from .monitor import ValidationMonitor
 from .penalties import equivariance_penalty, generator_penalty
 from .rotated_predictions import (
@@ -57,163 +62,7 @@ from .rotated_predictions import (
 )
 
 
-__all__ = [
-    "BASE_LOSSES",
-    "PENALTY_METHODS",
-    "DEFAULTS",
-    "LOSS_TYPE",
-    "EquivarianceLoss",
-    "PenaltyContext",
-    "check_loss_options",
-    "check_options",
-]
-
-LOSS_TYPE = "equivariance"
-"""The ``type`` of the equivariance loss in metatrain options."""
-
-BASE_LOSSES = ("mse", "mae", "huber")
-"""Built-in pointwise metatrain losses usable as ``base``."""
-
-DEFAULTS = {"base": "mse", "gamma": 1.0, "n_rotations": 2, "method": "rotations"}
-
-PENALTY_METHODS = ("rotations", "generators")
-"""how ``L_sigma`` is estimated: the variance over random rotated copies, or the
-squared Lie derivatives along the generators of rotations"""
-
-# left to metatrain, including its energy shorthands for the gradient entries
-_GENERIC_OPTIONS = (
-    "type",
-    "weight",
-    "reduction",
-    "gradients",
-    "forces",
-    "stress",
-    "virial",
-)
-_OPTIONS = (*DEFAULTS, "delta", "monitor")
-
-
-def check_options(
-    options: Mapping[str, Any], where: str, gradient: bool = False
-) -> dict[str, Any]:
-    """Validate the options of one equivariance loss entry.
-
-    :param options: the entry, as written under ``training.loss`` (``type``,
-        ``weight``, ``reduction`` and ``gradients`` are left to metatrain)
-    :param where: the option path used in error messages, e.g.
-        ``"training.loss.energy"``
-    :param gradient: whether the entry is that of a gradient (forces, stress)
-    :return: ``base``, ``gamma``, ``n_rotations``, ``method`` and ``delta`` with
-        defaults filled
-    :raises ValueError: naming the offending option
-    """
-    unknown = [
-        key for key in options if key not in _OPTIONS and key not in _GENERIC_OPTIONS
-    ]
-    if unknown:
-        raise ValueError(
-            f"unknown option {where}.{unknown[0]} for the '{LOSS_TYPE}' loss; "
-            f"known options are {', '.join(_OPTIONS)} (and weight, reduction)"
-        )
-    checked = {**DEFAULTS, **{k: options[k] for k in _OPTIONS if k in options}}
-
-    base = checked["base"]
-    if base not in BASE_LOSSES:
-        raise ValueError(
-            f"{where}.base must be one of {', '.join(BASE_LOSSES)}, got {base!r}"
-        )
-    gamma = checked["gamma"]
-    if (
-        isinstance(gamma, bool)
-        or not isinstance(gamma, (int, float))
-        or not math.isfinite(gamma)
-        or gamma < 0
-    ):
-        raise ValueError(f"{where}.gamma must be a finite number >= 0, got {gamma!r}")
-    checked["gamma"] = float(gamma)
-    n_rotations = checked["n_rotations"]
-    if not is_integer(n_rotations):
-        raise ValueError(
-            f"{where}.n_rotations must be an integer >= 2, got {n_rotations!r}"
-        )
-    if n_rotations < 2:
-        raise ValueError(
-            f"{where}.n_rotations must be at least 2 (the variance needs two "
-            f"copies), got {n_rotations}"
-        )
-    _check_method(options, checked["method"], where)
-    if "monitor" in checked:
-        checked["monitor"] = _monitored_structures(checked["monitor"], where, gradient)
-    delta = checked.get("delta")
-    if delta is not None and base != "huber":
-        raise ValueError(f"{where}.delta is only used with base: huber")
-    if base == "huber":
-        delta = 1.0 if delta is None else delta
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta <= 0:
-            raise ValueError(f"{where}.delta must be a positive number, got {delta!r}")
-        checked["delta"] = float(delta)
-    else:
-        checked.pop("delta", None)
-    return checked
-
-
-def _monitored_structures(monitor, where: str, gradient: bool) -> int:
-    """The validation structures that ``monitor`` asks for (0: none)."""
-    from .monitor import MONITOR_STRUCTURES
-
-    if isinstance(monitor, bool):
-        monitor = MONITOR_STRUCTURES if monitor else 0
-    if not is_integer(monitor) or monitor < 0:
-        raise ValueError(
-            f"{where}.monitor must be true, false or a number of validation "
-            f"structures >= 0, got {monitor!r}"
-        )
-    if monitor and gradient:
-        raise ValueError(
-            f"{where}.monitor follows the values of a target, not its gradients: "
-            "set it on the target's own entry"
-        )
-    return int(monitor)
-
-
-def _check_method(options, method, where: str) -> None:
-    if method not in PENALTY_METHODS:
-        raise ValueError(
-            f"{where}.method must be one of {', '.join(PENALTY_METHODS)}, "
-            f"got {method!r}"
-        )
-    if method != "generators":
-        return
-    if "n_rotations" in options:
-        raise ValueError(
-            f"{where}.n_rotations applies to method: rotations; method: generators "
-            "uses no rotated copies: remove one of them"
-        )
-
-
-def check_loss_options(loss: Any, where: str = "training.loss") -> None:
-    """Validate every equivariance entry of a ``training.loss`` section (before
-    metatrain expands it): target entries, their ``gradients`` and the energy
-    shorthands ``forces``, ``stress`` and ``virial``.
-
-    :raises ValueError: naming the offending option
-    """
-    if not isinstance(loss, Mapping):
-        return
-    for target, entry in loss.items():
-        if not isinstance(entry, Mapping):
-            continue
-        path = f"{where}.{target}"
-        if entry.get("type") == LOSS_TYPE:
-            check_options(entry, path)
-        subentries = dict(entry.get("gradients") or {})
-        for shorthand in ("forces", "stress", "virial"):
-            if shorthand in entry:
-                subentries[shorthand] = entry[shorthand]
-        for name, sub in subentries.items():
-            if isinstance(sub, Mapping) and sub.get("type") == LOSS_TYPE:
-                prefix = "gradients." if name not in entry else ""
-                check_options(sub, f"{path}.{prefix}{name}", gradient=True)
+__all__ = ["EquivarianceLoss", "PenaltyContext"]
 
 
 class PenaltyContext:
@@ -334,10 +183,18 @@ class PenaltyContext:
         if cached is not None and loss.label in cached.values:
             return cached
         wanted: dict[str, set] = {}
-        for other in self._active(loss, "generators"):
+        active = self._active(loss, "generators")
+        for other in active:
             wanted.setdefault(other.target, set()).add(other.gradient)
+        directions = None
+        # one evaluation serves every loss: random only when all of them ask
+        if all(other.directions == "random" for other in active):
+            positions = step.systems[0].positions
+            directions = random_directions(
+                len(step.systems), self.generator, positions.dtype, positions.device
+            )
         self._derivatives = evaluate_lie_derivatives(
-            step, wanted, predictions=predictions
+            step, wanted, predictions=predictions, directions=directions
         )
         return self._derivatives
 
@@ -385,7 +242,10 @@ class EquivarianceLoss(LossInterface):
     :param gamma: weight of ``L_sigma``, ``>= 0``; with ``0`` the loss is exactly the
         base loss and no rotated copy is evaluated
     :param n_rotations: rotated copies per structure, ``>= 2``
-    :param method: see :py:data:`PENALTY_METHODS`
+    :param method: see
+        :py:data:`~metatrain_symmetry.loss_options.PENALTY_METHODS`
+    :param directions: see
+        :py:data:`~metatrain_symmetry.loss_options.GENERATOR_DIRECTIONS`
     :param delta: threshold of the Huber base loss (default 1)
     :param monitor: log ``L_lie`` of the target on this many validation
         structures per epoch (``True``:
@@ -407,10 +267,13 @@ class EquivarianceLoss(LossInterface):
         delta: Optional[float] = None,
         monitor: bool | int = False,
         context: Optional[PenaltyContext] = None,
+        directions: Optional[str] = None,
     ):
         options = {"base": base, "gamma": gamma, "method": method, "monitor": monitor}
         if n_rotations is not None:
             options["n_rotations"] = n_rotations
+        if directions is not None:
+            options["directions"] = directions
         if delta is not None:
             options["delta"] = delta
         where = f"training.loss.{name}" + (f".gradients.{gradient}" if gradient else "")
@@ -420,6 +283,7 @@ class EquivarianceLoss(LossInterface):
         self.gamma = checked["gamma"]
         self.n_rotations = checked["n_rotations"]
         self.method = checked["method"]
+        self.directions = checked["directions"]
         self.monitor: int = checked["monitor"]
         """validation structures on which ``L_lie`` is logged per epoch (0: off)"""
         extra = {"delta": checked["delta"]} if self.base == "huber" else {}
