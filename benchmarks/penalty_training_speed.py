@@ -27,6 +27,7 @@ training:
   along the generators, as Orb-v3 penalises it);
 - ``method: generators`` on the energy and its forces: the same copy, and the
   derivatives of the energy's Lie derivatives with respect to the positions;
+- the same with ``directions: random``: one second derivative instead of three;
 
 and, for an energy trained with its forces and stress (EMT's), against that
 training: ``method: generators`` on the energy, whose Lie derivatives come from
@@ -109,6 +110,16 @@ loss:
     gamma: 1.0
     method: generators
     forces: {type: equivariance, gamma: 1.0, method: generators}
+"""
+CONSERVATIVE_RANDOM_GENERATORS = """\
+loss:
+  energy:
+    type: equivariance
+    gamma: 1.0
+    method: generators
+    directions: random
+    forces:
+      {type: equivariance, gamma: 1.0, method: generators, directions: random}
 """
 
 
@@ -231,6 +242,10 @@ def _variants(rotations: list[int], only: list[str] | None) -> dict:
         CONSERVATIVE_GENERATORS,
         CONSERVATIVE_TARGETS,
     )
+    variants["conservative random generators"] = (
+        CONSERVATIVE_RANDOM_GENERATORS,
+        CONSERVATIVE_TARGETS,
+    )
     variants["stress"] = (CONSERVATIVE_PLAIN, STRESS_TARGETS)
     variants["stress energy generators"] = (
         CONSERVATIVE_ENERGY_GENERATORS,
@@ -280,6 +295,12 @@ def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> 
         (
             "conservative generators",
             "conservative, method: generators on energy and forces",
+            "conservative",
+            GENERATORS_TARGET,
+        ),
+        (
+            "conservative random generators",
+            "conservative, method: generators on energy and forces, random directions",
             "conservative",
             GENERATORS_TARGET,
         ),

@@ -2,6 +2,8 @@
 reduction to the base loss at gamma = 0, L_sigma against closed-form equivariance
 errors of hand-written models, and option validation."""
 
+import math
+
 import pytest
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -262,29 +264,40 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name", ["non_conservative_force", "mtt::spherical"])
-def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(name):
-    """``directions: random`` rotates one copy of each structure along
-    ``n . G`` with ``n`` drawn from the context's generator: the penalty is
-    ``3 |[D, n . G] x|^2`` averaged, and its gradient that of the closed form."""
+@pytest.mark.parametrize(
+    "name, gradient",
+    [
+        ("non_conservative_force", None),  # forward mode
+        ("mtt::spherical", None),
+        ("energy", None),  # reverse mode
+        ("energy", "positions"),
+    ],
+)
+def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(
+    name, gradient
+):
+    """``directions: random`` rotates one copy of each structure along ``n . G``
+    with ``n`` drawn from the context's generator: the penalty is the closed
+    form along ``sqrt(3) n . G``, and so is its gradient."""
     penalty, model, systems = penalty_for(
-        name, ANISOTROPIC, method="generators", directions="random"
+        name, ANISOTROPIC, gradient=gradient, method="generators", directions="random"
     )
     directions = random_directions(
         len(systems), torch.Generator().manual_seed(1), torch.float64, "cpu"
     )
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
-    squares = []
-    for system, n in zip(systems, directions, strict=True):
-        g = torch.einsum("k,kij->ij", n, generators())
-        lie = system.positions @ (matrix @ g - g @ matrix).T
-        squares.append(3 * lie.square().sum(dim=1))
-    expected = torch.cat(squares).mean() / 3
+    if name != "energy":
+        expected = vector_generator_penalty(systems, matrix, directions)
+    elif gradient is None:
+        expected = energy_generator_penalty(systems, matrix, directions)
+    else:
+        symmetric = (matrix + matrix.T) / 2
+        expected = vector_generator_penalty(systems, symmetric, directions)
     assert float(expected.detach()) > 1e-3
     assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
     penalty.backward()
     expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_random_direction_penalty_is_unbiased():
@@ -357,19 +370,30 @@ def test_generator_penalty_without_forward_mode(name):
     assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
 
 
-def vector_generator_penalty(systems, matrix):
+def vector_generator_penalty(systems, matrix, directions=None):
     """The closed form of ``L_sigma`` of the per-atom vectors ``D x_i`` with
     ``method: generators``: ``L_k (D x) = [D, G_k] x``, squared and summed over
-    ``k``, averaged over atoms and components."""
-    x = torch.cat([s.positions for s in systems])
-    squares = [(x @ (matrix @ g - g @ matrix).T).square() for g in generators()]
-    return sum(square.sum(dim=1) for square in squares).mean() / 3
+    ``k``, averaged over atoms and components; along ``directions``, the one
+    generator ``sqrt(3) n . G`` of each structure."""
+    if directions is None:
+        per_system = [list(generators())] * len(systems)
+    else:
+        per_system = [
+            [math.sqrt(3) * torch.einsum("k,kij->ij", n, generators())]
+            for n in directions
+        ]
+    squares = [
+        sum((s.positions @ (matrix @ g - g @ matrix).T).square() for g in gs)
+        for s, gs in zip(systems, per_system, strict=True)
+    ]
+    return torch.cat(squares).mean()
 
 
-def energy_generator_penalty(systems, matrix):
+def energy_generator_penalty(systems, matrix, directions=None):
     """The closed form of ``L_sigma`` of the energy ``x.Dx/2`` with ``method:
     generators``: ``L_k E = sum_i (G_k x_i) . D_sym x_i``, divided by the number of
-    atoms, squared and summed over ``k``, averaged over structures."""
+    atoms, squared and summed over ``k``, averaged over structures; along
+    ``directions``, ``sqrt(3) L_n E``."""
     symmetric = (matrix + matrix.T).to(torch.float64) / 2
     lie = torch.stack(
         [
@@ -383,6 +407,8 @@ def energy_generator_penalty(systems, matrix):
             for s in systems
         ]
     )
+    if directions is not None:
+        lie = math.sqrt(3) * (lie * directions).sum(dim=1, keepdim=True)
     return lie.square().sum(dim=1).mean()
 
 

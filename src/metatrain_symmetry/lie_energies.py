@@ -12,6 +12,7 @@ of the back-rotated forces and stress.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -135,11 +136,16 @@ def _lie_from_position_gradients(
 
 
 def reverse_lie_derivatives(
-    step: TrainingStep, energies: dict[str, set[Optional[str]]], create_graph: bool
+    step: TrainingStep,
+    energies: dict[str, set[Optional[str]]],
+    create_graph: bool,
+    directions: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Lie derivatives of energies and their gradients, from derivatives with
     respect to the angles ``a`` of a rotation ``R = I + sum_k a_k G_k`` of one
-    copy of the batch, at ``a = 0``.
+    copy of the batch, at ``a = 0``; along ``directions`` (``(n_systems, 3)``
+    unit vectors) when given, as the single row ``sqrt(3) L_n``, whose gradients
+    take one backward pass instead of three.
 
     The copy's positions are ``R (1 + e)^T r`` for leaf positions ``r`` and a
     zero strain ``e`` (metatrain's convention, ``r @ (1 + e)``), so that the
@@ -156,7 +162,7 @@ def reverse_lie_derivatives(
         lie = {}
         for name, wanted in energies.items():
             maps = _energy_lie_maps(
-                raw[name], angles, inputs, wanted - {None}, create_graph
+                raw[name], angles, inputs, wanted - {None}, create_graph, directions
             )
             in_loss_units = [
                 to_loss_units(step, copies, {name: tensor})[name] for tensor in maps
@@ -171,10 +177,12 @@ def _energy_lie_maps(
     inputs: dict[str, list[torch.Tensor]],
     gradients: set[str],
     create_graph: bool,
+    directions: Optional[torch.Tensor] = None,
 ) -> list[TensorMap]:
-    """For each generator ``k``, a map with the metadata of ``energy`` (one
-    block, one row per system, in order) whose values are ``L_k E`` and whose
-    ``gradients`` are the derivatives of ``L_k E`` with respect to ``inputs``."""
+    """For each generator ``k`` (or the one row ``sqrt(3) L_n E`` along
+    ``directions``), a map with the metadata of ``energy`` (one block, one row
+    per system, in order) whose values are ``L_k E`` and whose ``gradients`` are
+    the derivatives of ``L_k E`` with respect to ``inputs``."""
     block = energy.block()
     values = block.values
     order = torch.arange(len(values), device=values.device)
@@ -186,8 +194,12 @@ def _energy_lie_maps(
         lie = derivative(
             values[:, index].sum(), [angles], create_graph or bool(gradients)
         )[0]
+        if directions is not None:
+            along = (lie * directions.to(lie)).sum(dim=1, keepdim=True)
+            lie = math.sqrt(3.0) * along
         derivatives = [
-            _lie_gradients(lie[:, k], inputs, gradients, create_graph) for k in range(3)
+            _lie_gradients(lie[:, k], inputs, gradients, create_graph)
+            for k in range(lie.shape[1])
         ]
         per_property.append((lie, derivatives))
     n_atoms = [len(leaf) for leaf in inputs["positions"]]
@@ -201,7 +213,7 @@ def _energy_lie_maps(
             },
             n_atoms,
         )
-        for k in range(3)
+        for k in range(per_property[0][0].shape[1])
     ]
 
 
@@ -278,7 +290,7 @@ def _energy_map(
 def _flattened_by_label(
     name: str, wanted: set[Optional[str]], maps: list[TensorMap]
 ) -> dict[str, torch.Tensor]:
-    """``(3, n_values)`` per label of ``wanted``, from the three maps of
+    """``(n_rows, n_values)`` per label of ``wanted``, from the maps of
     :py:func:`_energy_lie_maps` in the units of the loss."""
     flattened = {}
     for gradient in wanted:

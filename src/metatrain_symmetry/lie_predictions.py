@@ -81,10 +81,12 @@ def evaluate_lie_derivatives(
         the gradients it computed
     :param directions: ``(n_systems, 3)`` unit vectors ``n``: the forward-mode
         evaluation then takes one copy of the batch, rotated along
-        ``sum_k n_k G_k``, instead of three, and gives for each such value the
-        single row ``sqrt(3) L_n z``, whose square is an unbiased estimate of
-        ``sum_k |L_k z|^2`` for ``n`` uniform on the sphere (see
-        :py:func:`random_directions`); the other values keep their three rows
+        ``sum_k n_k G_k``, instead of three, and the reverse-mode one
+        differentiates ``L_n E`` once instead of three times; each of their
+        values has the single row ``sqrt(3) L_n z``, whose square is an unbiased
+        estimate of ``sum_k |L_k z|^2`` for ``n`` uniform on the sphere (see
+        :py:func:`random_directions`). The energies' Lie derivatives taken from
+        the step's gradients keep their three rows
     """
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
@@ -106,7 +108,7 @@ def evaluate_lie_derivatives(
     if dual:
         values.update(_lie_derivatives_of_values(step, dual, create_graph, directions))
     if reverse:
-        values.update(reverse_lie_derivatives(step, reverse, create_graph))
+        values.update(reverse_lie_derivatives(step, reverse, create_graph, directions))
     return LieDerivatives(values)
 
 

@@ -45,9 +45,10 @@ PENALTY_METHODS = ("rotations", "generators")
 squared Lie derivatives along the generators of rotations"""
 
 GENERATOR_DIRECTIONS = ("all", "random")
-"""the directions of ``method: generators`` for targets differentiated in forward
-mode: the three generators (exact), or one random direction per structure and
-step (an unbiased estimate, from one copy of the batch instead of three)"""
+"""the directions of ``method: generators``: the three generators (exact), or one
+random direction per structure and step (an unbiased estimate, from one
+forward-mode copy of the batch instead of three, and one second derivative of
+an energy instead of three for its forces and stress)"""
 
 # left to metatrain, including its energy shorthands for the gradient entries
 _GENERIC_OPTIONS = (
