@@ -190,6 +190,16 @@ def penalty_for(
     return loss.penalty(), model, systems
 
 
+def assert_same_penalty(penalty, expected, model, matrix) -> None:
+    """``penalty`` and its gradient with respect to the model's matrix are those
+    of the closed form ``expected`` of ``matrix``, which is not zero."""
+    assert float(expected.detach()) > 1e-3
+    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
+    penalty.backward()
+    expected.backward()
+    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+
+
 def random_tensor_map(seed, n=6):
     generator = torch.Generator().manual_seed(seed)
     block = TensorBlock(
@@ -257,11 +267,7 @@ def test_generator_penalty_is_the_squared_lie_derivative_of_vectors(name):
     penalty, model, systems = penalty_for(name, ANISOTROPIC, method="generators")
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
     expected = vector_generator_penalty(systems, matrix)
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
-    # and so is its gradient with respect to the parameters
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+    assert_same_penalty(penalty, expected, model, matrix)
 
 
 @pytest.mark.parametrize(
@@ -293,11 +299,7 @@ def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(
     else:
         symmetric = (matrix + matrix.T) / 2
         expected = vector_generator_penalty(systems, symmetric, directions)
-    assert float(expected.detach()) > 1e-3
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+    assert_same_penalty(penalty, expected, model, matrix)
 
 
 def test_random_direction_penalty_is_unbiased():
@@ -363,11 +365,8 @@ def test_generator_penalty_without_forward_mode(name):
     assert len(said) == 1
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
     expected = vector_generator_penalty(systems, matrix)
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
     assert torch.allclose(again, expected, rtol=1e-12, atol=0)
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+    assert_same_penalty(penalty, expected, model, matrix)
 
 
 def vector_generator_penalty(systems, matrix, directions=None):
@@ -418,11 +417,7 @@ def test_generator_penalty_of_an_energy():
     penalty, model, systems = penalty_for("energy", ANISOTROPIC, method="generators")
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
     expected = energy_generator_penalty(systems, matrix)
-    assert float(expected.detach()) > 1e-3
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=0)
+    assert_same_penalty(penalty, expected, model, matrix)
 
 
 def test_generator_penalty_of_an_energy_from_its_forces():
@@ -575,11 +570,7 @@ def test_generator_penalty_of_conservative_forces():
     # the energy, hence its gradient, sees the symmetric part of D only
     symmetric = (matrix + matrix.T) / 2
     expected = vector_generator_penalty(systems, symmetric)
-    assert float(expected.detach()) > 1e-3
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+    assert_same_penalty(penalty, expected, model, matrix)
 
 
 def test_generator_penalty_of_the_stress():
@@ -598,11 +589,7 @@ def test_generator_penalty_of_the_stress():
         ]
         squares.append(sum(value.square() for value in lie).reshape(-1))
     expected = torch.cat(squares).mean()
-    assert float(expected.detach()) > 1e-3
-    assert torch.allclose(penalty, expected, rtol=1e-12, atol=0)
-    penalty.backward()
-    expected.backward()
-    assert torch.allclose(model.matrix.grad, matrix.grad, rtol=1e-12, atol=1e-14)
+    assert_same_penalty(penalty, expected, model, matrix)
 
     penalty, _, _ = penalty_for(
         "energy", 0.7 * torch.eye(3), gradient="strain", method="generators"
