@@ -184,12 +184,13 @@ def test_water_study_quick(tmp_path):
         plain = exported["plain"][name]["equivariance_rmse"]
         symmetrized = exported["symmetrized"][name]["equivariance_rmse"]
         assert symmetrized < 0.1 * plain
-    # each call evaluates the model on every element of the grid (batched, so
-    # that the ratio of wall times depends on the machine's load)
+    # each call evaluates the model on every element of the grid (batched); the
+    # ratio of wall times is a measurement that depends on the machine's load,
+    # reported, not asserted (a loaded machine once timed the plain model slower)
     symmetrized_model = msym.load_model(output / exported["files"]["symmetrized"])
     size = len(msym.O3Grid(exported["grid_degree"]))
     assert symmetrized_model.evaluations_per_structure == size
-    assert exported["cost_ratio"] > 1.0
+    assert exported["cost_ratio"] > 0
 
     # 6. consequences for simulations: the molecule, the liquid and GenIce2 ice
     simulations = report["consequences"]
