@@ -287,6 +287,9 @@ def test_an_interrupted_run_continues_its_trajectory(runs, tmp_path, engine):
     assert not (tmp_path / "result").exists()
     saved = list((tmp_path / "result.partial" / "trajectories").glob("*.npz"))
     assert [path.name for path in saved] == ["molecule-nve-plain-0.npz"]
+    # i-PI's working directory, left by the killed run in the work directory
+    left = list((tmp_path / "result.partial" / "trajectories").glob("ipi-*"))
+    assert len(left) == (engine == "ipi")
 
     resumed = run_mtt_symmetry(*arguments, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

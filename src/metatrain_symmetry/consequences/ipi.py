@@ -99,8 +99,16 @@ def run_dynamics_ipi(
     try:
         # i-PI writes its outputs and restart files in the working directory
         # (a resumed run reads its state from the checkpoint instead: i-PI's
-        # restart file rounds positions, momenta and masses)
-        with tempfile.TemporaryDirectory() as directory, contextlib.chdir(directory):
+        # restart file rounds positions, momenta and masses); next to the
+        # checkpoint, a killed run leaves it in the work directory, which the
+        # finished command removes
+        parent = None if checkpoint is None else checkpoint.path.parent
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix="ipi-", dir=parent) as directory,
+            contextlib.chdir(directory),
+        ):
             start.write("template.xyz")
             boxed = _in_a_cell(start)
             simulation = InteractiveSimulation(
