@@ -64,6 +64,31 @@ def audit_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Two checkpoints of a run of tiny PETs, ``model_3.ckpt`` and
+    ``model_5.ckpt`` (different weights, epochs 3 and 5 stored); the best weights
+    of the second (``best_model_state_dict``) are those of the first.
+
+    :return: their paths, in epoch order
+    """
+    import torch
+
+    from metatrain_symmetry.testing import tiny_pet
+
+    directory = tmp_path_factory.mktemp("checkpoints")
+    paths = []
+    for epoch, seed in ((3, 1), (5, 2)):
+        checkpoint = tiny_pet(seed=seed).get_checkpoint()
+        checkpoint["epoch"] = epoch
+        if paths:
+            best = torch.load(paths[0], weights_only=False)["model_state_dict"]
+            checkpoint["best_model_state_dict"] = best
+        paths.append(directory / f"model_{epoch}.ckpt")
+        torch.save(checkpoint, paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
 def audit_directory(audit_inputs, tmp_path_factory):
     """The output of ``mtt-symmetry audit`` on :py:func:`audit_inputs`."""
     output = tmp_path_factory.mktemp("audit-run") / "audit"

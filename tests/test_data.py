@@ -70,16 +70,10 @@ def test_close_atoms_are_refused_with_the_structure_and_pair(tmp_path):
         assert len(read_structures(tmp_path / "close.xyz", allow_close_atoms=True)) == 2
 
 
-def _workflows(tmp_path):
-    """Every public function that takes structures in memory, on a tiny PET."""
-    import torch
-
+def _workflows(checkpoints):
+    """Every public function that takes structures in memory, on tiny PETs."""
     import metatrain_symmetry as msym
-    from metatrain_symmetry.testing import tiny_pet
 
-    checkpoints = [tmp_path / "model_1.ckpt", tmp_path / "model_2.ckpt"]
-    for seed, path in enumerate(checkpoints):
-        torch.save(tiny_pet(seed=seed).get_checkpoint(), path)
     model = msym.load_model(checkpoints[0])
     grid = {"max_lambda": 0, "grid": msym.O3Grid(1)}
     return {
@@ -95,7 +89,7 @@ def _workflows(tmp_path):
     }
 
 
-def test_workflows_refuse_close_atoms_given_in_memory(tmp_path):
+def test_workflows_refuse_close_atoms_given_in_memory(checkpoints):
     """analyze, infinitesimal and training_dynamics refuse structures with close
     atoms before any work; allowed, they warn once per structure (the dynamics
     analyses both checkpoints) and give the result."""
@@ -113,7 +107,7 @@ def test_workflows_refuse_close_atoms_given_in_memory(tmp_path):
     )
     close = fine.copy()
     close.positions[2] = close.positions[1] + [0.03, 0, 0]
-    for name, run in _workflows(tmp_path).items():
+    for name, run in _workflows(checkpoints).items():
         with pytest.raises(ValueError, match="structure 1 has atoms 1 and 2 0.03 Å"):
             run([fine, close])
         with warnings.catch_warnings(record=True) as caught:

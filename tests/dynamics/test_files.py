@@ -17,7 +17,6 @@ from metatrain_symmetry.dynamics.files import (
     dynamics_markdown,
     save_dynamics,
 )
-from metatrain_symmetry.testing import tiny_pet
 
 
 SPECTRA = {
@@ -134,19 +133,12 @@ def test_markdown_says_where_epochs_and_grid_come_from(source, words):
 
 
 @pytest.fixture(scope="module")
-def dynamics(tmp_path_factory):
+def dynamics(checkpoints):
     """The spectra of an output and a layer across two checkpoints of tiny
-    PETs, at epochs 3 and 5."""
-    directory = tmp_path_factory.mktemp("checkpoints")
-    paths = []
-    for epoch, seed in ((3, 1), (5, 2)):
-        checkpoint = tiny_pet(seed=seed).get_checkpoint()
-        checkpoint["epoch"] = epoch
-        paths.append(directory / f"model_{epoch}.ckpt")
-        torch.save(checkpoint, paths[-1])
+    PETs, at epochs 3 and 5 (``checkpoints`` of ``tests/conftest.py``)."""
     frames = [ase.build.molecule("H2O"), ase.build.molecule("CH4")]
     return msym.training_dynamics(
-        paths,
+        checkpoints,
         frames,
         outputs=["energy"],
         features=["mtt::feature::gnn_layers.1_node"],
