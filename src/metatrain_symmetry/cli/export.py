@@ -58,8 +58,11 @@ def run(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint '{args.checkpoint}' does not exist")
     options.check_device(args.device)
-    # fail early on unreadable data
-    read_structures(args.audit, allow_close_atoms=args.allow_close_atoms)
+    # fail early on unreadable data, or on close atoms not allowed (allowed, the
+    # audit warns of them, once)
+    read_structures(
+        args.audit, allow_close_atoms=None if args.allow_close_atoms else False
+    )
     result = export_audited(
         args.checkpoint,
         output,

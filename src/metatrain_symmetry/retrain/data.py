@@ -37,7 +37,8 @@ def label(frame, key: str, index: int, what: str):
     if value is None:
         raise ValueError(
             f"{what} structure {index} has no '{key}' label (looked in info, arrays "
-            "and calculator results); pass label_keys={target: key} to name it"
+            "and calculator results); name its key with --targets OUTPUT=KEY "
+            "(label_keys={target: key} in Python)"
         )
     return torch.as_tensor(value)
 
