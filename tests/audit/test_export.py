@@ -16,7 +16,12 @@ from metatomic_ase import MetatomicCalculator
 
 import metatrain_symmetry as msym
 from metatrain_symmetry.audit import AUDIT_METADATA_KEY, audit_schema
-from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH, RotatedEvaluator
+from metatrain_symmetry.engine import (
+    CPU_ATOMS_PER_BATCH,
+    DEFAULT_ATOMS_PER_BATCH,
+    RotatedEvaluator,
+    default_atoms_per_batch,
+)
 from metatrain_symmetry.testing import run_mtt_symmetry
 
 
@@ -149,7 +154,10 @@ def test_symmetrized_export_through_the_ase_calculator(audit_inputs, tmp_path):
     evaluator = RotatedEvaluator(loaded, msym.O3Grid(3))
     assert evaluator.copies_per_batch([box]) == 1
     small = ase.Atoms("H" * 4)
-    assert evaluator.copies_per_batch([small]) == DEFAULT_ATOMS_PER_BATCH // (4 * 48)
+    # on this CPU model, the CPU's default: smaller calls than on a GPU
+    assert evaluator.copies_per_batch([small]) == CPU_ATOMS_PER_BATCH // (4 * 48)
+    assert default_atoms_per_batch("cpu") == CPU_ATOMS_PER_BATCH
+    assert default_atoms_per_batch("cuda:1") == DEFAULT_ATOMS_PER_BATCH
 
 
 def test_metadata_holds_what_the_audit_command_writes(exported, audit_inputs, tmp_path):

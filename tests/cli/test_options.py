@@ -23,7 +23,7 @@ from metatrain_symmetry.cli.options import (
 )
 from metatrain_symmetry.demo import DEFAULT_EPOCHS, DEFAULT_GAMMA
 from metatrain_symmetry.diagnostics import DEFAULT_MAX_LAMBDA, MIN_RANDOM_ELEMENTS
-from metatrain_symmetry.engine import DEFAULT_ATOMS_PER_BATCH
+from metatrain_symmetry.engine import CPU_ATOMS_PER_BATCH, DEFAULT_ATOMS_PER_BATCH
 from metatrain_symmetry.retrain import DEFAULT_GAMMAS, DEFAULT_N_ROTATIONS
 from metatrain_symmetry.testing import run_mtt_symmetry
 
@@ -112,7 +112,8 @@ def test_help_of_every_command_shows_the_api_defaults(capsys, monkeypatch):
         assert f"(default: {DEFAULT_MAX_LAMBDA})" in texts[name], name
     for name in ("analyze", "audit", "export", "dynamics", "retrain"):
         assert f"at least {MIN_RANDOM_ELEMENTS}" in texts[name], name
-        assert f"about {DEFAULT_ATOMS_PER_BATCH} atoms" in texts[name], name
+        batches = f"about {CPU_ATOMS_PER_BATCH} atoms on a CPU, "
+        assert batches + f"{DEFAULT_ATOMS_PER_BATCH} on a GPU" in texts[name], name
     gammas = " ".join(f"{gamma:g}" for gamma in DEFAULT_GAMMAS)
     assert f"(default: {gammas})" in texts["retrain"]
     assert f"default: {DEFAULT_N_ROTATIONS})" in texts["retrain"]

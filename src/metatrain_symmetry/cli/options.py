@@ -19,7 +19,7 @@ import torch
 from .._utils import atomic_directory, check_output_directory
 from ..data import CLOSE_ATOMS_DISTANCE
 from ..diagnostics import DEFAULT_MAX_LAMBDA, MIN_RANDOM_ELEMENTS
-from ..engine import DEFAULT_ATOMS_PER_BATCH
+from ..engine import CPU_ATOMS_PER_BATCH, DEFAULT_ATOMS_PER_BATCH
 from ..grid import O3Grid
 
 
@@ -144,7 +144,7 @@ def add_batch_size(
         type=int,
         default=None,
         help=f"{unit} per model call (default: as many as fit in about "
-        f"{DEFAULT_ATOMS_PER_BATCH} atoms)",
+        f"{CPU_ATOMS_PER_BATCH} atoms on a CPU, {DEFAULT_ATOMS_PER_BATCH} on a GPU)",
     )
 
 

@@ -305,7 +305,8 @@ def analyze(
     :param grid: integration grid; by default ``O3Grid(degree)`` with
         ``degree = max(2 max_lambda, 2 L + 1)``, ``L`` the largest angular momentum
         of the requested outputs
-    :param batch_size: rotated copies per model call (default: about 4096 atoms)
+    :param batch_size: rotated copies per model call (default: about 1024 atoms
+        on a CPU, 4096 on a GPU)
     :param progress: show a progress bar (on rank 0 only)
     :param per_atom: analyse per-atom contributions of per-structure outputs such as
         the energy

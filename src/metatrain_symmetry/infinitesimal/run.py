@@ -22,7 +22,7 @@ from ..diagnostics import (
     zero_structures,
 )
 from ..distributed import run_resumable
-from ..engine import DEFAULT_ATOMS_PER_BATCH, check_periodic
+from ..engine import check_periodic, default_atoms_per_batch
 from ..generators import inversion_sign
 from ..irreps import block_layout
 from ..models import LoadedModel, ModelLike, load_model
@@ -82,8 +82,8 @@ def infinitesimal(
     :param outputs: output names, including ``"forces"`` and ``"stress"`` (the
         derivatives of the energy)
     :param features: internal features (``"mtt::feature::<module path>"``)
-    :param batch_size: structures per model call (default: about 4096 atoms,
-        counting the copies)
+    :param batch_size: structures per model call (default: about 1024 atoms on a
+        CPU, 4096 on a GPU, counting the copies)
     :param method: see :py:data:`METHODS`
     :param progress: show a progress bar (on rank 0 only)
     :param distributed: spread the structures over the processes of torch's
@@ -246,15 +246,14 @@ def _model_derivatives(model, prepared, requests, method: str):
 
 def _batches(systems: Sequence[System], batch_size: int | None):
     """Consecutive structure indices, ``batch_size`` at a time or as many as fit
-    in :py:data:`~metatrain_symmetry.engine.DEFAULT_ATOMS_PER_BATCH` atoms."""
+    in :py:func:`~metatrain_symmetry.engine.default_atoms_per_batch` atoms."""
     batch: list[int] = []
     atoms = 0
+    limit = default_atoms_per_batch(systems[0].positions.device) if systems else 0
     for index, system in enumerate(systems):
         size = max(len(system), 1) * _COPIES
         full = (
-            len(batch) == batch_size
-            if batch_size is not None
-            else atoms + size > DEFAULT_ATOMS_PER_BATCH
+            len(batch) == batch_size if batch_size is not None else atoms + size > limit
         )
         if batch and full:
             yield batch
