@@ -9,7 +9,9 @@ loaded back as users do, on a periodic box of 64 randomly oriented water molecul
     its neighbour list given: the floor of an MD step;
 (b) a velocity-Verlet step through metatomic's ASE calculator (``plain``), under
     TorchScript's default (profiling) executor and under the simple executor;
-(c) a step of ``random_rotation`` and of ``average`` (on ``--grid-degree``);
+(c) a step of ``random_rotation`` and of ``average`` (on ``--grid-degree``, in
+    the engine's default calls and in calls of each of ``--average-batch-sizes``
+    rotated copies);
 (d) the wall time per step of whole ``plain`` NVE trajectories of ``--steps``
     steps integrated by ASE and by i-PI (``--engine ipi``).
 
@@ -91,12 +93,31 @@ def md_step(atoms, calculator):
     return lambda: dynamics.run(1)
 
 
+def average_times(path, atoms, grid, batch_sizes, steps) -> dict[str, float]:
+    """A step of the average in the engine's default calls, and in calls of each
+    of ``batch_sizes`` rotated copies."""
+    times = {}
+    for batch_size in [None, *batch_sizes]:
+        name = "average" if batch_size is None else f"average, {batch_size} copies"
+        calculator = AveragedCalculator(path, grid, batch_size=batch_size)
+        times[name] = median_seconds(md_step(atoms, calculator), max(3, steps // 5), 2)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warm-up", type=int, default=5)
     parser.add_argument("--grid-degree", type=int, default=3)
     parser.add_argument("--per-side", type=int, default=4)
+    parser.add_argument(
+        "--average-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time the average in calls of N rotated copies",
+    )
     args = parser.parse_args()
     atoms = water_box(args.per_side)
     results = {}
@@ -123,10 +144,8 @@ def main() -> None:
             trajectory = run(atoms, plain, settings, "nve", seed=0)
             results[f"plain trajectory, {engine}"] = trajectory.seconds_per_step
         grid = msym.O3Grid(args.grid_degree)
-        results["average"] = median_seconds(
-            md_step(atoms, AveragedCalculator(path, grid)),
-            max(3, args.steps // 5),
-            2,
+        results.update(
+            average_times(path, atoms, grid, args.average_batch_sizes, args.steps)
         )
     print(f"{len(atoms)} atoms; average on {len(grid)} grid elements")
     for name, value in results.items():
@@ -142,10 +161,10 @@ def main() -> None:
         f"random_rotation / plain:                       "
         f"{results['random_rotation'] / plain:.2f}"
     )
-    print(
-        f"average / (grid size x plain):                 "
-        f"{results['average'] / (len(grid) * plain):.2f}"
-    )
+    for name in (name for name in results if name.startswith("average")):
+        print(
+            f"{name} / (grid size x plain): {results[name] / (len(grid) * plain):.2f}"
+        )
     print(
         f"trajectory with i-PI / with ASE:               "
         f"{results['plain trajectory, i-PI'] / results['plain trajectory, ASE']:.2f}"
