@@ -116,9 +116,9 @@ def _write_chemiscope(trajectories: dict, path: Path) -> None:
         atoms.arrays.pop("model_forces", None)
         atoms.arrays.pop("momenta", None)
     data = chemiscope.create_input(
-        frames=frames,
+        frames,
         properties=described,
-        meta={"name": "consequences of rotational symmetry breaking"},
+        metadata={"name": "consequences of rotational symmetry breaking"},
         settings={
             "map": {
                 "x": {"property": "time"},
