@@ -19,6 +19,7 @@ from metatrain_symmetry.consequences import (
     consequences_markdown,
     save_consequences,
 )
+from metatrain_symmetry.distributed import work_directory
 from metatrain_symmetry.testing import check_clean_failure
 from tests.helpers import PairPotential, pair_capabilities
 
@@ -129,6 +130,8 @@ def test_defaults_reach_the_api(inputs, tmp_path, calls):
     assert settings["observables_structure"] is None
     assert settings["batch_size"] is None and settings["device"] is None
     assert settings["allow_close_atoms"] is False
+    # completed tasks are kept next to the output, for an interrupted run to resume
+    assert settings["work_dir"] == work_directory(tmp_path / "default")
     # without a result (another rank's), nothing is written
     assert list(tmp_path.iterdir()) == []
 
