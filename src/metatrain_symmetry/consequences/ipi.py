@@ -97,18 +97,7 @@ def run_dynamics_ipi(
         calculator if saved is None else _Replay(calculator, saved_results(*saved))
     )
     try:
-        # i-PI writes its outputs and restart files in the working directory
-        # (a resumed run reads its state from the checkpoint instead: i-PI's
-        # restart file rounds positions, momenta and masses); next to the
-        # checkpoint, a killed run leaves it in the work directory, which the
-        # finished command removes
-        parent = None if checkpoint is None else checkpoint.path.parent
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
-        with (
-            tempfile.TemporaryDirectory(prefix="ipi-", dir=parent) as directory,
-            contextlib.chdir(directory),
-        ):
+        with _working_directory(checkpoint):
             start.write("template.xyz")
             boxed = _in_a_cell(start)
             simulation = InteractiveSimulation(
@@ -117,30 +106,55 @@ def run_dynamics_ipi(
             simulation.set_structures(boxed)
             if saved is None:
                 _record(recorder, simulation, 0, settings)
-                step = 0
+                first_step = 0
             else:
-                step = _restore(simulation, *saved)
+                first_step = _restore(simulation, *saved)
             if progress is not None:
-                progress.update(step)
-            done, began = step, time.perf_counter()
-            while step < settings.steps:
-                # from one kept frame to the next in one call
-                run = min(
-                    settings.save_every - step % settings.save_every,
-                    settings.steps - step,
-                )
-                simulation.run(run, write_outputs=False)
-                step += run
-                if step % settings.save_every == 0:
-                    _record(recorder, simulation, step, settings)
-                    if checkpoint is not None and checkpoint.due():
-                        _save(checkpoint, simulation, step, recorder, rngs, calculator)
-                if progress is not None:
-                    progress.update(run)
+                progress.update(first_step)
+
+            def kept(at: int) -> None:
+                _record(recorder, simulation, at, settings)
+                if checkpoint is not None and checkpoint.due():
+                    _save(checkpoint, simulation, at, recorder, rngs, calculator)
+
+            began = time.perf_counter()
+            _integrate(simulation, first_step, settings, kept, progress)
             elapsed = time.perf_counter() - began
     finally:
         del _CALCULATORS[key]
-    return recorder.trajectory(elapsed / max(settings.steps - done, 1))
+    return recorder.trajectory(elapsed / max(settings.steps - first_step, 1))
+
+
+@contextlib.contextmanager
+def _working_directory(checkpoint: TrajectoryCheckpoint | None):
+    """Run in a new working directory for i-PI, which writes its outputs and
+    restart files there (a resumed run reads its state from the checkpoint
+    instead: i-PI's restart file rounds positions, momenta and masses). Next to
+    the checkpoint, a killed run leaves it in the work directory, which the
+    finished command removes."""
+    parent = None if checkpoint is None else checkpoint.path.parent
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="ipi-", dir=parent) as directory,
+        contextlib.chdir(directory),
+    ):
+        yield
+
+
+def _integrate(simulation, step: int, settings: Settings, kept, progress) -> None:
+    """Run ``simulation`` from ``step`` to ``settings.steps``, from one kept frame
+    to the next in one call, calling ``kept(step)`` at each kept frame."""
+    while step < settings.steps:
+        run = min(
+            settings.save_every - step % settings.save_every, settings.steps - step
+        )
+        simulation.run(run, write_outputs=False)
+        step += run
+        if step % settings.save_every == 0:
+            kept(step)
+        if progress is not None:
+            progress.update(run)
 
 
 def _save(checkpoint, simulation, step, recorder, rngs, calculator) -> None:
