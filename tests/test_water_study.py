@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import docutils.core
+import docutils.nodes
 import jsonschema
 import pytest
 
@@ -230,8 +232,10 @@ def test_water_study_quick(tmp_path):
     # the report and its figures are redrawn from a finished run
     for name in ("report.md", *figures):
         (output / name).unlink()
+    docs = tmp_path / "docs" / "validation"
     process = subprocess.run(
-        [sys.executable, str(SCRIPT), "-o", str(output), "--report-only"],
+        [sys.executable, str(SCRIPT), "-o", str(output), "--report-only"]
+        + ["--docs", str(docs)],
         capture_output=True,
         text=True,
         env=environment,
@@ -240,3 +244,31 @@ def test_water_study_quick(tmp_path):
     for name in ("report.md", *figures):
         assert (output / name).stat().st_size > 0
     assert json.loads((output / "report.json").read_text()) == report
+    check_docs_report(output / "report.md", docs)
+
+
+def check_docs_report(markdown: Path, docs: Path) -> None:
+    """The report as the docs page includes it: valid reStructuredText, every
+    table and figure of ``report.md`` in it, random-grid estimates with their
+    standard errors."""
+    text = (docs / "report.inc").read_text()
+    document = docutils.core.publish_doctree(
+        text, settings_overrides={"report_level": 5, "halt_level": 5}
+    )
+    problems = [
+        message.astext()
+        for message in document.findall(docutils.nodes.system_message)
+        if message["level"] >= 2
+    ]
+    assert problems == []
+    lines = markdown.read_text().splitlines()
+    tables = sum(
+        line.startswith("|") and not previous.startswith("|")
+        for previous, line in zip(["", *lines[:-1]], lines, strict=True)
+    )
+    assert text.count(".. list-table::") == tables > 5
+    images = [line for line in text.splitlines() if line.startswith(".. image::")]
+    assert len(images) == sum(line.startswith("![") for line in lines) == 7
+    for line in images:
+        assert (docs / line.split("/")[-1]).stat().st_size > 0
+    assert "``energy``" in text and " ± " in text

@@ -26,9 +26,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from water_data import fmt
 
 
-# per study size: the settings of each group and the Lebedev degree of its average
 MOLECULE_TEMPERATURE_K = 600.0
 BULK_TEMPERATURE_K = 300.0
 # per study size and group: the consequences settings, the Lebedev degree of the
@@ -216,17 +216,17 @@ def report_lines(report: dict) -> list[str]:
         "a random frame at every call.",
         "",
         "| variant | initial torque (eV) | max ΔL (ħ) | drift (eV/ps) | time to kT "
-        "(ps) | orientations p | cost / plain |",
+        "(ps) | orientations p (samples) | cost / plain |",
         "|---|---|---|---|---|---|---|",
     ]
     for variant, entry in report["molecule"].items():
         lines.append(
-            f"| {variant} | {_fmt(entry['initial_torque_eV'])} "
-            f"| {_fmt(entry['max_angular_momentum_change_hbar'])} "
-            f"| {_fmt(entry['energy_drift_eV_per_ps'])} "
-            f"| {_fmt(entry['time_to_kT_ps'])} "
-            f"| {_fmt(entry['uniformity_p_value'])} "
-            f"| {_fmt(entry['cost_per_step_relative'])} |"
+            f"| {variant} | {fmt(entry['initial_torque_eV'])} "
+            f"| {fmt(entry['max_angular_momentum_change_hbar'])} "
+            f"| {fmt(entry['energy_drift_eV_per_ps'])} "
+            f"| {_time_to_kT(entry)} "
+            f"| {fmt(entry['uniformity_p_value'])} ({entry['n_samples']}) "
+            f"| {fmt(entry['cost_per_step_relative'])} |"
         )
     lines += [
         "",
@@ -236,28 +236,35 @@ def report_lines(report: dict) -> list[str]:
     ]
     for variant, entry in report["bulk"].items():
         lines.append(
-            f"| {variant} | {_fmt(entry['rdf_max_difference_in_errors'])} "
-            f"| {_fmt(entry['final_msd_A2'])} "
-            f"| {_fmt(entry['cost_per_step_relative'])} |"
+            f"| {variant} | {fmt(entry['rdf_max_difference_in_errors'])} "
+            f"| {fmt(entry['final_msd_A2'])} "
+            f"| {fmt(entry['cost_per_step_relative'])} |"
         )
     lines += [
         "",
-        "| variant | relative energies (meV/molecule) | max RMSD (Å) |",
-        "|---|---|---|",
+        "| variant | relative energies (meV/molecule) | lowest first | max RMSD (Å) "
+        "| converged |",
+        "|---|---|---|---|---|",
     ]
     for variant in ("plain", "average", "random_rotation"):
         entry = report["ice"][variant]
         energies = ", ".join(
             f"{value:.2f}" for value in entry["relative_energy_meV_per_molecule"]
         )
-        lines.append(f"| {variant} | {energies} | {_fmt(entry['max_rmsd_A'])} |")
+        ranking = ", ".join(str(cell) for cell in entry["ranking"])
+        lines.append(
+            f"| {variant} | {energies} | {ranking} | {fmt(entry['max_rmsd_A'])} "
+            f"| {entry['converged']} of {len(entry['ranking'])} |"
+        )
     changed = "changes" if report["ice"]["ranking_changed"] else "does not change"
     lines += ["", f"Averaging the model {changed} the energy ranking of the cells.", ""]
     return lines
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+def _time_to_kT(entry: dict) -> str:
+    """When the rotational kinetic energy reaches kT, marked when extrapolated."""
+    time = fmt(entry["time_to_kT_ps"])
+    return f"{time} (extrapolated)" if entry["time_to_kT_extrapolated"] else time
 
 
 def main(argv=None) -> None:

@@ -271,3 +271,17 @@ def number(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def fmt(value, scale=1.0, digits=3) -> str:
+    """A number of the report, to ``digits`` significant digits."""
+    if value is None:
+        return "n/a"
+    return f"{value * scale:.{digits}g}"
+
+
+def fmt_estimate(value, error, scale=1.0) -> str:
+    """A value with ``± standard error`` when it is a random-grid estimate."""
+    if value is None or error is None:
+        return fmt(value, scale)
+    return f"{fmt(value, scale)} ± {fmt(error, scale, 2)}"

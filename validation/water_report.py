@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 from water_consequences import report_lines as consequences_lines
-from water_data import PUBLISHED
+from water_data import PUBLISHED, fmt, fmt_estimate
 from water_tradeoff import TRADEOFF_MODEL
 from water_training import learning_curves
-
-
-def fmt(value, scale=1.0, digits=3):
-    if value is None:
-        return "n/a"
-    return f"{value * scale:.{digits}g}"
-
-
-def fmt_estimate(value, error, scale=1.0):
-    """A value with ``± standard error`` when it is a random-grid estimate."""
-    if value is None or error is None:
-        return fmt(value, scale)
-    return f"{fmt(value, scale)} ± {fmt(error, scale, 2)}"
 
 
 def audit_table(audits):
@@ -241,8 +231,40 @@ def symmetrized_export_lines(symmetrized: dict) -> list[str]:
 
 def write_report(output, report):
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    audits = report["audits"]
-    lines = [
+    lines = overview_lines(report)
+    lines += [
+        "## Does the equivariance error track the model error? (test boxes)",
+        "",
+        "| model | output | Spearman rho | p | structures |",
+        "|---|---|---|---|---|",
+    ]
+    lines += correlation_rows(report["correlation"])
+    lines += screen_lines(report.get("screen", {}))
+    lines += dynamics_lines(report["dynamics"])
+    lines += [
+        f"## Accuracy against equivariance ({TRADEOFF_MODEL} model, test boxes)",
+        "",
+        tradeoff_table(report["tradeoff"]),
+        "The retraining time is that of the whole sweep (all gammas in one pass).",
+        "",
+        "![trade-off](tradeoff.png)",
+        "",
+        "## Symmetrized export (conservative model)",
+        "",
+    ]
+    lines += symmetrized_export_lines(report["symmetrized_export"])
+    if "consequences" in report:
+        lines += [""] + consequences_lines(report["consequences"])
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [
+        f"| {name} | {seconds:.0f} |" for name, seconds in report["timings"].items()
+    ]
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def overview_lines(report: dict) -> list[str]:
+    """The title, the configuration, training, and errors and equivariance."""
+    return [
         "# Symmetry of PET on revPBE0-D3 water",
         "",
         f"Configuration: `{report['mode']}`; {report['split']['train']} training, "
@@ -258,7 +280,7 @@ def write_report(output, report):
         "",
         "## Errors and equivariance",
         "",
-        audit_table(audits),
+        audit_table(report["audits"]),
         f"Published ({PUBLISHED['source']}): equivariance/MAE "
         f"{PUBLISHED['bulk_energy_equivariance_over_mae']} (energy) and "
         f"{PUBLISHED['bulk_forces_equivariance_over_mae']} (forces) on the bulk "
@@ -267,13 +289,12 @@ def write_report(output, report):
         "",
         "![ratios](ratios.png)",
         "",
-        "## Does the equivariance error track the model error? (test boxes)",
-        "",
-        "| model | output | Spearman rho | p | structures |",
-        "|---|---|---|---|---|",
     ]
-    lines += correlation_rows(report["correlation"])
-    lines += [
+
+
+def screen_lines(screen: dict) -> list[str]:
+    """The section comparing the infinitesimal screen with the grid audit."""
+    return [
         "",
         "## The infinitesimal screen against the grid audit",
         "",
@@ -285,40 +306,8 @@ def write_report(output, report):
         "| model | set | output | Spearman rho | p | structures "
         "| screen s/structure | audit s/structure | audit / screen |",
         "|---|---|---|---|---|---|---|---|---|",
+        *screen_rows(screen),
     ]
-    lines += screen_rows(report.get("screen", {}))
-    lines += ["", "## Spectra across epochs and layers", ""]
-    for model, entry in report["dynamics"].items():
-        lines += [
-            f"{model}: epochs {entry['epochs']}, `{entry['directory']}/dynamics.png`, "
-            f"`{entry['directory']}/layers.png`",
-            "",
-        ]
-    lines += [
-        f"## Accuracy against equivariance ({TRADEOFF_MODEL} model, test boxes)",
-        "",
-        tradeoff_table(report["tradeoff"]),
-        "The retraining time is that of the whole sweep (all gammas in one pass).",
-        "",
-        "![trade-off](tradeoff.png)",
-        "",
-        "## Symmetrized export (conservative model)",
-        "",
-    ]
-    lines += symmetrized_export_lines(report["symmetrized_export"])
-    if "consequences" in report:
-        lines += [""] + consequences_lines(report["consequences"])
-    lines += [
-        "",
-        "## Stages",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-    ]
-    lines += [
-        f"| {name} | {seconds:.0f} |" for name, seconds in report["timings"].items()
-    ]
-    (output / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def screen_rows(screen: dict) -> list[str]:
@@ -338,3 +327,87 @@ def screen_rows(screen: dict) -> list[str]:
                     f"| {fmt(entry['audit_seconds_per_structure'])} | {fmt(cost)} |"
                 )
     return rows
+
+
+def dynamics_lines(dynamics: dict) -> list[str]:
+    """The section of spectra across epochs and layers, with its figures."""
+    lines = ["", "## Spectra across epochs and layers", ""]
+    for model, entry in dynamics.items():
+        epochs = ", ".join(str(epoch) for epoch in entry["epochs"])
+        lines += [
+            f"{model} model, at epochs {epochs}: across epochs, then layer by layer "
+            "at the last checkpoint.",
+            "",
+            f"![{model}: spectra across epochs]({entry['directory']}/dynamics.png)",
+            "",
+            f"![{model}: spectra layer by layer]({entry['directory']}/layers.png)",
+            "",
+        ]
+    return lines
+
+
+IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<path>[^)]+)\)")
+
+
+def write_docs(output: Path, docs: Path) -> None:
+    """The report of the run in ``output`` as ``docs/report.inc``, the
+    reStructuredText that the validation page includes, with its figures next to
+    it (``dynamics/conservative/layers.png`` as
+    ``dynamics-conservative-layers.png``)."""
+    markdown = (output / "report.md").read_text()
+    docs.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for match in IMAGE.finditer(markdown):
+        name = match["path"].replace("/", "-")
+        shutil.copyfile(output / match["path"], docs / name)
+        figures[match["path"]] = f"/{docs.name}/{name}"
+    (docs / "report.inc").write_text(markdown_to_rst(markdown, figures))
+
+
+def markdown_to_rst(markdown: str, figures: dict[str, str]) -> str:
+    """``report.md`` in reStructuredText: its title left out (the page has its
+    own), sections as ``^`` headings, tables as list-tables, inline code as
+    literals, and each figure at ``figures[path]``."""
+    lines = markdown.splitlines()
+    blocks = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("|"):
+            end = index
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            blocks.append(_list_table(lines[index:end]))
+            index = end
+            continue
+        if line.startswith("## "):
+            title = _inline(line[3:])
+            blocks.append(f"{title}\n{'^' * len(title)}")
+        elif image := IMAGE.fullmatch(line):
+            blocks.append(
+                f".. image:: {figures[image['path']]}\n   :alt: {image['alt']}"
+            )
+        elif line.strip() and not line.startswith("# "):
+            blocks.append(_inline(line))
+        index += 1
+    return "\n\n".join(blocks) + "\n"
+
+
+def _list_table(rows: list[str]) -> str:
+    """A Markdown table (header, separator, rows) as a list-table."""
+    cells = [
+        [_inline(cell.strip()) for cell in row.strip().strip("|").split("|")]
+        for row in rows
+        if not set(row) <= set("|-: ")
+    ]
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in cells:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {cell}" for cell in row[1:]]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Markdown inline code as reStructuredText literals; stars escaped."""
+    text = text.replace("*", "\\*")
+    return re.sub(r"`([^`]+)`", r"``\1``", text)

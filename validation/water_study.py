@@ -2,6 +2,7 @@
 al. (2026) reproduced with metatrain-symmetry end to end.
 
     python validation/water_study.py -o DIR [--quick] [--data FILE] [--extra NAME=FILE]
+        [--docs docs/src/validation]
 
 Data: revPBE0-D3 bulk liquid water (100 boxes of 64 molecules, energies and
 forces), from the data archive of Langer, Pozdnyakov and Ceriotti, Mach. Learn.:
@@ -23,7 +24,9 @@ The boxes are split into training, validation and test boxes, then:
    its cost per evaluation against the plain export.
 
 DIR receives ``report.md``, ``report.json``, the figures, the models under
-``DIR/models/`` and every audit under ``DIR/audits/``.
+``DIR/models/`` and every audit under ``DIR/audits/``. ``--docs`` writes the
+report in reStructuredText, with its figures, where the validation page of the
+docs includes it.
 
 This script holds the command and the order of the stages; the stages live next
 to it: ``water_data`` (settings and structures), ``water_training``,
@@ -43,7 +46,7 @@ from pathlib import Path
 from water_analyses import stage_audits, stage_dynamics, stage_screen
 from water_consequences import stage_consequences
 from water_data import CONFIGS, DEFAULT_DATA, PUBLISHED, stage_data
-from water_report import finish_report
+from water_report import finish_report, write_docs
 from water_tradeoff import stage_symmetrize, stage_tradeoff
 from water_training import stage_train
 
@@ -75,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="more structures to audit every model on, reported under NAME",
     )
     parser.add_argument("--force", action="store_true", help="replace DIR")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        metavar="DIR",
+        help="also write the report as DIR/report.inc, with its figures, for the "
+        "docs page that includes it (DIR a folder of the Sphinx source: "
+        "docs/src/validation)",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -115,6 +126,8 @@ def main(argv=None):
             raise SystemExit(f"--report-only: no finished run in {args.output}")
         finish_report(args.output, json.loads(report_path.read_text()))
         print(f"report: {args.output / 'report.md'}")
+        if args.docs is not None:
+            write_docs(args.output, args.docs)
         return
     output, extras = prepare_output(args)
     mode = "quick" if args.quick else "full"
@@ -172,6 +185,8 @@ def main(argv=None):
     }
     finish_report(output, report)
     print(f"report: {output / 'report.md'}")
+    if args.docs is not None:
+        write_docs(output, args.docs)
 
 
 if __name__ == "__main__":
