@@ -353,7 +353,9 @@ def write_docs(output: Path, docs: Path) -> None:
     """The report of the run in ``output`` as ``docs/report.inc``, the
     reStructuredText that the validation page includes, with its figures next to
     it (``dynamics/conservative/layers.png`` as
-    ``dynamics-conservative-layers.png``)."""
+    ``dynamics-conservative-layers.png``). ``docs`` is a folder directly inside
+    the Sphinx source directory: the images are referred to from there
+    (``/validation/...``), whichever page includes the report."""
     markdown = (output / "report.md").read_text()
     docs.mkdir(parents=True, exist_ok=True)
     figures = {}
