@@ -175,9 +175,10 @@ def plot_ratios(audits, path):
     plt.close(figure)
 
 
-def finish_report(output, report):
+def finish_report(output, report, docs: Path | None = None):
     """Add the learning curves to ``report``, draw the figures and write
-    ``report.json`` and ``report.md`` into ``output``."""
+    ``report.json`` and ``report.md`` into ``output``, and the docs' copy of the
+    report into ``docs`` when given (:py:func:`write_docs`)."""
     import ase.io
 
     train = ase.io.read(output / "data" / "train.xyz", ":")
@@ -189,6 +190,8 @@ def finish_report(output, report):
     plot_ratios(report["audits"], output / "ratios.png")
     plot_tradeoff(report["tradeoff"], output / "tradeoff.png")
     write_report(output, report)
+    if docs is not None:
+        write_docs(output, docs)
 
 
 def correlation_rows(correlation: dict) -> list[str]:

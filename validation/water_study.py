@@ -46,7 +46,7 @@ from pathlib import Path
 from water_analyses import stage_audits, stage_dynamics, stage_screen
 from water_consequences import stage_consequences
 from water_data import CONFIGS, DEFAULT_DATA, PUBLISHED, stage_data
-from water_report import finish_report, write_docs
+from water_report import finish_report
 from water_tradeoff import stage_symmetrize, stage_tradeoff
 from water_training import stage_train
 
@@ -124,10 +124,8 @@ def main(argv=None):
         report_path = args.output / "report.json"
         if not report_path.is_file():
             raise SystemExit(f"--report-only: no finished run in {args.output}")
-        finish_report(args.output, json.loads(report_path.read_text()))
+        finish_report(args.output, json.loads(report_path.read_text()), args.docs)
         print(f"report: {args.output / 'report.md'}")
-        if args.docs is not None:
-            write_docs(args.output, args.docs)
         return
     output, extras = prepare_output(args)
     mode = "quick" if args.quick else "full"
@@ -183,10 +181,8 @@ def main(argv=None):
         "consequences": simulations,
         "timings": timer.stages,
     }
-    finish_report(output, report)
+    finish_report(output, report, args.docs)
     print(f"report: {output / 'report.md'}")
-    if args.docs is not None:
-        write_docs(output, args.docs)
 
 
 if __name__ == "__main__":
