@@ -3,9 +3,11 @@ they stopped: thermostat noise, random frames and kept frames included."""
 
 import json
 
+import ase
 import ase.build
 import numpy as np
 import pytest
+from ase import units
 from ase.calculators.emt import EMT
 
 from metatrain_symmetry.calculators import RandomRotationCalculator
@@ -117,3 +119,25 @@ def test_without_a_saved_state_the_run_starts_from_the_beginning(tmp_path):
     # no save within the interval, and removing a missing file is fine
     assert not checkpoint.path.exists()
     checkpoint.remove()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_thermostat_holds_a_small_molecule_at_its_temperature(engine):
+    """Three atoms with the centre of mass fixed have six degrees of freedom, so
+    their mean kinetic energy is ``3 kT``. (Langevin's own ``fixcm`` gives about
+    ``4.4 kT`` here.)"""
+    atoms = ase.Atoms("Cu3", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0]])
+    settings = Settings(
+        steps=10000,
+        frames=2000,
+        time_step_fs=2.0,
+        temperature_K=600.0,
+        friction_per_fs=0.05,
+        seed=1,
+    )
+    trajectory = ENGINES[engine](atoms, EMT(), settings, "nvt", 1)
+    kinetic = trajectory.kinetic_energy[len(trajectory.kinetic_energy) // 10 :]
+    # 20 ps over a 20 fs relaxation: the mean is known to about 2 %
+    assert np.mean(kinetic) / (3 * units.kB * 600.0) == pytest.approx(1.0, abs=0.1)
+    centre = trajectory.positions.mean(axis=1)
+    assert np.ptp(centre, axis=0).max() < 1e-8

@@ -268,12 +268,12 @@ def _simulation_xml(
             f"<thermostat mode='langevin'><tau units='ase'> {tau} </tau>"
             "</thermostat></dynamics></motion>"
         )
-    temperature = settings.temperature_K * units.kB
     xml = simulation_xml(
         structure,
         forcefield,
         motion,
-        temperature=temperature,
+        # i-PI's 'ase' unit of temperature is the kelvin (kB times ASE's energy)
+        temperature=settings.temperature_K,
         output="<output prefix='ipi'></output>",
     )
     # i-PI's random numbers (thermostat noise) from the run's seed

@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
+from ase.constraints import FixCom
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import (
-    MaxwellBoltzmannDistribution,
-    Stationary,
-    ZeroRotation,
-)
+from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE
 
@@ -151,7 +148,7 @@ def initial_state(atoms: Atoms, settings: Settings, rng: np.random.Generator) ->
         pbc=atoms.pbc,
         masses=atoms.get_masses(),
     )
-    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature_K, rng=rng)
+    thermalize_momenta(atoms, settings.temperature_K, rng=rng)
     Stationary(atoms)
     if not atoms.pbc.any() and len(atoms) > 1:
         ZeroRotation(atoms)
@@ -363,12 +360,16 @@ def run_dynamics(
     if ensemble == "nve":
         dynamics = VelocityVerlet(atoms, timestep=time_step)
     elif ensemble == "nvt":
+        # the centre of mass is fixed by a constraint, not by Langevin's own
+        # ``fixcm``, which overheats small molecules (a water molecule at 600 K
+        # samples about 2,400 K with it)
+        atoms.set_constraint(FixCom())
         dynamics = Langevin(
             atoms,
             timestep=time_step,
             temperature_K=settings.temperature_K,
             friction=settings.friction_per_fs / units.fs,
-            fixcm=True,
+            fixcm=False,
             # the thermostat's noise continues the stream of the velocities
             rng=rng,
         )
@@ -381,7 +382,8 @@ def run_dynamics(
             dynamics.get_time() / (1000 * units.fs),
             atoms.get_positions(),
             atoms.get_momenta(),
-            atoms.get_forces(),
+            # the model's forces, not the ones the constraint projects
+            atoms.get_forces(apply_constraint=False),
             atoms.get_potential_energy(),
         )
 
