@@ -2,6 +2,7 @@
 name the option."""
 
 import math
+import re
 
 import pytest
 
@@ -33,15 +34,31 @@ from metatrain_symmetry.losses import EquivarianceLoss
             {"directions": "random"},
             "training.loss.energy.directions applies to method: generators",
         ),
+        (
+            {"method": "generators", "fraction": 0},
+            "training.loss.energy.fraction must be a number in (0, 1]",
+        ),
+        (
+            {"method": "generators", "fraction": 1.5},
+            "training.loss.energy.fraction must be a number in (0, 1]",
+        ),
+        (
+            {"method": "generators", "fraction": True},
+            "training.loss.energy.fraction must be a number in (0, 1]",
+        ),
+        (
+            {"fraction": 0.5},
+            "training.loss.energy.fraction applies to method: generators",
+        ),
     ],
 )
 def test_invalid_options_name_the_option(options, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_options({"type": "equivariance", **options}, "training.loss.energy")
     # the class checks the same (unknown keywords are Python's TypeError)
     with pytest.raises(
         (ValueError, TypeError),
-        match="gamma|n_rotations|base|delta|sigma|method|directions",
+        match="gamma|n_rotations|base|delta|sigma|method|directions|fraction",
     ):
         EquivarianceLoss("energy", None, 1.0, "mean", **options)
 
@@ -53,6 +70,7 @@ def test_defaults_and_nested_entries():
         "n_rotations": 2,
         "method": "rotations",
         "directions": "all",
+        "fraction": 1.0,
     }
     assert check_options({"base": "huber"}, "x")["delta"] == 1.0
     check_loss_options({"energy": "mse", "force": {"type": "mae"}})

@@ -145,10 +145,10 @@ def target_infos(energy_gradients=()):
     }
 
 
-def make_systems(seed=0):
+def make_systems(seed=0, sizes=(3, 5)):
     generator = torch.Generator().manual_seed(seed)
     systems = []
-    for n_atoms in (3, 5):
+    for n_atoms in sizes:
         positions = torch.randn(n_atoms, 3, generator=generator, dtype=torch.float64)
         systems.append(
             System(
@@ -169,9 +169,11 @@ def penalty_for(
     per_structure=(),
     method="rotations",
     directions=None,
+    fraction=None,
+    sizes=(3, 5),
 ):
     model = LinearModel(matrix)
-    systems = make_systems()
+    systems = make_systems(sizes=sizes)
     infos = target_infos(() if gradient is None else (gradient,))
     context = PenaltyContext(seed=1)
     loss = EquivarianceLoss(
@@ -183,6 +185,7 @@ def penalty_for(
         method=method,
         context=context,
         directions=directions,
+        fraction=fraction,
     )
     context.step = TrainingStep(
         model, systems, {name: infos[name]}, list(per_structure)
@@ -302,12 +305,44 @@ def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(
     assert_same_penalty(penalty, expected, model, matrix)
 
 
-def test_random_direction_penalty_is_unbiased():
+@pytest.mark.parametrize(
+    "name, gradient",
+    [("non_conservative_force", None), ("energy", None), ("energy", "positions")],
+)
+def test_a_fraction_penalises_the_structures_drawn(name, gradient):
+    """``fraction: 0.5`` of four structures differentiates the two drawn from the
+    context's generator: the penalty is the closed form on those two, and so is
+    its gradient (forward mode, reverse mode, and forces)."""
+    penalty, model, systems = penalty_for(
+        name,
+        ANISOTROPIC,
+        gradient=gradient,
+        method="generators",
+        fraction=0.5,
+        sizes=(3, 5, 4, 6),
+    )
+    drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:2]
+    kept = [systems[i] for i in sorted(drawn.tolist())]
+    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+    if name != "energy":
+        expected = vector_generator_penalty(kept, matrix)
+    elif gradient is None:
+        expected = energy_generator_penalty(kept, matrix)
+    else:
+        expected = vector_generator_penalty(kept, (matrix + matrix.T) / 2)
+    others = [s for s in systems if all(s is not k for k in kept)]
+    assert not torch.allclose(expected, vector_generator_penalty(others, matrix))
+    assert_same_penalty(penalty, expected, model, matrix)
+
+
+@pytest.mark.parametrize("fraction", [None, 0.25])
+def test_random_direction_penalty_is_unbiased(fraction):
     """Over many steps the mean of the random-direction penalty is the exact
     penalty along the three generators (``E[n n^T] = I / 3``), within the
-    standard error of the mean."""
+    standard error of the mean; also when each step differentiates a random
+    quarter of the structures (of one size)."""
     model = LinearModel(ANISOTROPIC)
-    systems = make_systems()
+    systems = make_systems(sizes=(4,) * 8)
     name = "non_conservative_force"
     context = PenaltyContext(seed=3)
     loss = EquivarianceLoss(
@@ -317,6 +352,7 @@ def test_random_direction_penalty_is_unbiased():
         "mean",
         method="generators",
         directions="random",
+        fraction=fraction,
         context=context,
     )
     values = []

@@ -15,7 +15,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -55,6 +55,7 @@ def evaluate_lie_derivatives(
     create_graph: bool = True,
     predictions: Optional[dict[str, TensorMap]] = None,
     directions: Optional[torch.Tensor] = None,
+    subset: Optional[list[int]] = None,
 ) -> LieDerivatives:
     """The Lie derivatives of the step's predictions that ``wanted`` names.
 
@@ -87,6 +88,10 @@ def evaluate_lie_derivatives(
         estimate of ``sum_k |L_k z|^2`` for ``n`` uniform on the sphere (see
         :py:func:`random_directions`). The energies' Lie derivatives taken from
         the step's gradients keep their three rows
+    :param subset: indices of the step's systems that the forward-mode and
+        reverse-mode evaluations take (all by default; ``directions`` then has
+        one row per index): their values cover these systems only, while the
+        energies' Lie derivatives taken from the step's gradients cover all
     """
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
@@ -105,6 +110,8 @@ def evaluate_lie_derivatives(
             name for name, gradients in reverse.items() if gradients <= {None}
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
+    if subset is not None:
+        step = replace(step, systems=[step.systems[i] for i in subset])
     if dual:
         values.update(_lie_derivatives_of_values(step, dual, create_graph, directions))
     if reverse:

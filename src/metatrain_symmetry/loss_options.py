@@ -38,6 +38,7 @@ DEFAULTS = {
     "n_rotations": 2,
     "method": "rotations",
     "directions": "all",
+    "fraction": 1.0,
 }
 
 PENALTY_METHODS = ("rotations", "generators")
@@ -73,8 +74,8 @@ def check_options(
     :param where: the option path used in error messages, e.g.
         ``"training.loss.energy"``
     :param gradient: whether the entry is that of a gradient (forces, stress)
-    :return: ``base``, ``gamma``, ``n_rotations``, ``method``, ``directions`` and
-        ``delta`` with defaults filled
+    :return: ``base``, ``gamma``, ``n_rotations``, ``method``, ``directions``,
+        ``fraction`` and ``delta`` with defaults filled
     :raises ValueError: naming the offending option
     """
     unknown = [
@@ -117,6 +118,17 @@ def check_options(
             f"{where}.directions must be one of {', '.join(GENERATOR_DIRECTIONS)}, "
             f"got {checked['directions']!r}"
         )
+    fraction = checked["fraction"]
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise ValueError(
+            f"{where}.fraction must be a number in (0, 1], the fraction of each "
+            f"batch's structures the penalty differentiates, got {fraction!r}"
+        )
+    checked["fraction"] = float(fraction)
     if "monitor" in checked:
         checked["monitor"] = _monitored_structures(checked["monitor"], where, gradient)
     delta = checked.get("delta")
@@ -158,11 +170,12 @@ def _check_method(options, method, where: str) -> None:
             f"got {method!r}"
         )
     if method != "generators":
-        if "directions" in options:
-            raise ValueError(
-                f"{where}.directions applies to method: generators; method: "
-                "rotations draws random rotated copies: remove one of them"
-            )
+        for option in ("directions", "fraction"):
+            if option in options:
+                raise ValueError(
+                    f"{where}.{option} applies to method: generators; method: "
+                    "rotations draws random rotated copies: remove one of them"
+                )
         return
     if "n_rotations" in options:
         raise ValueError(

@@ -24,7 +24,9 @@ forces and stress of an energy; how the derivatives are taken (from the step's
 own gradients, a reverse-mode copy or a forward-mode evaluation) is in
 :py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`. With
 ``directions: random``, the forward-mode evaluation takes one random direction per
-structure and step instead of the three generators, an unbiased estimate.
+structure and step instead of the three generators, an unbiased estimate; with
+``fraction: f``, it takes only a random fraction ``f`` of the batch's structures
+each step, and costs about ``f`` times as much.
 
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
@@ -186,17 +188,34 @@ class PenaltyContext:
         active = self._active(loss, "generators")
         for other in active:
             wanted.setdefault(other.target, set()).add(other.gradient)
+        # one evaluation serves every loss: random only when all of them ask,
+        # and on the largest fraction any of them asks for
+        subset = self._penalised_systems(max(other.fraction for other in active))
         directions = None
-        # one evaluation serves every loss: random only when all of them ask
         if all(other.directions == "random" for other in active):
             positions = step.systems[0].positions
+            n_systems = len(step.systems) if subset is None else len(subset)
             directions = random_directions(
-                len(step.systems), self.generator, positions.dtype, positions.device
+                n_systems, self.generator, positions.dtype, positions.device
             )
         self._derivatives = evaluate_lie_derivatives(
-            step, wanted, predictions=predictions, directions=directions
+            step,
+            wanted,
+            predictions=predictions,
+            directions=directions,
+            subset=subset,
         )
         return self._derivatives
+
+    def _penalised_systems(self, fraction: float) -> Optional[list[int]]:
+        """``None`` (all) for ``fraction`` 1, else ``round(fraction * n)`` (at
+        least one) of the step's ``n`` systems, drawn without replacement."""
+        n_systems = len(self._step.systems)
+        if fraction >= 1.0:
+            return None
+        n_kept = max(1, round(fraction * n_systems))
+        drawn = torch.randperm(n_systems, generator=self.generator)[:n_kept]
+        return sorted(drawn.tolist())
 
     def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
         """The losses of this context that penalise the current step with
@@ -246,6 +265,11 @@ class EquivarianceLoss(LossInterface):
         :py:data:`~metatrain_symmetry.loss_options.PENALTY_METHODS`
     :param directions: see
         :py:data:`~metatrain_symmetry.loss_options.GENERATOR_DIRECTIONS`
+    :param fraction: with ``method: generators``, the fraction of each batch's
+        structures (drawn at random every step, at least one) whose Lie
+        derivatives the penalty evaluates with the model; the penalty's cost
+        scales with it, and its mean over the drawn structures is an unbiased
+        estimate of the mean over the batch for structures of one size
     :param delta: threshold of the Huber base loss (default 1)
     :param monitor: log ``L_lie`` of the target on this many validation
         structures per epoch (``True``:
@@ -268,12 +292,15 @@ class EquivarianceLoss(LossInterface):
         monitor: bool | int = False,
         context: Optional[PenaltyContext] = None,
         directions: Optional[str] = None,
+        fraction: Optional[float] = None,
     ):
         options = {"base": base, "gamma": gamma, "method": method, "monitor": monitor}
         if n_rotations is not None:
             options["n_rotations"] = n_rotations
         if directions is not None:
             options["directions"] = directions
+        if fraction is not None:
+            options["fraction"] = fraction
         if delta is not None:
             options["delta"] = delta
         where = f"training.loss.{name}" + (f".gradients.{gradient}" if gradient else "")
@@ -284,6 +311,7 @@ class EquivarianceLoss(LossInterface):
         self.n_rotations = checked["n_rotations"]
         self.method = checked["method"]
         self.directions = checked["directions"]
+        self.fraction = checked["fraction"]
         self.monitor: int = checked["monitor"]
         """validation structures on which ``L_lie`` is logged per epoch (0: off)"""
         extra = {"delta": checked["delta"]} if self.base == "huber" else {}
