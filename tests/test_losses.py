@@ -16,6 +16,7 @@ from metatrain.utils.loss import TensorMapHuberLoss, TensorMapMSELoss
 
 from metatrain_symmetry.lie_predictions import random_directions
 from metatrain_symmetry.losses import EquivarianceLoss, PenaltyContext, TrainingStep
+from metatrain_symmetry.rotated_predictions import predictions_in_loss_units
 from tests.helpers import NoForwardMode
 
 
@@ -190,7 +191,13 @@ def penalty_for(
     context.step = TrainingStep(
         model, systems, {name: infos[name]}, list(per_structure)
     )
-    return loss.penalty(), model, systems
+    # sampled structures need the step's own predictions (to count its values)
+    predictions = None
+    if fraction is not None:
+        predictions = predictions_in_loss_units(
+            context.step, systems, {name: infos[name]}
+        )
+    return loss.penalty(predictions), model, systems
 
 
 def assert_same_penalty(penalty, expected, model, matrix) -> None:
@@ -310,39 +317,43 @@ def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(
     [("non_conservative_force", None), ("energy", None), ("energy", "positions")],
 )
 def test_a_fraction_penalises_the_structures_drawn(name, gradient):
-    """``fraction: 0.5`` of four structures differentiates the two drawn from the
-    context's generator: the penalty is the closed form on those two, and so is
-    its gradient (forward mode, reverse mode, and forces)."""
+    """``fraction: 0.5`` differentiates the structures drawn from the context's
+    generator, each with probability 0.5: the penalty is their sum of squared
+    Lie derivatives over half the batch's number of values, in closed form, and
+    so is its gradient (forward mode, reverse mode, and forces)."""
+    sizes = (3, 5, 4, 6)
     penalty, model, systems = penalty_for(
         name,
         ANISOTROPIC,
         gradient=gradient,
         method="generators",
         fraction=0.5,
-        sizes=(3, 5, 4, 6),
+        sizes=sizes,
     )
-    drawn = torch.randperm(4, generator=torch.Generator().manual_seed(1))[:2]
-    kept = [systems[i] for i in sorted(drawn.tolist())]
+    drawn = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
+    kept = [system for system, taken in zip(systems, drawn, strict=True) if taken]
+    assert 0 < len(kept) < len(systems)
     matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
     if name != "energy":
-        expected = vector_generator_penalty(kept, matrix)
+        mean = vector_generator_penalty(kept, matrix)
     elif gradient is None:
-        expected = energy_generator_penalty(kept, matrix)
+        mean = energy_generator_penalty(kept, matrix)
     else:
-        expected = vector_generator_penalty(kept, (matrix + matrix.T) / 2)
-    others = [s for s in systems if all(s is not k for k in kept)]
-    assert not torch.allclose(expected, vector_generator_penalty(others, matrix))
-    assert_same_penalty(penalty, expected, model, matrix)
+        mean = vector_generator_penalty(kept, (matrix + matrix.T) / 2)
+    # values per structure: one energy, or a vector per atom
+    count = (lambda s: 1) if name == "energy" and gradient is None else len
+    share = sum(count(s) for s in kept) / sum(count(s) for s in systems)
+    assert_same_penalty(penalty, mean * share / 0.5, model, matrix)
 
 
 @pytest.mark.parametrize("fraction", [None, 0.25])
 def test_random_direction_penalty_is_unbiased(fraction):
     """Over many steps the mean of the random-direction penalty is the exact
     penalty along the three generators (``E[n n^T] = I / 3``), within the
-    standard error of the mean; also when each step differentiates a random
-    quarter of the structures (of one size)."""
+    standard error of the mean; also when each step differentiates each
+    structure (of different sizes) with probability 1/4."""
     model = LinearModel(ANISOTROPIC)
-    systems = make_systems(sizes=(4,) * 8)
+    systems = make_systems(sizes=(3, 5, 4, 6, 2, 7, 3, 8))
     name = "non_conservative_force"
     context = PenaltyContext(seed=3)
     loss = EquivarianceLoss(
@@ -359,7 +370,10 @@ def test_random_direction_penalty_is_unbiased(fraction):
     with torch.no_grad():
         for _ in range(400):
             context.step = TrainingStep(model, systems, {name: target_infos()[name]})
-            values.append(float(loss.penalty()))
+            predictions = predictions_in_loss_units(
+                context.step, systems, {name: target_infos()[name]}
+            )
+            values.append(float(loss.penalty(predictions)))
     values = torch.tensor(values, dtype=torch.float64)
     exact = vector_generator_penalty(systems, model.matrix.detach())
     error = values.std() / len(values) ** 0.5

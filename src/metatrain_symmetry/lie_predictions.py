@@ -15,7 +15,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -28,6 +28,7 @@ from .rotated_predictions import (
     copy_major_systems,
     derivative,
     differentiable_attention,
+    loss_label,
     predictions_in_loss_units,
     requested_targets,
     rotated_by_angles,
@@ -47,6 +48,11 @@ class LieDerivatives:
     """for each loss label (``target``, or ``target::gradient`` for forces and
     stress), ``(3, n_values)``: the generator, then every value of the target's
     blocks (or gradient blocks), flattened"""
+    divisors: dict[str, float] = field(default_factory=dict)
+    """for the labels whose values cover only a random sample of the step's
+    systems (see ``subset`` of :py:func:`evaluate_lie_derivatives`), what
+    divides their sum of squares in place of their number of values: the
+    expected number of values in the sample, so that the mean is unbiased"""
 
 
 def evaluate_lie_derivatives(
@@ -56,6 +62,7 @@ def evaluate_lie_derivatives(
     predictions: Optional[dict[str, TensorMap]] = None,
     directions: Optional[torch.Tensor] = None,
     subset: Optional[list[int]] = None,
+    probability: float = 1.0,
 ) -> LieDerivatives:
     """The Lie derivatives of the step's predictions that ``wanted`` names.
 
@@ -90,8 +97,12 @@ def evaluate_lie_derivatives(
         the step's gradients keep their three rows
     :param subset: indices of the step's systems that the forward-mode and
         reverse-mode evaluations take (all by default; ``directions`` then has
-        one row per index): their values cover these systems only, while the
-        energies' Lie derivatives taken from the step's gradients cover all
+        one row per index, and none is evaluated when it is empty), each drawn
+        independently with ``probability``: their values cover these systems
+        only, and get ``divisors`` (``probability`` times their number of values
+        in ``predictions``), while the energies' Lie derivatives taken from the
+        step's gradients cover all
+    :param probability: the probability with which each system is in ``subset``
     """
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
@@ -110,13 +121,42 @@ def evaluate_lie_derivatives(
             name for name, gradients in reverse.items() if gradients <= {None}
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
+    divisors: dict[str, float] = {}
     if subset is not None:
+        sampled = [loss_label(name, None) for name in dual] + [
+            loss_label(name, gradient)
+            for name, gradients in reverse.items()
+            for gradient in gradients
+        ]
+        divisors = {
+            label: probability * _value_count(predictions or {}, label)
+            for label in sampled
+        }
+        if not subset:
+            rows = 3 if directions is None else 1
+            empty = step.systems[0].positions.new_zeros((rows, 0))
+            return LieDerivatives(values | dict.fromkeys(sampled, empty), divisors)
         step = replace(step, systems=[step.systems[i] for i in subset])
     if dual:
         values.update(_lie_derivatives_of_values(step, dual, create_graph, directions))
     if reverse:
         values.update(reverse_lie_derivatives(step, reverse, create_graph, directions))
-    return LieDerivatives(values)
+    return LieDerivatives(values, divisors)
+
+
+def _value_count(predictions: dict[str, TensorMap], label: str) -> int:
+    """The number of values of ``label`` (``target`` or ``target::gradient``)
+    in the step's ``predictions``."""
+    name, _, gradient = label.partition("::")
+    if name not in predictions:
+        raise ValueError(
+            f"sampling structures for the penalty of '{label}' needs the step's "
+            f"predictions of '{name}', to know how many values the batch has"
+        )
+    blocks = predictions[name].blocks()
+    if gradient:
+        blocks = [block.gradient(gradient) for block in blocks]
+    return sum(block.values.numel() for block in blocks)
 
 
 # models found to have an operation without a forward-mode derivative

@@ -25,8 +25,8 @@ own gradients, a reverse-mode copy or a forward-mode evaluation) is in
 :py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`. With
 ``directions: random``, the forward-mode evaluation takes one random direction per
 structure and step instead of the three generators, an unbiased estimate; with
-``fraction: f``, it takes only a random fraction ``f`` of the batch's structures
-each step, and costs about ``f`` times as much.
+``fraction: f``, it takes each structure of the batch with probability ``f`` at
+every step, and costs about ``f`` times as much, still unbiased.
 
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
@@ -190,7 +190,8 @@ class PenaltyContext:
             wanted.setdefault(other.target, set()).add(other.gradient)
         # one evaluation serves every loss: random only when all of them ask,
         # and on the largest fraction any of them asks for
-        subset = self._penalised_systems(max(other.fraction for other in active))
+        fraction = max(other.fraction for other in active)
+        subset = self._penalised_systems(fraction)
         directions = None
         if all(other.directions == "random" for other in active):
             positions = step.systems[0].positions
@@ -204,18 +205,18 @@ class PenaltyContext:
             predictions=predictions,
             directions=directions,
             subset=subset,
+            probability=fraction,
         )
         return self._derivatives
 
     def _penalised_systems(self, fraction: float) -> Optional[list[int]]:
-        """``None`` (all) for ``fraction`` 1, else ``round(fraction * n)`` (at
-        least one) of the step's ``n`` systems, drawn without replacement."""
-        n_systems = len(self._step.systems)
+        """``None`` (all) for ``fraction`` 1, else the indices of the step's
+        systems, each drawn independently with probability ``fraction``."""
         if fraction >= 1.0:
             return None
-        n_kept = max(1, round(fraction * n_systems))
-        drawn = torch.randperm(n_systems, generator=self.generator)[:n_kept]
-        return sorted(drawn.tolist())
+        n_systems = len(self._step.systems)
+        drawn = torch.rand(n_systems, generator=self.generator) < fraction
+        return torch.nonzero(drawn).reshape(-1).tolist()
 
     def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
         """The losses of this context that penalise the current step with
@@ -265,11 +266,11 @@ class EquivarianceLoss(LossInterface):
         :py:data:`~metatrain_symmetry.loss_options.PENALTY_METHODS`
     :param directions: see
         :py:data:`~metatrain_symmetry.loss_options.GENERATOR_DIRECTIONS`
-    :param fraction: with ``method: generators``, the fraction of each batch's
-        structures (drawn at random every step, at least one) whose Lie
-        derivatives the penalty evaluates with the model; the penalty's cost
-        scales with it, and its mean over the drawn structures is an unbiased
-        estimate of the mean over the batch for structures of one size
+    :param fraction: with ``method: generators``, the probability with which
+        each structure of a batch is drawn, at every step, for the model
+        evaluations of the penalty, whose cost scales with it; the penalty stays
+        an unbiased estimate (the drawn structures' sum of squares over the
+        expected number of their values)
     :param delta: threshold of the Huber base loss (default 1)
     :param monitor: log ``L_lie`` of the target on this many validation
         structures per epoch (``True``:

@@ -105,6 +105,10 @@ def generator_penalty(derivatives: LieDerivatives, label: str) -> torch.Tensor:
     :param derivatives: the Lie derivatives of the step's predictions
     :param label: ``target``, or ``target::gradient``
     :return: scalar, mean over samples, components and properties of
-        ``sum_k (L_k z)^2``
+        ``sum_k (L_k z)^2`` (for a label evaluated on a random sample of the
+        structures, their sum divided by the expected number of values in the
+        sample: an unbiased estimate of the mean over all structures)
     """
-    return derivatives.values[label].square().sum(dim=0).mean()
+    squares = derivatives.values[label].square().sum(dim=0)
+    divisor = derivatives.divisors.get(label)
+    return squares.mean() if divisor is None else squares.sum() / divisor
