@@ -2,6 +2,7 @@
 they stopped: thermostat noise, random frames and kept frames included."""
 
 import json
+import time
 
 import ase
 import ase.build
@@ -15,6 +16,7 @@ from metatrain_symmetry.consequences.ipi import run_dynamics_ipi
 from metatrain_symmetry.consequences.simulation import (
     Settings,
     TrajectoryCheckpoint,
+    relax,
     run_dynamics,
 )
 
@@ -141,3 +143,32 @@ def test_the_thermostat_holds_a_small_molecule_at_its_temperature(engine):
     assert np.mean(kinetic) / (3 * units.kB * 600.0) == pytest.approx(1.0, abs=0.1)
     centre = trajectory.positions.mean(axis=1)
     assert np.ptp(centre, axis=0).max() < 1e-8
+
+
+class SlowStartEMT(EMT):
+    """EMT whose first two calls take a second more, as a TorchScript model's
+    first calls do."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        self.calls += 1
+        if self.calls <= 2:
+            time.sleep(1.0)
+        super().calculate(atoms, properties, system_changes)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_time_per_step_leaves_out_slow_first_calls(engine):
+    settings = Settings(steps=40, frames=10, temperature_K=300.0)
+    trajectory = ENGINES[engine](cluster(), SlowStartEMT(), settings, "nve", 0)
+    assert 0 < trajectory.seconds_per_step < 0.1
+
+
+def test_the_time_per_step_of_a_relaxation_leaves_out_slow_first_calls():
+    settings = Settings(steps=30, fmax=1e-6)
+    result = relax(cluster(), SlowStartEMT(), settings)
+    assert result["n_steps"] == 30
+    assert 0 < result["seconds_per_step"] < 0.1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ase.calculators.calculator import Calculator
 from .simulation import (
     FrameRecorder,
     Settings,
+    StepTimer,
     Trajectory,
     TrajectoryCheckpoint,
     calculator_results,
@@ -117,12 +117,11 @@ def run_dynamics_ipi(
                 if checkpoint is not None and checkpoint.due():
                     _save(checkpoint, simulation, at, recorder, rngs, calculator)
 
-            began = time.perf_counter()
-            _integrate(simulation, first_step, settings, kept, progress)
-            elapsed = time.perf_counter() - began
+            timer = StepTimer()
+            _integrate(simulation, first_step, settings, kept, progress, timer)
     finally:
         del _CALCULATORS[key]
-    return recorder.trajectory(elapsed / max(settings.steps - first_step, 1))
+    return recorder.trajectory(timer.seconds_per_step())
 
 
 @contextlib.contextmanager
@@ -142,15 +141,20 @@ def _working_directory(checkpoint: TrajectoryCheckpoint | None):
         yield
 
 
-def _integrate(simulation, step: int, settings: Settings, kept, progress) -> None:
+def _integrate(
+    simulation, step: int, settings: Settings, kept, progress, timer: StepTimer
+) -> None:
     """Run ``simulation`` from ``step`` to ``settings.steps``, from one kept frame
-    to the next in one call, calling ``kept(step)`` at each kept frame."""
+    to the next in one call, calling ``kept(step)`` at each kept frame, and
+    marking every call's end on ``timer``."""
+    timer.mark(step)
     while step < settings.steps:
         run = min(
             settings.save_every - step % settings.save_every, settings.steps - step
         )
         simulation.run(run, write_outputs=False)
         step += run
+        timer.mark(step)
         if step % settings.save_every == 0:
             kept(step)
         if progress is not None:

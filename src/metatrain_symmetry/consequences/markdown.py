@@ -248,7 +248,8 @@ def _costs(experiments: dict) -> list[str]:
     lines = [
         "## Cost",
         "",
-        "Wall time per step relative to `plain` (the same structures and steps).",
+        "Wall time per step relative to `plain` (the same structures and steps; "
+        "the median over steps, so that a model's slower first calls do not count).",
         "",
         "| experiment | " + " | ".join(VARIANT_ORDER) + " |",
         "|---|" + "---|" * len(VARIANT_ORDER),

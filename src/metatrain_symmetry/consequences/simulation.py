@@ -26,6 +26,7 @@ __all__ = [
     "CHECKPOINT_SECONDS",
     "FrameRecorder",
     "Settings",
+    "StepTimer",
     "Trajectory",
     "TrajectoryCheckpoint",
     "calculator_results",
@@ -189,6 +190,30 @@ class FrameRecorder:
             pbc=atoms.pbc.copy(),
             seconds_per_step=seconds_per_step,
         )
+
+
+class StepTimer:
+    """The wall time per step of a run: the median over the intervals between
+    marked steps, so that a model's first, slower calls (TorchScript's warm-up)
+    and rare pauses (a saved state) do not count as the cost of a step."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def mark(self, step: int) -> None:
+        """Note that the run has reached ``step`` (steps counted from its start)."""
+        self.marks.append((time.perf_counter(), step))
+
+    def seconds_per_step(self) -> float:
+        """The median over intervals of their seconds per step; 0 without any."""
+        rates = [
+            (later - earlier) / (last - first)
+            for (earlier, first), (later, last) in zip(
+                self.marks[:-1], self.marks[1:], strict=True
+            )
+            if last > first
+        ]
+        return float(np.median(rates)) if rates else 0.0
 
 
 # the results of a calculator that a saved state keeps: a calculator that draws
@@ -398,10 +423,10 @@ def run_dynamics(
     if progress is not None:
         progress.update(done)
         dynamics.attach(progress.update, interval=1)
-    start = time.perf_counter()
+    timer = StepTimer()
+    dynamics.attach(lambda: timer.mark(dynamics.nsteps), interval=1)
     dynamics.run(settings.steps - done)
-    elapsed = time.perf_counter() - start
-    return recorder.trajectory(elapsed / max(settings.steps - done, 1))
+    return recorder.trajectory(timer.seconds_per_step())
 
 
 def relax(
@@ -420,14 +445,13 @@ def relax(
     optimizer = FIRE(atoms, logfile=None)
     if progress is not None:
         optimizer.attach(progress.update, interval=1)
-    start = time.perf_counter()
+    timer = StepTimer()
+    optimizer.attach(lambda: timer.mark(optimizer.nsteps), interval=1)
     converged = bool(optimizer.run(fmax=settings.fmax, steps=settings.steps))
-    elapsed = time.perf_counter() - start
-    n_steps = max(int(optimizer.nsteps), 1)
     return {
         "energy_eV": float(atoms.get_potential_energy()),
         "positions": atoms.get_positions(),
         "converged": converged,
         "n_steps": int(optimizer.nsteps),
-        "seconds_per_step": elapsed / n_steps,
+        "seconds_per_step": timer.seconds_per_step(),
     }
