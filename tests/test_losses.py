@@ -170,11 +170,9 @@ def penalty_for(
     per_structure=(),
     method="rotations",
     directions=None,
-    fraction=None,
-    sizes=(3, 5),
 ):
     model = LinearModel(matrix)
-    systems = make_systems(sizes=sizes)
+    systems = make_systems()
     infos = target_infos(() if gradient is None else (gradient,))
     context = PenaltyContext(seed=1)
     loss = EquivarianceLoss(
@@ -186,18 +184,11 @@ def penalty_for(
         method=method,
         context=context,
         directions=directions,
-        fraction=fraction,
     )
     context.step = TrainingStep(
         model, systems, {name: infos[name]}, list(per_structure)
     )
-    # sampled structures need the step's own predictions (to count its values)
-    predictions = None
-    if fraction is not None:
-        predictions = predictions_in_loss_units(
-            context.step, systems, {name: infos[name]}
-        )
-    return loss.penalty(predictions), model, systems
+    return loss.penalty(), model, systems
 
 
 def assert_same_penalty(penalty, expected, model, matrix) -> None:
@@ -316,42 +307,48 @@ def test_random_direction_penalty_is_three_squared_lie_derivatives_along_it(
     "name, gradient",
     [("non_conservative_force", None), ("energy", None), ("energy", "positions")],
 )
-def test_a_fraction_penalises_the_structures_drawn(name, gradient):
-    """``fraction: 0.5`` differentiates the structures drawn from the context's
-    generator, each with probability 0.5: the penalty is their sum of squared
-    Lie derivatives over half the batch's number of values, in closed form, and
-    so is its gradient (forward mode, reverse mode, and forces)."""
-    sizes = (3, 5, 4, 6)
-    penalty, model, systems = penalty_for(
-        name,
-        ANISOTROPIC,
-        gradient=gradient,
-        method="generators",
-        fraction=0.5,
-        sizes=sizes,
+def test_a_fraction_of_the_steps_evaluates_the_penalty(name, gradient):
+    """``fraction: 0.5``: a step drawn from the context's generator evaluates the
+    penalty, weighted 2 (the closed form, and its gradient: forward mode,
+    reverse mode, and forces); the other steps make no model call and give 0."""
+    model = LinearModel(ANISOTROPIC)
+    systems = make_systems()
+    infos = {name: target_infos(() if gradient is None else (gradient,))[name]}
+    context = PenaltyContext(seed=1)
+    loss = EquivarianceLoss(
+        name, gradient, 1.0, "mean", method="generators", fraction=0.5, context=context
     )
-    drawn = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
-    kept = [system for system, taken in zip(systems, drawn, strict=True) if taken]
-    assert 0 < len(kept) < len(systems)
-    matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
-    if name != "energy":
-        mean = vector_generator_penalty(kept, matrix)
-    elif gradient is None:
-        mean = energy_generator_penalty(kept, matrix)
-    else:
-        mean = vector_generator_penalty(kept, (matrix + matrix.T) / 2)
-    # values per structure: one energy, or a vector per atom
-    count = (lambda s: 1) if name == "energy" and gradient is None else len
-    share = sum(count(s) for s in kept) / sum(count(s) for s in systems)
-    assert_same_penalty(penalty, mean * share / 0.5, model, matrix)
+    draws = torch.Generator().manual_seed(1)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    outcomes = set()
+    for _ in range(6):
+        context.step = TrainingStep(model, systems, infos)
+        predictions = predictions_in_loss_units(context.step, systems, infos)
+        before = len(calls)
+        penalty = loss.penalty(predictions)
+        drawn = bool(torch.rand((), generator=draws) < 0.5)
+        outcomes.add(drawn)
+        if not drawn:
+            assert float(penalty) == 0.0 and len(calls) == before
+            continue
+        matrix = torch.tensor(ANISOTROPIC, dtype=torch.float64, requires_grad=True)
+        if name != "energy":
+            expected = vector_generator_penalty(systems, matrix)
+        elif gradient is None:
+            expected = energy_generator_penalty(systems, matrix)
+        else:
+            expected = vector_generator_penalty(systems, (matrix + matrix.T) / 2)
+        model.matrix.grad = None
+        assert_same_penalty(penalty, expected / 0.5, model, matrix)
+    assert outcomes == {True, False}
 
 
 @pytest.mark.parametrize("fraction", [None, 0.25])
 def test_random_direction_penalty_is_unbiased(fraction):
     """Over many steps the mean of the random-direction penalty is the exact
     penalty along the three generators (``E[n n^T] = I / 3``), within the
-    standard error of the mean; also when each step differentiates each
-    structure (of different sizes) with probability 1/4."""
+    standard error of the mean; also when a quarter of the steps evaluate it."""
     model = LinearModel(ANISOTROPIC)
     systems = make_systems(sizes=(3, 5, 4, 6, 2, 7, 3, 8))
     name = "non_conservative_force"

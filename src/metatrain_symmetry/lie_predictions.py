@@ -15,7 +15,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -48,11 +48,10 @@ class LieDerivatives:
     """for each loss label (``target``, or ``target::gradient`` for forces and
     stress), ``(3, n_values)``: the generator, then every value of the target's
     blocks (or gradient blocks), flattened"""
-    divisors: dict[str, float] = field(default_factory=dict)
-    """for the labels whose values cover only a random sample of the step's
-    systems (see ``subset`` of :py:func:`evaluate_lie_derivatives`), what
-    divides their sum of squares in place of their number of values: the
-    expected number of values in the sample, so that the mean is unbiased"""
+    weights: dict[str, float] = field(default_factory=dict)
+    """the weight of a label's penalty when it is not 1: ``1 / f`` for the
+    labels that need model evaluations at a step that a fraction ``f`` of the
+    steps evaluate, and 0 (with no values) at the other steps"""
 
 
 def evaluate_lie_derivatives(
@@ -61,8 +60,7 @@ def evaluate_lie_derivatives(
     create_graph: bool = True,
     predictions: Optional[dict[str, TensorMap]] = None,
     directions: Optional[torch.Tensor] = None,
-    subset: Optional[list[int]] = None,
-    probability: float = 1.0,
+    model_weight: float = 1.0,
 ) -> LieDerivatives:
     """The Lie derivatives of the step's predictions that ``wanted`` names.
 
@@ -95,14 +93,9 @@ def evaluate_lie_derivatives(
         estimate of ``sum_k |L_k z|^2`` for ``n`` uniform on the sphere (see
         :py:func:`random_directions`). The energies' Lie derivatives taken from
         the step's gradients keep their three rows
-    :param subset: indices of the step's systems that the forward-mode and
-        reverse-mode evaluations take (all by default; ``directions`` then has
-        one row per index, and none is evaluated when it is empty), each drawn
-        independently with ``probability``: their values cover these systems
-        only, and get ``divisors`` (``probability`` times their number of values
-        in ``predictions``), while the energies' Lie derivatives taken from the
-        step's gradients cover all
-    :param probability: the probability with which each system is in ``subset``
+    :param model_weight: the weight of the labels whose Lie derivatives need
+        model evaluations (``1 / f`` when a fraction ``f`` of the steps make
+        them); 0 makes none, and gives these labels no values
     """
     values: dict[str, torch.Tensor] = {}
     for name, gradients in wanted.items():
@@ -121,42 +114,20 @@ def evaluate_lie_derivatives(
             name for name, gradients in reverse.items() if gradients <= {None}
         )
         reverse = {name: g for name, g in reverse.items() if name not in dual}
-    divisors: dict[str, float] = {}
-    if subset is not None:
-        sampled = [loss_label(name, None) for name in dual] + [
-            loss_label(name, gradient)
-            for name, gradients in reverse.items()
-            for gradient in gradients
-        ]
-        divisors = {
-            label: probability * _value_count(predictions or {}, label)
-            for label in sampled
-        }
-        if not subset:
-            rows = 3 if directions is None else 1
-            empty = step.systems[0].positions.new_zeros((rows, 0))
-            return LieDerivatives(values | dict.fromkeys(sampled, empty), divisors)
-        step = replace(step, systems=[step.systems[i] for i in subset])
+    needing_model = [loss_label(name, None) for name in dual] + [
+        loss_label(name, gradient)
+        for name, gradients in reverse.items()
+        for gradient in gradients
+    ]
+    weights = dict.fromkeys(needing_model, model_weight) if model_weight != 1 else {}
+    if model_weight == 0:
+        empty = step.systems[0].positions.new_zeros((0,))
+        return LieDerivatives(values | dict.fromkeys(needing_model, empty), weights)
     if dual:
         values.update(_lie_derivatives_of_values(step, dual, create_graph, directions))
     if reverse:
         values.update(reverse_lie_derivatives(step, reverse, create_graph, directions))
-    return LieDerivatives(values, divisors)
-
-
-def _value_count(predictions: dict[str, TensorMap], label: str) -> int:
-    """The number of values of ``label`` (``target`` or ``target::gradient``)
-    in the step's ``predictions``."""
-    name, _, gradient = label.partition("::")
-    if name not in predictions:
-        raise ValueError(
-            f"sampling structures for the penalty of '{label}' needs the step's "
-            f"predictions of '{name}', to know how many values the batch has"
-        )
-    blocks = predictions[name].blocks()
-    if gradient:
-        blocks = [block.gradient(gradient) for block in blocks]
-    return sum(block.values.numel() for block in blocks)
+    return LieDerivatives(values, weights)
 
 
 # models found to have an operation without a forward-mode derivative

@@ -118,17 +118,7 @@ def check_options(
             f"{where}.directions must be one of {', '.join(GENERATOR_DIRECTIONS)}, "
             f"got {checked['directions']!r}"
         )
-    fraction = checked["fraction"]
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not 0 < fraction <= 1
-    ):
-        raise ValueError(
-            f"{where}.fraction must be a number in (0, 1], the fraction of each "
-            f"batch's structures the penalty differentiates, got {fraction!r}"
-        )
-    checked["fraction"] = float(fraction)
+    checked["fraction"] = _checked_fraction(checked["fraction"], where)
     if "monitor" in checked:
         checked["monitor"] = _monitored_structures(checked["monitor"], where, gradient)
     delta = checked.get("delta")
@@ -142,6 +132,19 @@ def check_options(
     else:
         checked.pop("delta", None)
     return checked
+
+
+def _checked_fraction(fraction, where: str) -> float:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise ValueError(
+            f"{where}.fraction must be a number in (0, 1], the probability with "
+            f"which the penalty draws each structure, got {fraction!r}"
+        )
+    return float(fraction)
 
 
 def _monitored_structures(monitor, where: str, gradient: bool) -> int:

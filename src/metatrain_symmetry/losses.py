@@ -25,8 +25,8 @@ own gradients, a reverse-mode copy or a forward-mode evaluation) is in
 :py:func:`metatrain_symmetry.lie_predictions.evaluate_lie_derivatives`. With
 ``directions: random``, the forward-mode evaluation takes one random direction per
 structure and step instead of the three generators, an unbiased estimate; with
-``fraction: f``, it takes each structure of the batch with probability ``f`` at
-every step, and costs about ``f`` times as much, still unbiased.
+``fraction: f``, only a random fraction ``f`` of the steps evaluate it, with the
+weight ``1 / f``, and it costs about ``f`` times as much, still unbiased.
 
 The prediction on the training batch itself is *not* one of the copies: it sits in
 the frame chosen by metatrain's augmentation, which may be switched off or limited
@@ -190,33 +190,31 @@ class PenaltyContext:
             wanted.setdefault(other.target, set()).add(other.gradient)
         # one evaluation serves every loss: random only when all of them ask,
         # and on the largest fraction any of them asks for
-        fraction = max(other.fraction for other in active)
-        subset = self._penalised_systems(fraction)
+        weight = self._model_weight(max(other.fraction for other in active))
         directions = None
         if all(other.directions == "random" for other in active):
             positions = step.systems[0].positions
-            n_systems = len(step.systems) if subset is None else len(subset)
             directions = random_directions(
-                n_systems, self.generator, positions.dtype, positions.device
+                len(step.systems), self.generator, positions.dtype, positions.device
             )
         self._derivatives = evaluate_lie_derivatives(
             step,
             wanted,
             predictions=predictions,
             directions=directions,
-            subset=subset,
-            probability=fraction,
+            model_weight=weight,
         )
         return self._derivatives
 
-    def _penalised_systems(self, fraction: float) -> Optional[list[int]]:
-        """``None`` (all) for ``fraction`` 1, else the indices of the step's
-        systems, each drawn independently with probability ``fraction``."""
+    def _model_weight(self, fraction: float) -> float:
+        """The weight of the model evaluations of this step's penalty: 1 for
+        ``fraction`` 1; else ``1 / fraction`` with probability ``fraction`` and 0
+        otherwise. (Drawing structures one by one instead would save little: for
+        small structures a model evaluation costs mostly per call.)"""
         if fraction >= 1.0:
-            return None
-        n_systems = len(self._step.systems)
-        drawn = torch.rand(n_systems, generator=self.generator) < fraction
-        return torch.nonzero(drawn).reshape(-1).tolist()
+            return 1.0
+        drawn = bool(torch.rand((), generator=self.generator) < fraction)
+        return 1.0 / fraction if drawn else 0.0
 
     def _active(self, loss: EquivarianceLoss, method: str) -> list[EquivarianceLoss]:
         """The losses of this context that penalise the current step with
@@ -266,11 +264,10 @@ class EquivarianceLoss(LossInterface):
         :py:data:`~metatrain_symmetry.loss_options.PENALTY_METHODS`
     :param directions: see
         :py:data:`~metatrain_symmetry.loss_options.GENERATOR_DIRECTIONS`
-    :param fraction: with ``method: generators``, the probability with which
-        each structure of a batch is drawn, at every step, for the model
-        evaluations of the penalty, whose cost scales with it; the penalty stays
-        an unbiased estimate (the drawn structures' sum of squares over the
-        expected number of their values)
+    :param fraction: with ``method: generators``, the probability with which a
+        training step makes the model evaluations of the penalty, whose cost
+        scales with it; those penalties then weigh ``1 / fraction`` (an unbiased
+        estimate), and are zero at the other steps
     :param delta: threshold of the Huber base loss (default 1)
     :param monitor: log ``L_lie`` of the target on this many validation
         structures per epoch (``True``:

@@ -105,10 +105,11 @@ def generator_penalty(derivatives: LieDerivatives, label: str) -> torch.Tensor:
     :param derivatives: the Lie derivatives of the step's predictions
     :param label: ``target``, or ``target::gradient``
     :return: scalar, mean over samples, components and properties of
-        ``sum_k (L_k z)^2`` (for a label evaluated on a random sample of the
-        structures, their sum divided by the expected number of values in the
-        sample: an unbiased estimate of the mean over all structures)
+        ``sum_k (L_k z)^2``, times the label's weight (zero at a step that does
+        not evaluate it)
     """
-    squares = derivatives.values[label].square().sum(dim=0)
-    divisor = derivatives.divisors.get(label)
-    return squares.mean() if divisor is None else squares.sum() / divisor
+    values = derivatives.values[label]
+    weight = derivatives.weights.get(label, 1.0)
+    if weight == 0:
+        return values.sum()
+    return weight * values.square().sum(dim=0).mean()
