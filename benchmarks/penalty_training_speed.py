@@ -15,8 +15,8 @@ default random O(3) augmentation, three ways:
   from three copies of every structure evaluated in forward mode (and
   back-propagated through);
 - ``method: generators`` with ``directions: random``: one copy of every
-  structure, along a random direction; and with ``fraction: 0.25`` too, one copy
-  of a random quarter of the structures;
+  structure, along a random direction; and with ``fraction: 0.25`` too
+  (``--fraction``), the same at a random quarter of the steps;
 - ``monitor: true`` with ``gamma: 0``: plain training that logs the squared Lie
   derivatives of the validation structures (at most 16) every epoch;
 
@@ -29,7 +29,7 @@ training:
 - ``method: generators`` on the energy and its forces: the same copy, and the
   derivatives of the energy's Lie derivatives with respect to the positions;
 - the same with ``directions: random``: one second derivative instead of three,
-  and with ``fraction: 0.25`` too, on a random quarter of the structures;
+  and with ``fraction: 0.25`` too, at a random quarter of the steps;
 
 and, for an energy trained with its forces and stress (EMT's), against that
 training: ``method: generators`` on the energy, whose Lie derivatives come from
@@ -90,8 +90,8 @@ loss:
     {{type: equivariance, gamma: 1.0, method: generators, directions: random,
      fraction: {fraction}}}
 """
-# the fraction of each batch's structures that the cheapest penalty differentiates
-QUARTER = 0.25
+# the fraction of the training steps that evaluate the cheapest penalty, by default
+SAMPLED_FRACTION = 0.25
 
 MONITORED = """\
 loss:
@@ -167,6 +167,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rotations", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
+        "--fraction",
+        type=float,
+        default=SAMPLED_FRACTION,
+        help="fraction of the steps of the 'sampled' variants",
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
         help="run only these variants (with their baselines), e.g. monitor or "
@@ -192,7 +198,7 @@ def main() -> None:
         atoms.calc = EMT()
         atoms.info["stress"] = atoms.get_stress(voigt=False)
         atoms.calc = None
-    variants = _variants(args.rotations, args.variants)
+    variants = _variants(args.rotations, args.fraction, args.variants)
 
     best: dict[str, dict[str, float]] = {"cpu": {}, "wall": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -227,10 +233,10 @@ def main() -> None:
     )
     for clock in ("cpu", "wall"):
         times = best[clock]
-        _print_ratios(clock, times, args.rotations)
+        _print_ratios(clock, times, args.rotations, args.fraction)
 
 
-def _variants(rotations: list[int], only: list[str] | None) -> dict:
+def _variants(rotations: list[int], sampled: float, only: list[str] | None) -> dict:
     """The ``(loss, dataset targets)`` of every variant, or of ``only`` and their
     baselines."""
     from metatrain_symmetry.testing import CONSERVATIVE_TARGETS, PET_TARGETS
@@ -239,7 +245,7 @@ def _variants(rotations: list[int], only: list[str] | None) -> dict:
     for n_rotations in rotations:
         variants[f"R={n_rotations}"] = (PENALISED.format(R=n_rotations), PET_TARGETS)
     variants["generators"] = (GENERATORS, PET_TARGETS)
-    for suffix, fraction in (("", 1.0), (", quarter", QUARTER)):
+    for suffix, fraction in (("", 1.0), (", sampled", sampled)):
         variants[f"random generators{suffix}"] = (
             RANDOM_GENERATORS.format(fraction=fraction),
             PET_TARGETS,
@@ -254,7 +260,7 @@ def _variants(rotations: list[int], only: list[str] | None) -> dict:
         CONSERVATIVE_GENERATORS,
         CONSERVATIVE_TARGETS,
     )
-    for suffix, fraction in (("", 1.0), (", quarter", QUARTER)):
+    for suffix, fraction in (("", 1.0), (", sampled", sampled)):
         variants[f"conservative random generators{suffix}"] = (
             CONSERVATIVE_RANDOM_GENERATORS.format(fraction=fraction),
             CONSERVATIVE_TARGETS,
@@ -278,7 +284,9 @@ def _baseline(name: str) -> str:
     return "plain"
 
 
-def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> None:
+def _print_ratios(
+    clock: str, times: dict[str, float], rotations: list[int], sampled: float
+) -> None:
     """Each variant's epoch time against its baseline, with its target."""
     for baseline, label in (
         ("plain", "plain augmented training"),
@@ -299,8 +307,8 @@ def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> 
             GENERATORS_TARGET,
         ),
         (
-            "random generators, quarter",
-            f"method: generators, directions: random, fraction: {QUARTER}",
+            "random generators, sampled",
+            f"method: generators, directions: random, fraction: {sampled}",
             "plain",
             GENERATORS_TARGET,
         ),
@@ -324,9 +332,9 @@ def _print_ratios(clock: str, times: dict[str, float], rotations: list[int]) -> 
             GENERATORS_TARGET,
         ),
         (
-            "conservative random generators, quarter",
+            "conservative random generators, sampled",
             "conservative, method: generators on energy and forces, random "
-            f"directions, fraction: {QUARTER}",
+            f"directions, fraction: {sampled}",
             "conservative",
             GENERATORS_TARGET,
         ),
