@@ -95,6 +95,8 @@ def plot_tradeoff(rows, path):
             ("fine-tuned, equal time", "o"),
             ("fine-tuned, generators", "^"),
             ("fine-tuned, generators, equal time", "^"),
+            ("fine-tuned, generators, sampled", "v"),
+            ("fine-tuned, generators, sampled, equal time", "v"),
             ("retrained", "s"),
         ):
             points = [row for row in rows if row["method"] == method]

@@ -18,15 +18,23 @@ TRADEOFF_MODEL = "conservative"
 
 
 # trade-off rows of fine-tunings, by the penalty's method
-FINETUNED = {"rotations": "fine-tuned", "generators": "fine-tuned, generators"}
+FINETUNED = {
+    "rotations": "fine-tuned",
+    "generators": "fine-tuned, generators",
+    "sampled": "fine-tuned, generators, sampled",
+}
+# the cheapest generator penalty: one random direction, a quarter of the steps
+SAMPLED = "method: generators, directions: random, fraction: 0.25"
 
 
 def _finetune_loss(gamma: float, penalty: str) -> str:
     """The ``loss`` section of a fine-tuning: the equivariance penalty with
-    ``gamma`` on the energy and on its forces, by rotated copies (``"rotations"``)
-    or by generators (``"generators"``)."""
-    if penalty == "generators":
-        energy = f"type: equivariance, base: mse, gamma: {gamma}, method: generators"
+    ``gamma`` on the energy and on its forces, by rotated copies (``"rotations"``),
+    by generators (``"generators"``), or by generators along random directions on
+    a random quarter of the structures (``"sampled"``)."""
+    if penalty in ("generators", "sampled"):
+        method = "method: generators" if penalty == "generators" else SAMPLED
+        energy = f"type: equivariance, base: mse, gamma: {gamma}, {method}"
         forces = energy
     else:
         energy = f"type: equivariance, base: mse, gamma: {gamma}, n_rotations: 2"
@@ -59,7 +67,8 @@ def _penalty_methods(output, config, test, rows):
     """Fine-tunings with the generator penalty at ``generator_gammas`` (some of
     the gammas of the rotated copies), first for the same number of epochs, then
     the cheaper of the two methods again for as many epochs as fill the other's
-    wall time."""
+    wall time; then the sampled generator penalty for the same epochs and, when
+    it is cheaper, for the wall time of the rotated copies."""
     epochs = config["finetune_epochs"]
     for gamma in config["generator_gammas"]:
         (rotations,) = [
@@ -76,6 +85,13 @@ def _penalty_methods(output, config, test, rows):
         longer = max(epochs + 1, round(epochs * slower["seconds"] / faster["seconds"]))
         row = _finetune(output, config, test, gamma, penalty, longer)
         rows.append(row | {"method": f"{row['method']}, equal time"})
+        # the sampled penalty, for the epochs and then the time of rotated copies
+        sampled = _finetune(output, config, test, gamma, "sampled", epochs)
+        rows.append(sampled)
+        longer = round(epochs * rotations["seconds"] / sampled["seconds"])
+        if longer > epochs:
+            row = _finetune(output, config, test, gamma, "sampled", longer)
+            rows.append(row | {"method": f"{row['method']}, equal time"})
 
 
 def stage_tradeoff(output, config, test):
