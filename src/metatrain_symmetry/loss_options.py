@@ -141,8 +141,8 @@ def _checked_fraction(fraction, where: str) -> float:
         or not 0 < fraction <= 1
     ):
         raise ValueError(
-            f"{where}.fraction must be a number in (0, 1], the probability with "
-            f"which the penalty draws each structure, got {fraction!r}"
+            f"{where}.fraction must be a number in (0, 1], the fraction of the "
+            f"training steps that evaluate the penalty, got {fraction!r}"
         )
     return float(fraction)
 
