@@ -172,3 +172,11 @@ def test_the_time_per_step_of_a_relaxation_leaves_out_slow_first_calls():
     result = relax(cluster(), SlowStartEMT(), settings)
     assert result["n_steps"] == 30
     assert 0 < result["seconds_per_step"] < 0.1
+
+
+def test_a_relaxation_that_starts_converged_has_a_cost():
+    # no step to time: the cost is that of its one evaluation, so that other
+    # variants' costs can be given relative to it
+    result = relax(cluster(), EMT(), Settings(fmax=1e3))
+    assert result["n_steps"] == 0
+    assert result["seconds_per_step"] > 0

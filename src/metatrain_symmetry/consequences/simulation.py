@@ -198,6 +198,7 @@ class StepTimer:
     and rare pauses (a saved state) do not count as the cost of a step."""
 
     def __init__(self):
+        self.started = time.perf_counter()
         self.marks: list[tuple[float, int]] = []
 
     def mark(self, step: int) -> None:
@@ -205,7 +206,9 @@ class StepTimer:
         self.marks.append((time.perf_counter(), step))
 
     def seconds_per_step(self) -> float:
-        """The median over intervals of their seconds per step; 0 without any."""
+        """The median over intervals of their seconds per step; for a run of no
+        step (a relaxation that starts converged), the time from the timer's
+        creation to the last mark, the cost of its one evaluation."""
         rates = [
             (later - earlier) / (last - first)
             for (earlier, first), (later, last) in zip(
@@ -213,7 +216,10 @@ class StepTimer:
             )
             if last > first
         ]
-        return float(np.median(rates)) if rates else 0.0
+        if rates:
+            return float(np.median(rates))
+        end = self.marks[-1][0] if self.marks else time.perf_counter()
+        return end - self.started
 
 
 # the results of a calculator that a saved state keeps: a calculator that draws
