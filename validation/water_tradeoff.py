@@ -30,8 +30,8 @@ SAMPLED = "method: generators, directions: random, fraction: 0.25"
 def _finetune_loss(gamma: float, penalty: str) -> str:
     """The ``loss`` section of a fine-tuning: the equivariance penalty with
     ``gamma`` on the energy and on its forces, by rotated copies (``"rotations"``),
-    by generators (``"generators"``), or by generators along random directions on
-    a random quarter of the structures (``"sampled"``)."""
+    by generators (``"generators"``), or by generators along random directions at
+    a random quarter of the steps (``"sampled"``)."""
     if penalty in ("generators", "sampled"):
         method = "method: generators" if penalty == "generators" else SAMPLED
         energy = f"type: equivariance, base: mse, gamma: {gamma}, {method}"
